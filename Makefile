@@ -1,0 +1,32 @@
+# Two commands from a fresh machine: `make demo` and `make test`. `make setup` is the shared step.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.mtconvert-installed
+
+.PHONY: setup demo test fixtures bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/mtconvert fixtures/bert_encoder.onnx --out build/demo --report-json build/demo/report.json; \
+	  rc=$$?; echo "mtconvert exit code: $$rc"; exit $$rc
+
+# pytest exits 5 when it collects no test: that is a failure here too (any non-zero exit fails).
+test: setup
+	$(PY) -m pytest -q tests
+
+fixtures: setup
+	$(PY) fixtures/make_fixtures.py
+
+bench: setup
+	$(PY) benchmarks/bench_foundation.py
+
+clean:
+	rm -rf build .pytest_cache

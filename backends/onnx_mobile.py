@@ -1,0 +1,153 @@
+"""ONNX Runtime Mobile target: onnxsim simplification, optional int8 dynamic quantization, and
+the ORT format via onnxruntime's own tooling (``.ort`` plus the required-operators config for a
+reduced build). The session loads the ``.ort`` file itself.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtconvert import deps
+from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
+                                     TargetOptions, TensorSpec, expect_files, python_cmd, run_tool)
+from mtconvert.errors import ConversionError
+
+TARGET_PLATFORM = "arm"  # phones; the .ort still runs on x86 for validation
+
+
+def tool(cmd: str, src: Path, dst: Path, *, step: str, log: Path, timeout: float | None,
+         target: str) -> dict[str, Any]:
+    """Run one onnx_tools command in a child and return its JSON result."""
+    out = run_tool(python_cmd("-m", "mtconvert.backends.onnx_tools", cmd, str(src), str(dst)),
+                   target=target, step=step, log_path=log, timeout_s=timeout)
+    for line in reversed(out.splitlines()):
+        if line.startswith("MTCONVERT-RESULT "):
+            return json.loads(line.split(" ", 1)[1])
+    raise ConversionError("tool printed no result", target=target, step=step, log_path=log)
+
+
+class OnnxMobileBackend(Backend):
+    name = "onnx-mobile"
+    aliases = ("ort", "onnxruntime-mobile")
+    extra = "all"
+    description = "ONNX Runtime Mobile (.ort)"
+    precisions = ("fp32", "int8")
+    convert_requires = {"onnx": "onnx", "onnxsim": "onnxsim", "onnxruntime": "onnxruntime"}
+    run_requires = {"onnxruntime": "onnxruntime"}
+
+    def convert(self, source: PreparedSource, out_dir: Path, opts: TargetOptions) -> Artifact:
+        log = out_dir / f"{source.name}.{self.name}.log"
+        work = source.work_dir / self.name
+        work.mkdir(parents=True, exist_ok=True)
+        stem = source.name if opts.precision == "fp32" else f"{source.name}.{opts.precision}"
+        onnx_path, steps = self._prepare_onnx(source, work / f"{stem}.onnx", opts, log)
+        ort_dir = work / "ort"
+        run_tool(python_cmd("-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(onnx_path),
+                            "--output_dir", str(ort_dir), "--optimization_style", "Fixed",
+                            "--target_platform", TARGET_PLATFORM),
+                 target=self.name, step="ort-format", log_path=log, timeout_s=opts.timeout_s)
+        produced_ort = ort_dir / f"{stem}.ort"
+        produced_cfg = ort_dir / f"{stem}.required_operators.config"
+        expect_files([produced_ort, produced_cfg], target=self.name, step="ort-format", log_path=log)
+        ort_file = out_dir / f"{stem}.ort"
+        cfg_file = out_dir / f"{stem}.required_operators.config"
+        shutil.move(produced_ort, ort_file)
+        shutil.move(produced_cfg, cfg_file)
+        steps.append(f"ort-format: onnxruntime.tools.convert_onnx_models_to_ort "
+                     f"(optimization_style=Fixed, target_platform={TARGET_PLATFORM})")
+        return Artifact(target=self.name, primary=ort_file, files=(ort_file, cfg_file),
+                        precision=opts.precision, steps=tuple(steps), log_path=log,
+                        tool_versions=deps.versions(["onnx", "onnxsim", "onnxruntime"]),
+                        meta={"onnx": str(onnx_path)})
+
+    def _prepare_onnx(self, source: PreparedSource, dst: Path, opts: TargetOptions,
+                      log: Path) -> tuple[Path, list[str]]:
+        kw = dict(log=log, timeout=opts.timeout_s, target=self.name)
+        simplified = dst.with_suffix(".sim.onnx")
+        res = info = tool("simplify", source.onnx_path, simplified, step="onnxsim", **kw)
+        steps = [f"onnxsim: {res['nodes_before']} -> {res['nodes_after']} nodes" if res["simplified"]
+                 else "onnxsim: simplified model failed its check; kept the original graph"]
+        if opts.precision != "int8":
+            simplified.replace(dst)
+            return dst, steps
+        if info["quantized_ops"]:
+            simplified.replace(dst)
+            steps.append(f"int8: source is already quantized ({', '.join(info['quantized_ops'])});"
+                         " not quantized again")
+            return dst, steps
+        tool("quantize-dynamic", simplified, dst, step="quantize", **kw)
+        steps.append("int8: onnxruntime.quantization.quantize_dynamic (weights QInt8, "
+                     "activations quantized at run time)")
+        return dst, steps
+
+    def lint(self, artifact: Artifact) -> list[Finding]:
+        onnx_path = Path(artifact.meta.get("onnx", ""))
+        if not onnx_path.is_file():
+            return [Finding("info", "ep-partitioning", "skipped: the converted ONNX graph is "
+                            "not available to analyse")]
+        return ep_partitioning(onnx_path)
+
+    def open(self, artifact: Artifact, threads: int) -> Session:
+        return OrtSession(artifact.primary, threads)
+
+
+def ep_partitioning(onnx_path: Path) -> list[Finding]:
+    """How much of the graph NNAPI (Android) and Core ML (iOS) execution providers could take,
+    from onnxruntime's own mobile usability checker. Information, not a gate: the CPU EP runs
+    every op."""
+    import onnx
+    from onnxruntime.tools.mobile_helpers import usability_checker as uc
+
+    model = onnx.load(str(onnx_path))
+    findings = []
+    checks = {"nnapi": lambda: uc.check_nnapi_partitions(model, False),
+              "coreml-mlprogram": lambda: uc.check_coreml_partitions(
+                  model, False, "coreml_supported_mlprogram_ops.md")}
+    for ep, check in checks.items():
+        try:
+            info = check()
+        except Exception as exc:  # the checker is best-effort information
+            findings.append(Finding("info", f"ep-{ep}", f"{ep}: analysis failed: {exc}"))
+            continue
+        pct = 100.0 * info.num_supported_nodes / max(1, info.num_nodes)
+        unsupported = ", ".join(sorted(info.unsupported_ops)) or "none"
+        findings.append(Finding(
+            "info", f"ep-{ep}",
+            f"{ep} EP could take {info.num_supported_nodes}/{info.num_nodes} nodes ({pct:.0f}%) "
+            f"in {info.num_partitions} partition(s), suitability {info.suitability().name}; "
+            f"unsupported ops: {unsupported}"))
+    return findings
+
+
+class OrtSession(Session):
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        self._sess = ort.InferenceSession(str(path), sess_options=so,
+                                          providers=["CPUExecutionProvider"])
+        self.inputs = [_spec(i) for i in self._sess.get_inputs()]
+        self.outputs = [_spec(o) for o in self._sess.get_outputs()]
+        self._names = [o.name for o in self.outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._names, self._sess.run(self._names, feeds), strict=True))
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(double)": "float64",
+              "tensor(int8)": "int8", "tensor(uint8)": "uint8"}
+
+
+def _spec(arg: Any) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else (d or None) for d in arg.shape)
+    return TensorSpec(arg.name, shape, _ORT_TYPES.get(arg.type, arg.type))

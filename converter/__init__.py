@@ -1,0 +1,49 @@
+"""mtconvert: turn a (compressed) PyTorch or ONNX Transformer into mobile targets and prove each
+artifact right: numerics against the source, mobile compatibility, latency, size, memory.
+
+    import mtconvert
+    report = mtconvert.convert("model.onnx", targets=["onnx-mobile"], out_dir="build")
+    report.ok, report.targets["onnx-mobile"].numerics, report.to_json()
+
+Importing this package is cheap: heavy modules load when a function needs them.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["Report", "__version__", "convert", "MtConvertError"]
+
+if TYPE_CHECKING:
+    from mtconvert.errors import MtConvertError
+    from mtconvert.report import Report
+
+
+def convert(model: Any, targets: list[str] | tuple[str, ...] | str | None = None,
+            out_dir: Any = "build", example_inputs: Any = None, **options: Any) -> Report:
+    """Convert ``model`` to each target and validate every artifact against it.
+
+    ``model``: a path to ``.onnx`` or ``.pt2`` (torch.export), or a ``torch.nn.Module`` with
+    ``example_inputs``. ``targets``: names or aliases (None: every available target).
+    Options: precision ("fp32" | "fp16" | "int8"), input_shapes ({name: (1, 128)} or
+    {name: "1x128"}), inputs (.npz path or {name: array}), threads, warmup, iterations, seed,
+    atol / rtol / min_cosine (a float, or {output: float}), timeout (seconds per step),
+    calibration (.npz), extra ({backend option: value}), progress (callable taking a str).
+    Returns a Report; a target that fails or errors is in the report, not raised.
+    Raises MtConvertError subclasses for bad input (unreadable model, unknown target...).
+    """
+    from mtconvert.api import convert as _convert
+
+    return _convert(model, targets, out_dir, example_inputs, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Report":
+        from mtconvert.report import Report
+
+        return Report
+    if name == "MtConvertError":
+        from mtconvert.errors import MtConvertError
+
+        return MtConvertError
+    raise AttributeError(f"module 'mtconvert' has no attribute {name!r}")

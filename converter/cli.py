@@ -1,0 +1,195 @@
+"""The ``mtconvert`` command. Start-up imports click only: rich, numpy and every toolchain load
+when a command needs them (a test proves it).
+
+    mtconvert MODEL --to tflite,onnx-mobile     same as: mtconvert convert MODEL --to ...
+    mtconvert backends
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mtconvert import __version__
+from mtconvert.errors import EXIT_INTERNAL, EXIT_USAGE, MtConvertError, UsageError
+
+PRECISION_CHOICES = ("fp32", "fp16", "int8")
+
+
+class DefaultGroup(click.Group):
+    """A group whose first argument, when it is no command, is the model for ``convert``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["convert", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mtconvert")
+def cli() -> None:
+    """Convert a PyTorch or ONNX Transformer to mobile targets and prove each artifact right.
+
+    \b
+    mtconvert MODEL --to onnx-mobile,tflite [--out DIR] [--report-json PATH]
+    mtconvert backends
+
+    Exit codes: 0 every target passed, 1 a check failed, 2 usage error or unreadable model,
+    3 a backend failed to convert or run, 4 internal error.
+    """
+
+
+def _split_targets(_ctx: Any, _param: Any, value: tuple[str, ...]) -> tuple[str, ...] | None:
+    tokens = [t.strip() for v in value for t in v.split(",") if t.strip()]
+    if value and not tokens:
+        raise click.BadParameter("give at least one target name")
+    return tuple(tokens) or None
+
+
+@cli.command("convert")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--to", "targets", multiple=True, callback=_split_targets,
+              help="Targets, comma separated (default: every available target).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("build"),
+              show_default=True, help="Folder for the artifacts.")
+@click.option("--report-json", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="fp32",
+              show_default=True, help="Precision of the artifacts; picks the tolerance profile.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x128",
+              help="Fix an input's shape (repeatable). Named dynamic axes follow to other inputs.")
+@click.option("--inputs", type=click.Path(path_type=Path), help="Validation inputs (.npz by name).")
+@click.option("--threads", type=int, default=None, help="Threads for reference and targets.")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--iterations", type=int, default=20, show_default=True, help="Timed runs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs.")
+@click.option("--atol", multiple=True, metavar="[OUTPUT:]VALUE", help="Absolute tolerance.")
+@click.option("--rtol", multiple=True, metavar="[OUTPUT:]VALUE", help="Relative tolerance.")
+@click.option("--min-cosine", multiple=True, metavar="[OUTPUT:]VALUE",
+              help="Minimum cosine similarity.")
+@click.option("--timeout", type=float, default=900.0, show_default=True,
+              help="Seconds allowed per conversion step and per validation run.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the report.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
+                report_json: Path | None, precision: str, input_shapes: tuple[str, ...],
+                inputs: Path | None, threads: int | None, warmup: int, iterations: int, seed: int,
+                atol: tuple[str, ...], rtol: tuple[str, ...], min_cosine: tuple[str, ...],
+                timeout: float, quiet: bool, debug: bool) -> int:
+    """Convert MODEL (.onnx or .pt2) to each target and validate every artifact."""
+    from mtconvert import api
+    from mtconvert.shapes import parse_shape_spec
+
+    options: dict[str, Any] = dict(
+        precision=precision, input_shapes=dict(parse_shape_spec(s) for s in input_shapes),
+        inputs=inputs, threads=threads, warmup=warmup, iterations=iterations, seed=seed,
+        atol=_tolerance("--atol", atol), rtol=_tolerance("--rtol", rtol),
+        min_cosine=_tolerance("--min-cosine", min_cosine), timeout=timeout)
+    console = _console(stderr=True)
+    progress = None if quiet else (lambda msg: console.print(f"[dim]· {msg}[/]"))
+    report = api.convert(model, targets, out_dir, None, progress=progress, **options)
+    if report_json is not None:
+        _write_atomic(report_json, report.to_json())
+    from mtconvert.render.console import render
+
+    render(report, _console(stderr=False))
+    return report.exit_code
+
+
+def _tolerance(flag: str, values: tuple[str, ...]) -> Any:
+    """``1e-3`` -> global value; ``logits:1e-3`` -> that output. Returns float, dict or None."""
+    glob: str | None = None
+    per: dict[str, str] = {}
+    for v in values:
+        out, sep, num = v.rpartition(":")
+        if sep:
+            per[out] = num
+        else:
+            glob = num
+    for num in [glob, *per.values()]:
+        if num is not None:
+            try:
+                float(num)
+            except ValueError:
+                raise UsageError(f"{flag} {num!r} is not a number") from None
+    if per and glob is not None:
+        raise UsageError(f"{flag}: give either one global value or OUTPUT:VALUE pairs, not both")
+    return per or glob
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _console(stderr: bool) -> Any:
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 120  # logs and pipes: wide enough for the table
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
+@cli.command("backends")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def backends_cmd(as_json: bool) -> int:
+    """List the registered targets and whether they can convert and run here."""
+    from mtconvert.backends_info import describe_backends
+
+    rows = describe_backends()
+    if as_json:
+        import json
+
+        click.echo(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(header_style="bold")
+    for col in ("target", "aliases", "precisions", "convert here", "run here", "tools", "note"):
+        table.add_column(col)
+    for r in rows:
+        yes = lambda b: "[green]yes[/]" if b else "[red]no[/]"  # noqa: E731
+        table.add_row(r["name"], ", ".join(r["aliases"]), ", ".join(r["precisions"]),
+                      yes(r["can_convert"]), yes(r["can_run"]),
+                      ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+                      r["install_hint"] or r["error"] or r["reason"] or "")
+    _console(stderr=False).print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or bool(os.environ.get("MTCONVERT_DEBUG"))
+    try:
+        code = cli.main(args=args, prog_name="mtconvert", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        _fail(f"mtconvert: error: {exc.format_message()}", debug)
+        code = EXIT_USAGE
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("mtconvert: interrupted", err=True)
+        code = 130
+    except MtConvertError as exc:
+        _fail(f"mtconvert: error: {exc}", debug)
+        code = exc.exit_code
+    except Exception:  # a bug: show it, and ask for a report
+        import traceback
+
+        traceback.print_exc()
+        click.echo("mtconvert: internal error; please report it with the traceback above",
+                   err=True)
+        code = EXIT_INTERNAL
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(line: str, debug: bool) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    click.echo(line.splitlines()[0] if line else line, err=True)

@@ -1,0 +1,48 @@
+"""Options of a conversion run, shared by the CLI and the Python API."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtconvert.backends.base import PRECISIONS
+from mtconvert.errors import UsageError
+from mtconvert.validators.compare import ToleranceOverrides
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    targets: tuple[str, ...] | None = None  # None: every available target
+    out_dir: Path = Path("build")
+    precision: str = "fp32"
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    inputs: Any = None  # path to .npz, or dict name -> array
+    threads: int = field(default_factory=default_threads)
+    warmup: int = 3
+    iterations: int = 20
+    seed: int = 0
+    tolerances: ToleranceOverrides = field(default_factory=ToleranceOverrides)
+    timeout_s: float | None = 900.0
+    calibration: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific switches
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r}; "
+                             f"choose one of {', '.join(PRECISIONS)}")
+        if self.threads < 1:
+            raise UsageError("--threads must be at least 1")
+        if self.iterations < 1 or self.warmup < 0:
+            raise UsageError("--iterations must be at least 1 and --warmup at least 0")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise UsageError("--timeout must be positive")
+
+    def settings(self) -> dict[str, Any]:
+        """What the report records of these options."""
+        return {"precision": self.precision, "threads": self.threads, "warmup": self.warmup,
+                "iterations": self.iterations, "seed": self.seed, "timeout_s": self.timeout_s}

@@ -1,0 +1,1 @@
+"""Renderers: each is a function of a Report alone (rich console, JSON)."""

@@ -1,0 +1,82 @@
+"""Rich terminal rendering of a Report. rich is imported here only, never at CLI start-up."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from mtconvert.report import Report, TargetReport
+
+_STATUS_STYLE = {"passed": "bold green", "failed": "bold red", "error": "bold magenta",
+                 "skipped": "yellow"}
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _num(x: Any, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def render(report: Report, console: Console) -> None:
+    from rich.table import Table
+
+    src = report.source
+    console.print(f"[bold]Source[/] {src.path or '(in-memory module)'} [dim]({src.format}"
+                  f"{', sha256 ' + src.sha256[:12] if src.sha256 else ''})[/]")
+    for name, shape in src.input_shapes.items():
+        how = src.input_values.get(name, "")
+        console.print(f"  input [cyan]{name}[/] {'x'.join(map(str, shape))}  [dim]{how}[/]")
+    ref = report.reference
+    ref_p50 = ref.latency.p50_ms if ref and ref.latency else None
+    if ref:
+        console.print(f"[bold]Reference[/] {ref.runtime} {ref.version or ''}  p50 "
+                      f"{_num(ref_p50, '.2f')} ms  [dim]({report.settings.get('threads')} threads)[/]")
+    table = Table(show_lines=False, header_style="bold")
+    for col, just in [("target", "left"), ("status", "left"), ("worst output", "left"),
+                      ("max abs", "right"), ("cosine", "right"), ("p50 ms", "right"),
+                      ("vs ref", "right"), ("size", "right"), ("peak RSS", "right"),
+                      ("convert", "right")]:
+        table.add_column(col, justify=just, no_wrap=col in ("target", "status"))
+    for t in report.targets.values():
+        table.add_row(*_row(t, ref_p50))
+    console.print(table)
+    for t in report.targets.values():
+        _details(t, console)
+    verdict = "[bold green]PASSED[/]" if report.ok else "[bold red]FAILED[/]"
+    passed = sum(t.status == "passed" for t in report.targets.values())
+    console.print(f"{verdict}  {passed}/{len(report.targets)} targets passed "
+                  f"[dim](exit code {report.exit_code})[/]")
+
+
+def _row(t: TargetReport, ref_p50: float | None) -> list[str]:
+    worst = (t.numerics.worst or {}) if t.numerics else {}
+    p50 = t.latency.p50_ms if t.latency else None
+    ratio = f"{p50 / ref_p50:.2f}x" if p50 and ref_p50 else "-"
+    size = sum(a.bytes for a in t.artifacts)
+    return [f"{t.name} {t.precision}", f"[{_STATUS_STYLE[t.status]}]{t.status}[/]",
+            str(worst.get("output", "-")), _num(worst.get("max_abs"), ".2e"),
+            _num(worst.get("cosine"), ".6f"), _num(p50, ".2f"), ratio,
+            _fmt_bytes(size) if t.artifacts else "-",
+            f"{t.memory.peak_rss_mb:.0f} MB" if t.memory else "-",
+            f"{t.conversion.seconds:.1f} s" if t.conversion else "-"]
+
+
+def _details(t: TargetReport, console: Console) -> None:
+    from rich.markup import escape
+
+    if t.reason:
+        console.print(f"[{_STATUS_STYLE[t.status]}]{t.name}[/]: {escape(t.reason)}")
+    for f in t.findings:
+        style = {"error": "red", "warning": "yellow"}.get(f["severity"], "dim")
+        console.print(f"  [{style}]{f['severity']}[/] {escape(f['message'])}")
+    if t.artifacts:
+        console.print(f"  [dim]artifacts: {', '.join(a.path for a in t.artifacts)}[/]")
+    if t.log and t.status == "error":
+        console.print(f"  [dim]log: {t.log}[/]")

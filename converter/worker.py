@@ -1,0 +1,111 @@
+"""Run a target's session in a child process: ``python -m mtconvert.worker JOB.json``.
+
+Third-party runtimes can segfault or hang; in a child that becomes the target's error, never a
+dead mtconvert. The child also gives an honest peak resident memory for the runtime.
+The job names the backend by import path, so any registered backend works here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class SessionResult:
+    outputs: dict[str, np.ndarray]
+    latency: dict[str, Any]
+    peak_rss_mb: float
+    baseline_rss_mb: float
+    runtime: str
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _child(job_path: Path) -> None:
+    from mtconvert.backends.base import Artifact
+    from mtconvert.registry import BackendEntry
+    from mtconvert.validators.latency import measure
+
+    job = json.loads(job_path.read_text())
+    cls = BackendEntry(job["name"], job["backend"]).load()
+    artifact = Artifact.from_dict(job["artifact"])
+    with np.load(job["feeds"]) as data:
+        feeds = {k: data[k] for k in data.files}
+    baseline = _rss_mb()
+    with cls().open(artifact, job["threads"]) as session:
+        outputs = session.run(feeds)
+        stats = measure(lambda: session.run(feeds), warmup=job["warmup"],
+                        iterations=job["iterations"])
+        runtime = getattr(session, "runtime", cls.name)
+    np.savez(job["outputs"], **outputs)
+    Path(job["result"]).write_text(json.dumps({
+        "latency": stats.to_dict(), "peak_rss_mb": _peak_rss_mb(),
+        "baseline_rss_mb": baseline, "runtime": runtime}))
+
+
+def run_session(*, name: str, backend: str, artifact: dict[str, Any],
+                feeds: dict[str, np.ndarray], threads: int, warmup: int, iterations: int,
+                timeout_s: float | None) -> SessionResult:
+    """Open the artifact and run it in a child; raise RuntimeFailure on crash or time-out."""
+    from mtconvert.backends.base import tail
+    from mtconvert.errors import RuntimeFailure
+
+    with tempfile.TemporaryDirectory(prefix="mtconvert-worker-") as tmp:
+        t = Path(tmp)
+        np.savez(t / "feeds.npz", **feeds)
+        job = {"name": name, "backend": backend, "artifact": artifact,
+               "feeds": str(t / "feeds.npz"), "threads": threads, "warmup": warmup,
+               "iterations": iterations, "outputs": str(t / "outputs.npz"),
+               "result": str(t / "result.json")}
+        (t / "job.json").write_text(json.dumps(job))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            proc = subprocess.run([sys.executable, "-m", "mtconvert.worker", str(t / "job.json")],
+                                  env=env, capture_output=True, text=True, timeout=timeout_s,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise RuntimeFailure(f"timed out after {timeout_s:g} s", target=name,
+                                 step="run") from None
+        if proc.returncode != 0 or not (t / "result.json").is_file():
+            raise RuntimeFailure(_crash_reason(proc), target=name, step="run",
+                                 stderr_tail=tail(proc.stderr))
+        result = json.loads((t / "result.json").read_text())
+        with np.load(t / "outputs.npz") as data:
+            outputs = {k: data[k] for k in data.files}
+    return SessionResult(outputs, result["latency"], result["peak_rss_mb"],
+                         result["baseline_rss_mb"], result["runtime"])
+
+
+def _crash_reason(proc: subprocess.CompletedProcess) -> str:
+    import signal
+
+    if proc.returncode < 0:
+        try:
+            sig = signal.Signals(-proc.returncode).name
+        except ValueError:
+            sig = f"signal {-proc.returncode}"
+        return f"the runtime crashed ({sig})"
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else f"the runtime exited with code {proc.returncode}"
+
+
+if __name__ == "__main__":
+    _child(Path(sys.argv[1]))

@@ -1,0 +1,144 @@
+"""Numeric comparison of a target's outputs against the reference's.
+
+Per output: max abs, max relative, mean abs, RMSE, cosine similarity, SNR in dB. An output
+passes when every element is within ``atol + rtol * |reference|`` (numpy.allclose semantics)
+and the cosine similarity is at least ``min_cosine``; a bound that is None is not checked.
+Non-finite values in the target where the reference is finite always fail.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float | None
+    rtol: float | None
+    min_cosine: float | None
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {"atol": self.atol, "rtol": self.rtol, "min_cosine": self.min_cosine}
+
+
+# Defaults per precision profile. See docs/tolerances.md for the measurements behind them:
+# fp32 conversions of the fixtures agree to ~1e-6, so 1e-4 still sees a 1% change in one layer.
+PROFILES: dict[str, Tolerance] = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999),
+    "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.999),
+    "int8": Tolerance(atol=None, rtol=None, min_cosine=0.99),
+}
+
+
+@dataclass(frozen=True)
+class ToleranceOverrides:
+    """User overrides: global values, and per-output values keyed by output name."""
+
+    atol: float | None = None
+    rtol: float | None = None
+    min_cosine: float | None = None
+    per_output: dict[str, dict[str, float]] | None = None
+
+    def resolve(self, profile: str, output: str) -> Tolerance:
+        if profile not in PROFILES:
+            raise ValueError(f"unknown precision profile {profile!r}")
+        tol = PROFILES[profile]
+        glob = {k: v for k in ("atol", "rtol", "min_cosine")
+                if (v := getattr(self, k)) is not None}
+        tol = replace(tol, **glob)
+        return replace(tol, **(self.per_output or {}).get(output, {}))
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    name: str
+    passed: bool
+    reason: str | None
+    metrics: dict[str, float | None]
+    tolerance: Tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reason": self.reason, **self.metrics,
+                "tolerance": self.tolerance.to_dict()}
+
+
+def metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, float | None]:
+    """Error metrics of ``out`` against ``ref`` (same shape), as plain floats."""
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    o = np.asarray(out, dtype=np.float64).ravel()
+    if r.size == 0:
+        return {k: 0.0 for k in ("max_abs", "max_rel", "mean_abs", "rmse")} | {
+            "cosine": 1.0, "snr_db": None}
+    err = np.abs(o - r)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = err / np.maximum(np.abs(r), np.finfo(np.float64).tiny)
+    signal_power = float(np.sum(r * r))
+    noise_power = float(np.sum(err * err))
+    snr = 10.0 * math.log10(signal_power / noise_power) if noise_power > 0 and signal_power > 0 \
+        else None  # None: exact match (or a zero reference), no finite SNR
+    return {"max_abs": _f(err.max()), "max_rel": _f(rel.max()), "mean_abs": _f(err.mean()),
+            "rmse": _f(math.sqrt(noise_power / r.size)), "cosine": _cosine(r, o),
+            "snr_db": snr}
+
+
+def _f(x: Any) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _cosine(r: np.ndarray, o: np.ndarray) -> float | None:
+    nr, no = float(np.linalg.norm(r)), float(np.linalg.norm(o))
+    if not (math.isfinite(nr) and math.isfinite(no)):
+        return None
+    if nr == 0.0 and no == 0.0:
+        return 1.0
+    if nr == 0.0 or no == 0.0:
+        return 0.0
+    return float(np.dot(r, o) / (nr * no))
+
+
+def compare_output(name: str, ref: np.ndarray, out: np.ndarray | None,
+                   tol: Tolerance) -> OutputComparison:
+    if out is None:
+        return OutputComparison(name, False, "target did not produce this output", {}, tol)
+    out = np.asarray(out)
+    if tuple(out.shape) != tuple(ref.shape):
+        return OutputComparison(name, False,
+                                f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}", {}, tol)
+    m = metrics(ref, out)
+    return OutputComparison(name, *_verdict(ref, out, m, tol), m, tol)
+
+
+def _verdict(ref: np.ndarray, out: np.ndarray, m: dict[str, float | None],
+             tol: Tolerance) -> tuple[bool, str | None]:
+    r = np.asarray(ref, dtype=np.float64)
+    o = np.asarray(out, dtype=np.float64)
+    bad = ~np.isfinite(o) & np.isfinite(r)
+    if bad.any():
+        return False, f"{int(bad.sum())} non-finite values (NaN/Inf) where the reference is finite"
+    if tol.atol is not None or tol.rtol is not None:
+        atol, rtol = tol.atol or 0.0, tol.rtol or 0.0
+        finite = np.isfinite(r)
+        excess = np.abs(o - r)[finite] - (atol + rtol * np.abs(r[finite]))
+        if excess.size and excess.max() > 0:
+            n = int((excess > 0).sum())
+            return False, (f"{n} of {r.size} values outside atol={atol:g} rtol={rtol:g} "
+                           f"(max abs error {m['max_abs']:.3g})")
+    if tol.min_cosine is not None:
+        cos = m.get("cosine")
+        if cos is None or cos < tol.min_cosine:
+            shown = "undefined" if cos is None else f"{cos:.6f}"
+            return False, f"cosine similarity {shown} < {tol.min_cosine:g}"
+    return True, None
+
+
+def worst(results: list[OutputComparison]) -> OutputComparison | None:
+    """The failing output if any, else the one with the largest max abs error."""
+    if not results:
+        return None
+    failing = [r for r in results if not r.passed]
+    pool = failing or results
+    return max(pool, key=lambda r: (r.metrics.get("max_abs") or 0.0))
