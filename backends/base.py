@@ -13,12 +13,13 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mtconvert import deps
 from mtconvert.errors import ConversionError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
                                      TargetOptions, TensorSpec, expect_files, python_cmd, run_tool)
 from mtconvert.errors import ConversionError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 TARGET_PLATFORM = "arm"  # phones; the .ort still runs on x86 for validation
 

@@ -71,13 +71,15 @@ def _split_targets(_ctx: Any, _param: Any, value: tuple[str, ...]) -> tuple[str,
               help="Minimum cosine similarity.")
 @click.option("--timeout", type=float, default=900.0, show_default=True,
               help="Seconds allowed per conversion step and per validation run.")
-@click.option("--quiet", "-q", is_flag=True, help="Print only the report.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines, only the report.")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Progress lines on stderr even when it is not a terminal.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
                 report_json: Path | None, precision: str, input_shapes: tuple[str, ...],
                 inputs: Path | None, threads: int | None, warmup: int, iterations: int, seed: int,
                 atol: tuple[str, ...], rtol: tuple[str, ...], min_cosine: tuple[str, ...],
-                timeout: float, quiet: bool, debug: bool) -> int:
+                timeout: float, quiet: bool, verbose: bool, debug: bool) -> int:
     """Convert MODEL (.onnx or .pt2) to each target and validate every artifact."""
     from mtconvert import api
     from mtconvert.shapes import parse_shape_spec
@@ -88,7 +90,8 @@ def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
         atol=_tolerance("--atol", atol), rtol=_tolerance("--rtol", rtol),
         min_cosine=_tolerance("--min-cosine", min_cosine), timeout=timeout)
     console = _console(stderr=True)
-    progress = None if quiet else (lambda msg: console.print(f"[dim]· {msg}[/]"))
+    show = not quiet and (verbose or sys.stderr.isatty())
+    progress = (lambda msg: console.print(f"[dim]· {msg}[/]")) if show else None
     report = api.convert(model, targets, out_dir, None, progress=progress, **options)
     if report_json is not None:
         _write_atomic(report_json, report.to_json())

@@ -56,7 +56,6 @@ def _torch_reference(source: PreparedSource, threads: int) -> Reference:
 
     torch.set_num_threads(threads)
     module = source.torch_module
-    if hasattr(module, "eval"):
-        module.eval()
+    torch_source.eval_mode(module)
     return Reference("pytorch-eager", deps.dist_version("torch"),
                      lambda feeds: torch_source.run(module, feeds))

@@ -63,6 +63,16 @@ def flatten_outputs(result: Any) -> dict[str, Any]:
     return items
 
 
+def eval_mode(module: Any) -> bool:
+    """Put a module in inference mode. False for programs loaded from .pt2, which are already
+    in inference form and refuse eval()/train()."""
+    try:
+        module.eval()
+    except (NotImplementedError, AttributeError):
+        return False
+    return True
+
+
 def run(module: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import torch
 
@@ -77,8 +87,7 @@ def export_onnx(module: Any, feeds: dict[str, Any], path: Path, opset: int) -> l
     example inputs' shapes. Returns the output names."""
     import torch
 
-    if hasattr(module, "eval"):
-        module.eval()
+    mode = torch.onnx.TrainingMode.EVAL if eval_mode(module) else torch.onnx.TrainingMode.PRESERVE
     args = tuple(feeds.values())
     with torch.inference_mode():
         names = list(flatten_outputs(module(*args)))
@@ -87,7 +96,7 @@ def export_onnx(module: Any, feeds: dict[str, Any], path: Path, opset: int) -> l
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             torch.onnx.export(module, args, str(path), input_names=list(feeds),
                               output_names=names, opset_version=opset, dynamo=False,
-                              do_constant_folding=True)
+                              do_constant_folding=True, training=mode)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not export the PyTorch model to ONNX: {msg}") from None

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mtconvert.registry import Registry
+from tests.fake_backend import FakeBackend, OtherFakeBackend
+from tests.models import tiny_encoder
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_encoder(tmp_path_factory.mktemp("models") / "tiny.onnx")
+
+
+@pytest.fixture
+def fake_registry() -> Registry:
+    reg = Registry()
+    reg.register(FakeBackend)
+    reg.register(OtherFakeBackend)
+    return reg
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES

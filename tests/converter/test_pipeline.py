@@ -1,0 +1,127 @@
+"""Pipeline behaviour with the fake backend: statuses, isolation, atomic outputs, report."""
+import json
+
+import numpy as np
+import pytest
+
+import mtconvert
+from mtconvert.errors import InputGenerationError, UsageError
+
+
+def _convert(model, out, registry, targets=("fake",), **kw):
+    kw.setdefault("iterations", 3)
+    kw.setdefault("warmup", 1)
+    return mtconvert.convert(model, targets=list(targets), out_dir=out, registry=registry, **kw)
+
+
+def _entries(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_passing_target_report(tiny_onnx, tmp_path, fake_registry):
+    report = _convert(tiny_onnx, tmp_path / "out", fake_registry)
+    assert report.ok and report.exit_code == 0
+    t = report.targets["fake"]
+    assert t.status == "passed" and t.reason is None
+    assert t.numerics.passed and t.numerics.worst["output"] == "logits"
+    assert t.numerics.outputs["logits"]["max_abs"] == 0.0
+    assert t.numerics.outputs["logits"]["tolerance"]["atol"] == 1e-4
+    assert t.latency.iterations == 3 and t.latency.threads == report.settings["threads"]
+    assert t.memory.peak_rss_mb >= t.memory.baseline_rss_mb > 0
+    assert t.conversion.steps == ("copy source",)
+    assert [a.bytes for a in t.artifacts] == [tiny_onnx.stat().st_size]
+    assert _entries(tmp_path / "out") == ["tiny.fake", "tiny.fake.log"]
+    assert report.source.sha256 and report.source.input_shapes == {
+        "input_ids": [1, 32], "attention_mask": [1, 32]}
+    assert report.reference.runtime == "onnxruntime-cpu"
+
+
+def test_numeric_mismatch_is_a_failed_result(tiny_onnx, tmp_path, fake_registry):
+    report = _convert(tiny_onnx, tmp_path, fake_registry, extra={"fake": {"noise": 0.05}})
+    t = report.targets["fake"]
+    assert t.status == "failed" and "logits" in t.reason and report.exit_code == 1
+    assert t.numerics.outputs["logits"]["max_abs"] == pytest.approx(0.05, rel=1e-3)
+
+
+def test_crash_is_one_targets_error_and_others_finish(tiny_onnx, tmp_path, fake_registry):
+    report = _convert(tiny_onnx, tmp_path, fake_registry, targets=("fake", "fake2"),
+                      extra={"fake": {"crash": True}})
+    assert report.targets["fake"].status == "error"
+    assert "SIGSEGV" in report.targets["fake"].reason
+    assert report.targets["fake2"].status == "passed"
+    assert report.exit_code == 3
+
+
+def test_conversion_error_leaves_only_the_log(tiny_onnx, tmp_path, fake_registry):
+    out = tmp_path / "out"
+    report = _convert(tiny_onnx, out, fake_registry, extra={"fake": {"convert_error": True}})
+    t = report.targets["fake"]
+    assert t.status == "error" and "fake tool failed" in t.reason and report.exit_code == 3
+    assert _entries(out) == ["tiny.fake.log"]  # no half-written artifact, no staging folder
+    assert t.log and t.log.endswith("tiny.fake.log")
+
+
+def test_lint_error_fails_target(tiny_onnx, tmp_path, fake_registry):
+    report = _convert(tiny_onnx, tmp_path, fake_registry, extra={"fake": {"lint_error": True}})
+    t = report.targets["fake"]
+    assert t.status == "failed" and "FakeOp" in t.reason
+    assert t.findings[0]["severity"] == "error"
+
+
+def test_unsupported_precision_is_skipped_not_passed(tiny_onnx, tmp_path, fake_registry):
+    report = _convert(tiny_onnx, tmp_path, fake_registry, precision="int8")
+    assert report.targets["fake"].status == "skipped" and report.exit_code == 1
+    assert "supports precision fp32, fp16" in report.targets["fake"].reason
+
+
+def test_user_inputs_file_is_used(tiny_onnx, tmp_path, fake_registry):
+    npz = tmp_path / "in.npz"
+    np.savez(npz, input_ids=np.array([[1, 2, 3]]), attention_mask=np.array([[1, 1, 0]]))
+    report = _convert(tiny_onnx, tmp_path / "o", fake_registry, inputs=npz)
+    assert report.ok and report.source.input_shapes["input_ids"] == [1, 3]
+    assert report.source.input_values["input_ids"] == "from in.npz"
+    np.savez(npz, input_ids=np.array([[1, 2, 3]]))
+    with pytest.raises(InputGenerationError, match="lacks attention_mask"):
+        _convert(tiny_onnx, tmp_path / "o", fake_registry, inputs=npz)
+
+
+def test_same_command_twice_gives_identical_numerics(tiny_onnx, tmp_path, fake_registry):
+    a, b = (_convert(tiny_onnx, tmp_path / n, fake_registry, extra={"fake": {"noise": 1e-3}})
+            for n in ("a", "b"))
+    assert a.targets["fake"].numerics == b.targets["fake"].numerics
+
+
+def test_rerun_replaces_artifacts(tiny_onnx, tmp_path, fake_registry):
+    out = tmp_path / "out"
+    _convert(tiny_onnx, out, fake_registry)
+    (out / "tiny.fake").write_bytes(b"stale")
+    _convert(tiny_onnx, out, fake_registry)
+    assert (out / "tiny.fake").read_bytes() == tiny_onnx.read_bytes()
+    assert _entries(out) == ["tiny.fake", "tiny.fake.log"]
+
+
+def test_bad_options_raise_usage_errors(tiny_onnx, tmp_path, fake_registry):
+    with pytest.raises(UsageError, match="precision"):
+        _convert(tiny_onnx, tmp_path, fake_registry, precision="fp8")
+    with pytest.raises(UsageError, match="unknown target"):
+        _convert(tiny_onnx, tmp_path, fake_registry, targets=("nope",))
+    with pytest.raises(TypeError, match="unexpected option"):
+        _convert(tiny_onnx, tmp_path, fake_registry, atoll=1)
+    with pytest.raises(UsageError, match="atol"):
+        _convert(tiny_onnx, tmp_path, fake_registry, atol="x")
+
+
+def test_per_output_tolerance_override(tiny_onnx, tmp_path, fake_registry):
+    report = _convert(tiny_onnx, tmp_path, fake_registry, extra={"fake": {"noise": 0.05}},
+                      atol={"logits": 0.1})
+    assert not report.ok  # the fp32 cosine bound still applies to logits
+    assert "cosine" in report.targets["fake"].reason
+    report = _convert(tiny_onnx, tmp_path, fake_registry, extra={"fake": {"noise": 0.05}},
+                      atol={"logits": 0.1}, min_cosine={"logits": 0.9})
+    assert report.ok
+    assert report.targets["fake"].numerics.outputs["logits"]["tolerance"]["atol"] == 0.1
+
+
+def test_report_json_is_valid_json(tiny_onnx, tmp_path, fake_registry):
+    report = _convert(tiny_onnx, tmp_path, fake_registry)
+    assert json.loads(report.to_json())["targets"][0]["status"] == "passed"

@@ -1,0 +1,42 @@
+import pytest
+
+from mtconvert.errors import UnknownTargetError
+from mtconvert.registry import BackendEntry, DuplicateBackendError, Registry, default_registry
+from tests.fake_backend import FakeBackend
+
+
+def test_builtin_onnx_mobile_registered_through_entry_points():
+    reg = default_registry()
+    assert "onnx-mobile" in reg.names()
+    assert reg.entries["onnx-mobile"].dist == "mtconvert"
+    assert reg.resolve("ort") == "onnx-mobile" and reg.resolve("ONNX-Mobile") == "onnx-mobile"
+
+
+def test_unknown_target_lists_known(fake_registry):
+    with pytest.raises(UnknownTargetError) as exc:
+        fake_registry.resolve("tflitee")
+    assert "fake" in str(exc.value) and "phony" in str(exc.value)
+
+
+def test_broken_plugin_is_reported_not_fatal(fake_registry):
+    fake_registry.add(BackendEntry("broken", "no_such_module_xyz:Backend", "broken-dist"))
+    from mtconvert.backends_info import describe_backends
+
+    rows = {r["name"]: r for r in describe_backends(fake_registry)}
+    assert "ModuleNotFoundError" in rows["broken"]["error"]
+    assert rows["fake"]["can_convert"] and rows["fake"]["aliases"] == ["phony"]
+    assert fake_registry.available() == ["fake", "fake2"]
+
+
+def test_duplicate_names_name_both_distributions():
+    reg = Registry()
+    reg.add(BackendEntry("x", "a:A", "dist-a"))
+    with pytest.raises(DuplicateBackendError, match="dist-a.*dist-b"):
+        reg.add(BackendEntry("x", "b:B", "dist-b"))
+
+
+def test_entry_point_name_must_match_class_name():
+    reg = Registry()
+    reg.add(BackendEntry("wrong", f"{FakeBackend.__module__}:FakeBackend"))
+    assert reg.available() == []
+    assert "declares name" in reg.entries["wrong"].error

@@ -1,0 +1,72 @@
+"""A fake backend for pipeline, CLI and report tests only: its "artifact" is a copy of the
+source ONNX, run by ONNX Runtime. Knobs in TargetOptions.extra[<backend name>] make it misbehave
+on purpose: noise (add this much to every output), crash (segfault in the runtime),
+convert_error (raise ConversionError), lint_error (an error finding)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+
+from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
+                                     TargetOptions)
+from mtconvert.errors import ConversionError
+
+
+class FakeBackend(Backend):
+    name = "fake"
+    aliases = ("phony",)
+    description = "test double"
+    precisions = ("fp32", "fp16")
+    convert_requires = {"onnxruntime": "onnxruntime"}
+    run_requires = {"onnxruntime": "onnxruntime"}
+
+    def convert(self, source: PreparedSource, out_dir: Path, opts: TargetOptions) -> Artifact:
+        log = out_dir / f"{source.name}.{self.name}.log"
+        log.write_text("fake conversion\n")
+        knobs = dict(opts.extra.get(self.name, {}))
+        if knobs.get("convert_error"):
+            (out_dir / f"{source.name}.fake").write_bytes(b"half-written")
+            raise ConversionError("the fake tool failed", target=self.name, step="convert",
+                                  log_path=log)
+        art = out_dir / f"{source.name}.fake"
+        shutil.copyfile(source.onnx_path, art)
+        return Artifact(target=self.name, primary=art, files=(art,), precision=opts.precision,
+                        steps=("copy source",), log_path=log,
+                        meta=knobs)
+
+    def lint(self, artifact: Artifact) -> list[Finding]:
+        if artifact.meta.get("lint_error"):
+            return [Finding("error", "fake-op", "op FakeOp is not supported on phones")]
+        return [Finding("info", "fake-info", "all good")]
+
+    def open(self, artifact: Artifact, threads: int) -> Session:
+        return FakeSession(artifact, threads)
+
+
+class FakeSession(Session):
+    runtime = "fake-ort"
+
+    def __init__(self, artifact: Artifact, threads: int):
+        import onnxruntime as ort
+
+        if artifact.meta.get("crash"):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        self._sess = ort.InferenceSession(str(artifact.primary), so,
+                                          providers=["CPUExecutionProvider"])
+        self._noise = float(artifact.meta.get("noise", 0.0))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self._sess.get_outputs()]
+        outs = self._sess.run(names, feeds)
+        return {n: o + np.asarray(self._noise, dtype=o.dtype) for n, o in zip(names, outs)}
+
+
+class OtherFakeBackend(FakeBackend):
+    name = "fake2"
+    aliases = ()
