@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +23,13 @@ TARGET_PLATFORM = "arm"  # phones; the .ort still runs on x86 for validation
 
 def tool(cmd: str, src: Path, dst: Path, *, step: str, log: Path, timeout: float | None,
          target: str) -> dict[str, Any]:
-    """Run one onnx_tools command in a child and return its JSON result."""
+    """Run one onnx_tools command in a child and return its JSON result (with its seconds)."""
+    t0 = time.perf_counter()
     out = run_tool(python_cmd("-m", "mtconvert.backends.onnx_tools", cmd, str(src), str(dst)),
                    target=target, step=step, log_path=log, timeout_s=timeout)
     for line in reversed(out.splitlines()):
         if line.startswith("MTCONVERT-RESULT "):
-            return json.loads(line.split(" ", 1)[1])
+            return json.loads(line.split(" ", 1)[1]) | {"seconds": time.perf_counter() - t0}
     raise ConversionError("tool printed no result", target=target, step=step, log_path=log)
 
 
@@ -47,6 +49,7 @@ class OnnxMobileBackend(Backend):
         stem = source.name if opts.precision == "fp32" else f"{source.name}.{opts.precision}"
         onnx_path, steps = self._prepare_onnx(source, work / f"{stem}.onnx", opts, log)
         ort_dir = work / "ort"
+        t0 = time.perf_counter()
         run_tool(python_cmd("-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(onnx_path),
                             "--output_dir", str(ort_dir), "--optimization_style", "Fixed",
                             "--target_platform", TARGET_PLATFORM),
@@ -59,7 +62,8 @@ class OnnxMobileBackend(Backend):
         shutil.move(produced_ort, ort_file)
         shutil.move(produced_cfg, cfg_file)
         steps.append(f"ort-format: onnxruntime.tools.convert_onnx_models_to_ort "
-                     f"(optimization_style=Fixed, target_platform={TARGET_PLATFORM})")
+                     f"(optimization_style=Fixed, target_platform={TARGET_PLATFORM}) "
+                     f"[{time.perf_counter() - t0:.1f} s]")
         return Artifact(target=self.name, primary=ort_file, files=(ort_file, cfg_file),
                         precision=opts.precision, steps=tuple(steps), log_path=log,
                         tool_versions=deps.versions(["onnx", "onnxsim", "onnxruntime"]),
@@ -70,7 +74,8 @@ class OnnxMobileBackend(Backend):
         kw = dict(log=log, timeout=opts.timeout_s, target=self.name)
         simplified = dst.with_suffix(".sim.onnx")
         res = info = tool("simplify", source.onnx_path, simplified, step="onnxsim", **kw)
-        steps = [f"onnxsim: {res['nodes_before']} -> {res['nodes_after']} nodes" if res["simplified"]
+        steps = [f"onnxsim: {res['nodes_before']} -> {res['nodes_after']} nodes "
+                 f"[{res['seconds']:.1f} s]" if res["simplified"]
                  else "onnxsim: simplified model failed its check; kept the original graph"]
         if opts.precision != "int8":
             simplified.replace(dst)
@@ -80,9 +85,9 @@ class OnnxMobileBackend(Backend):
             steps.append(f"int8: source is already quantized ({', '.join(info['quantized_ops'])});"
                          " not quantized again")
             return dst, steps
-        tool("quantize-dynamic", simplified, dst, step="quantize", **kw)
+        q = tool("quantize-dynamic", simplified, dst, step="quantize", **kw)
         steps.append("int8: onnxruntime.quantization.quantize_dynamic (weights QInt8, "
-                     "activations quantized at run time)")
+                     f"activations quantized at run time) [{q['seconds']:.1f} s]")
         return dst, steps
 
     def lint(self, artifact: Artifact) -> list[Finding]:

@@ -37,16 +37,19 @@ def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
     registry = registry or default_registry()
     say = progress or (lambda _msg: None)
     names = resolve_targets(registry, opts.targets)
+    clock = _Clock()
     with tempfile.TemporaryDirectory(prefix="mtconvert-") as tmp:
         say("loading source")
         loaded = source_mod.load(model, Path(tmp), example_inputs)
         feeds, values = feeds_mod.prepare(loaded, opts)
         src = loaded.prepared
+        clock.lap("load_source_s")
         say(f"reference: running {src.format} source")
         ref = open_reference(src, opts.threads)
         ref_out = ref.run(feeds)
         ref_latency = measure(lambda: ref.run(feeds), warmup=opts.warmup,
                               iterations=opts.iterations)
+        clock.lap("reference_s")
         reports = []
         for name in names:
             say(f"{name}: converting")
@@ -54,9 +57,20 @@ def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
     return Report(source=_source_info(loaded, feeds, values),
                   reference=ReferenceInfo(ref.runtime, ref.version,
                                           _latency(ref_latency.to_dict(), opts.threads)),
-                  targets=TargetMap(reports), settings=opts.settings(),
+                  targets=TargetMap(reports), settings=opts.settings(), timings=clock.laps,
                   mtconvert_version=__version__,
                   created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 3)
+        self._t = now
 
 
 def resolve_targets(registry: Registry, targets: tuple[str, ...] | None) -> list[str]:
@@ -116,15 +130,16 @@ def _convert_and_validate(backend: Backend, src: PreparedSource, feeds: dict[str
     name = backend.name
     topts = TargetOptions(precision=opts.precision, threads=opts.threads, timeout_s=opts.timeout_s,
                           calibration=opts.calibration, extra=dict(opts.extra))
-    t0 = time.perf_counter()
+    clock = _Clock()
     artifact = backend.convert(src, staging, topts)
-    conversion = Conversion(round(time.perf_counter() - t0, 3), artifact.steps,
-                            artifact.tool_versions)
+    clock.lap("convert_s")
+    conversion = Conversion(clock.laps["convert_s"], artifact.steps, artifact.tool_versions)
     findings = backend.lint(artifact)
+    clock.lap("lint_s")
     artifact = _commit(artifact, staging, out_dir)
     base = dict(name=name, precision=opts.precision, artifacts=_files(artifact),
                 conversion=conversion, findings=tuple(f.to_dict() for f in findings),
-                log=str(artifact.log_path) if artifact.log_path else None)
+                log=str(artifact.log_path) if artifact.log_path else None, timings=clock.laps)
     errors = [f for f in findings if f.severity == "error"]
     if errors:
         return TargetReport(status="failed", reason="; ".join(f.message for f in errors), **base)
@@ -137,6 +152,7 @@ def _convert_and_validate(backend: Backend, src: PreparedSource, feeds: dict[str
                          feeds={k: feeds[k] for k in (s.name for s in src.inputs)},
                          threads=opts.threads, warmup=opts.warmup, iterations=opts.iterations,
                          timeout_s=opts.timeout_s)
+    clock.lap("validate_s")
     numerics = _numerics(ref_out, result.outputs, opts, artifact.precision, result.runtime)
     status = "passed" if numerics.passed else "failed"
     reason = None if numerics.passed else _numerics_reason(numerics)

@@ -86,6 +86,7 @@ class TargetReport:
     memory: Memory | None = None
     findings: tuple[dict[str, str], ...] = ()  # {severity, code, message}
     log: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -108,7 +109,8 @@ class TargetReport:
                    numerics=Numerics.from_dict(d.get("numerics")),
                    latency=Latency.from_dict(d.get("latency")),
                    memory=Memory.from_dict(d.get("memory")),
-                   findings=tuple(d.get("findings", ())), log=d.get("log"))
+                   findings=tuple(d.get("findings", ())), log=d.get("log"),
+                   timings=dict(d.get("timings", {})))
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ class Report:
     reference: ReferenceInfo | None
     targets: TargetMap
     settings: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per shared stage
     mtconvert_version: str = ""
     created: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -189,7 +192,8 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": self.schema_version, "ok": self.ok,
                 "mtconvert_version": self.mtconvert_version, "created": self.created,
-                "settings": self.settings, "source": asdict(self.source),
+                "settings": self.settings, "timings": self.timings,
+                "source": asdict(self.source),
                 "reference": asdict(self.reference) if self.reference else None,
                 "targets": [t.to_dict() for t in self.targets.values()]}
 
@@ -204,7 +208,7 @@ class Report:
         return cls(source=SourceInfo.from_dict(d["source"]),
                    reference=ReferenceInfo.from_dict(ref) if ref else None,
                    targets=TargetMap([TargetReport.from_dict(t) for t in d["targets"]]),
-                   settings=dict(d.get("settings", {})),
+                   settings=dict(d.get("settings", {})), timings=dict(d.get("timings", {})),
                    mtconvert_version=d.get("mtconvert_version", ""), created=d.get("created", ""))
 
     @classmethod
