@@ -43,6 +43,7 @@ def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
         loaded = source_mod.load(model, Path(tmp), example_inputs)
         feeds, values = feeds_mod.prepare(loaded, opts)
         src = loaded.prepared
+        src.input_shapes = {k: tuple(v.shape) for k, v in feeds.items()}
         clock.lap("load_source_s")
         say(f"reference: running {src.format} source")
         ref = open_reference(src, opts.threads)

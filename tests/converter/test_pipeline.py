@@ -36,6 +36,20 @@ def test_passing_target_report(tiny_onnx, tmp_path, fake_registry):
     assert report.reference.runtime == "onnxruntime-cpu"
 
 
+def test_backends_see_the_validation_shapes(tiny_onnx, tmp_path, fake_registry, monkeypatch):
+    from tests.fake_backend import FakeBackend
+
+    seen, original = {}, FakeBackend.convert
+
+    def spy(self, source, out_dir, opts):
+        seen.update(source.input_shapes)
+        return original(self, source, out_dir, opts)
+
+    monkeypatch.setattr(FakeBackend, "convert", spy)
+    _convert(tiny_onnx, tmp_path, fake_registry, input_shapes={"input_ids": "2x8"})
+    assert seen == {"input_ids": (2, 8), "attention_mask": (2, 8)}
+
+
 def test_numeric_mismatch_is_a_failed_result(tiny_onnx, tmp_path, fake_registry):
     report = _convert(tiny_onnx, tmp_path, fake_registry, extra={"fake": {"noise": 0.05}})
     t = report.targets["fake"]
