@@ -7,6 +7,7 @@ checks, comparison and reporting; the plugin fills these small hooks only.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -206,6 +207,27 @@ def tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit))\b:?\s*(.*)$")
+_GENERIC = ("Exception encountered when calling layer", "in user code:")
+
+
+def error_summary(output: str, limit: int = 300) -> str:
+    """The most telling line of a tool's output: the last ``SomethingError: message`` (with the
+    next detail line when the message is generic), else the last non-empty line."""
+    lines = [ln.strip() for ln in output.splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        m = _ERROR_LINE.match(lines[i])
+        if not m or lines[i].startswith(("File ", "raise ")):
+            continue
+        text = f"{m.group(1)}: {m.group(2)}".strip()
+        if any(g in m.group(2) for g in _GENERIC) or not m.group(2):
+            detail = next((ln for ln in lines[i + 1:] if ln), "")
+            text = f"{text} {detail}".strip()
+        return text[:limit]
+    rest = [ln for ln in lines if ln]
+    return rest[-1][:limit] if rest else ""
+
+
 def run_tool(cmd: list[str], *, target: str, step: str, log_path: Path,
              timeout_s: float | None = None, cwd: Path | None = None,
              env: dict[str, str] | None = None) -> str:
@@ -229,7 +251,7 @@ def run_tool(cmd: list[str], *, target: str, step: str, log_path: Path,
     if proc.returncode != 0:
         why = (f"killed by {_signal_name(proc.returncode)}" if proc.returncode < 0
                else f"exit code {proc.returncode}")
-        last = tail(proc.stderr or proc.stdout, 1)
+        last = error_summary(out)
         raise ConversionError(f"{why}: {last}" if last else why, target=target, step=step,
                               log_path=log_path, stderr_tail=tail(out))
     return out

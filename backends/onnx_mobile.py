@@ -4,7 +4,6 @@ reduced build). The session loads the ``.ort`` file itself.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -13,24 +12,12 @@ from typing import TYPE_CHECKING, Any
 from mtconvert import deps
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
                                      TargetOptions, TensorSpec, expect_files, python_cmd, run_tool)
-from mtconvert.errors import ConversionError
+from mtconvert.backends.onnx_tools import run_onnx_tool
 
 if TYPE_CHECKING:
     import numpy as np
 
 TARGET_PLATFORM = "arm"  # phones; the .ort still runs on x86 for validation
-
-
-def tool(cmd: str, src: Path, dst: Path, *, step: str, log: Path, timeout: float | None,
-         target: str) -> dict[str, Any]:
-    """Run one onnx_tools command in a child and return its JSON result (with its seconds)."""
-    t0 = time.perf_counter()
-    out = run_tool(python_cmd("-m", "mtconvert.backends.onnx_tools", cmd, str(src), str(dst)),
-                   target=target, step=step, log_path=log, timeout_s=timeout)
-    for line in reversed(out.splitlines()):
-        if line.startswith("MTCONVERT-RESULT "):
-            return json.loads(line.split(" ", 1)[1]) | {"seconds": time.perf_counter() - t0}
-    raise ConversionError("tool printed no result", target=target, step=step, log_path=log)
 
 
 class OnnxMobileBackend(Backend):
@@ -73,7 +60,7 @@ class OnnxMobileBackend(Backend):
                       log: Path) -> tuple[Path, list[str]]:
         kw = dict(log=log, timeout=opts.timeout_s, target=self.name)
         simplified = dst.with_suffix(".sim.onnx")
-        res = info = tool("simplify", source.onnx_path, simplified, step="onnxsim", **kw)
+        res = info = run_onnx_tool("simplify", source.onnx_path, simplified, step="onnxsim", **kw)
         steps = [f"onnxsim: {res['nodes_before']} -> {res['nodes_after']} nodes "
                  f"[{res['seconds']:.1f} s]" if res["simplified"]
                  else "onnxsim: simplified model failed its check; kept the original graph"]
@@ -85,7 +72,7 @@ class OnnxMobileBackend(Backend):
             steps.append(f"int8: source is already quantized ({', '.join(info['quantized_ops'])});"
                          " not quantized again")
             return dst, steps
-        q = tool("quantize-dynamic", simplified, dst, step="quantize", **kw)
+        q = run_onnx_tool("quantize-dynamic", simplified, dst, step="quantize", **kw)
         steps.append("int8: onnxruntime.quantization.quantize_dynamic (weights QInt8, "
                      f"activations quantized at run time) [{q['seconds']:.1f} s]")
         return dst, steps

@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mtconvert.backends.base import python_cmd, run_tool
+from mtconvert.errors import ConversionError
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
                  "QLinearMatMul", "QLinearConv", "ConvInteger", "DynamicQuantizeMatMul"}
@@ -28,6 +34,47 @@ def simplify(src: str, dst: str) -> dict:
                    "nodes_after": len(simplified.graph.node)}
 
 
+def fix_shapes(src: str, dst: str, shapes: dict[str, list[int]]) -> dict:
+    """Simplify with every input fixed to ``shapes``, and turn Constant nodes into initializers
+    (onnx2tf's strict mode rejects some scalar Constants). Returns op counts and output shapes."""
+    import onnx
+    import onnxsim
+
+    model = onnx.load(src)
+    info = _describe(model)
+    simplified, ok = onnxsim.simplify(model, overwrite_input_shapes=shapes)
+    if not ok:
+        raise RuntimeError("onnxsim could not simplify the graph with fixed input shapes")
+    constants_to_initializers(simplified)
+    onnx.checker.check_model(simplified)
+    onnx.save(simplified, dst)
+    counts: dict[str, int] = {}
+    for node in simplified.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    outputs = {o.name: [d.dim_value if d.HasField("dim_value") else None
+                        for d in o.type.tensor_type.shape.dim] for o in simplified.graph.output}
+    # from the source graph: the fixed graph's folded constants carry the input sizes themselves
+    weight_dims = sorted({int(d) for i in model.graph.initializer if len(i.dims) >= 2
+                          for d in i.dims if d > 1})
+    return info | {"op_counts": counts, "output_shapes": outputs, "weight_dims": weight_dims,
+                   "nodes_before": len(model.graph.node), "nodes_after": len(simplified.graph.node)}
+
+
+def constants_to_initializers(model) -> None:  # noqa: ANN001 - onnx.ModelProto
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 \
+                and node.attribute[0].name == "value":
+            tensor = type(node.attribute[0].t)()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
 def quantize_dynamic(src: str, dst: str) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic as qd
 
@@ -41,8 +88,23 @@ def _describe(model) -> dict:  # noqa: ANN001 - onnx.ModelProto
             "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}}
 
 
-COMMANDS = {"simplify": simplify, "quantize-dynamic": quantize_dynamic}
+def run_onnx_tool(cmd: str, src: Path, dst: Path, *args: Any, step: str, log: Path,
+         timeout: float | None, target: str) -> dict[str, Any]:
+    """Run one onnx_tools command in a child and return its JSON result (with its seconds)."""
+    t0 = time.perf_counter()
+    extra = [json.dumps(a) for a in args]
+    out = run_tool(python_cmd("-m", "mtconvert.backends.onnx_tools", cmd, str(src), str(dst),
+                              *extra),
+                   target=target, step=step, log_path=log, timeout_s=timeout)
+    for line in reversed(out.splitlines()):
+        if line.startswith("MTCONVERT-RESULT "):
+            return json.loads(line.split(" ", 1)[1]) | {"seconds": time.perf_counter() - t0}
+    raise ConversionError("tool printed no result", target=target, step=step, log_path=log)
+
+
+COMMANDS = {"simplify": simplify, "quantize-dynamic": quantize_dynamic, "fix-shapes": fix_shapes}
 
 if __name__ == "__main__":
-    cmd, src, dst = sys.argv[1:4]
-    print("MTCONVERT-RESULT " + json.dumps(COMMANDS[cmd](src, dst)))
+    cmd, src, dst, *extra = sys.argv[1:]
+    args = [json.loads(e) for e in extra]
+    print("MTCONVERT-RESULT " + json.dumps(COMMANDS[cmd](src, dst, *args)))

@@ -71,6 +71,12 @@ def _split_targets(_ctx: Any, _param: Any, value: tuple[str, ...]) -> tuple[str,
               help="Minimum cosine similarity.")
 @click.option("--timeout", type=float, default=900.0, show_default=True,
               help="Seconds allowed per conversion step and per validation run.")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="int8 calibration inputs (.npz by name; samples stacked on a first axis).")
+@click.option("--int8-scheme", type=click.Choice(("dynamic", "full")), default=None,
+              help="tflite int8: dynamic-range (default) or full-integer (calibrated).")
+@click.option("--allow-flex", is_flag=True,
+              help="tflite: accept Select-TF (Flex) ops instead of failing the target.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines, only the report.")
 @click.option("--verbose", "-v", is_flag=True,
               help="Progress lines on stderr even when it is not a terminal.")
@@ -79,7 +85,8 @@ def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
                 report_json: Path | None, precision: str, input_shapes: tuple[str, ...],
                 inputs: Path | None, threads: int | None, warmup: int, iterations: int, seed: int,
                 atol: tuple[str, ...], rtol: tuple[str, ...], min_cosine: tuple[str, ...],
-                timeout: float, quiet: bool, verbose: bool, debug: bool) -> int:
+                timeout: float, calibration: Path | None, int8_scheme: str | None,
+                allow_flex: bool, quiet: bool, verbose: bool, debug: bool) -> int:
     """Convert MODEL (.onnx or .pt2) to each target and validate every artifact."""
     from mtconvert import api
     from mtconvert.shapes import parse_shape_spec
@@ -88,7 +95,8 @@ def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
         precision=precision, input_shapes=dict(parse_shape_spec(s) for s in input_shapes),
         inputs=inputs, threads=threads, warmup=warmup, iterations=iterations, seed=seed,
         atol=_tolerance("--atol", atol), rtol=_tolerance("--rtol", rtol),
-        min_cosine=_tolerance("--min-cosine", min_cosine), timeout=timeout)
+        min_cosine=_tolerance("--min-cosine", min_cosine), timeout=timeout,
+        calibration=calibration, extra=_extra(int8_scheme, allow_flex))
     console = _console(stderr=True)
     show = not quiet and (verbose or sys.stderr.isatty())
     progress = (lambda msg: console.print(f"[dim]· {msg}[/]")) if show else None
@@ -99,6 +107,15 @@ def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
 
     render(report, _console(stderr=False))
     return report.exit_code
+
+
+def _extra(int8_scheme: str | None, allow_flex: bool) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if int8_scheme:
+        extra["int8_scheme"] = int8_scheme
+    if allow_flex:
+        extra["allow_flex"] = True
+    return extra
 
 
 def _tolerance(flag: str, values: tuple[str, ...]) -> Any:

@@ -71,9 +71,13 @@ class StepError(MtConvertError):
         self.stderr_tail = stderr_tail
         super().__init__(message)
 
+    @property
+    def reason(self) -> str:
+        """What failed, without the target's name or the log's path (reports hold those)."""
+        return f"{self.step}: {self.args[0]}" if self.step else str(self.args[0])
+
     def __str__(self) -> str:
-        where = f"{self.target}: {self.step}: " if self.target and self.step else ""
-        text = f"{where}{self.args[0]}"
+        text = f"{self.target}: {self.reason}" if self.target else self.reason
         if self.log_path:
             text += f" (log: {self.log_path})"
         return text
@@ -85,3 +89,7 @@ class ConversionError(StepError):
 
 class RuntimeFailure(StepError):
     """A runtime failed to load or run an artifact (including crashes and time-outs)."""
+
+
+class RuntimeUnavailable(StepError):
+    """No runtime on this machine can run the artifact: its check is skipped, never passed."""

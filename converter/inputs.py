@@ -45,11 +45,15 @@ def _examples(loaded: LoadedSource, opts: ConvertOptions) -> tuple[Feeds, dict[s
             {k: "example_inputs" for k in feeds if k in names})
 
 
-def _generated(loaded: LoadedSource, opts: ConvertOptions) -> tuple[Feeds, dict[str, str]]:
+def _requests(loaded: LoadedSource, opts: ConvertOptions) -> tuple[list[InputRequest], list[str]]:
     src = loaded.prepared
-    shapes, notes = resolve_shapes(src.inputs, dict(opts.input_shapes))
-    requests = [InputRequest(s.name, shapes[s.name], s.dtype, guess_role(s.name, s.dtype),
-                             loaded.int_highs.get(s.name)) for s in src.inputs]
+    shapes, notes = resolve_shapes(src.inputs, dict(opts.input_shapes), loaded.weight_dims)
+    return [InputRequest(s.name, shapes[s.name], s.dtype, guess_role(s.name, s.dtype),
+                         loaded.int_highs.get(s.name)) for s in src.inputs], notes
+
+
+def _generated(loaded: LoadedSource, opts: ConvertOptions) -> tuple[Feeds, dict[str, str]]:
+    requests, notes = _requests(loaded, opts)
     feeds = generate(requests, seed=opts.seed)
     values = {r.name: f"{r.describe()} (seed {opts.seed})" for r in requests}
     for note in notes:
@@ -78,3 +82,45 @@ def _fit_user(specs: tuple, feeds: Feeds) -> Feeds:
                 for s in specs}
     check_user_feeds(feeds, expected)
     return {s.name: feeds[s.name].astype(s.dtype, copy=False) for s in specs}
+
+
+CALIBRATION_SAMPLES = 8
+
+
+def calibration_set(loaded: LoadedSource, opts: ConvertOptions, feeds: Feeds,
+                    path: Path) -> tuple[Path, str]:
+    """Write calibration samples for int8 as one .npz of arrays (samples, *input shape).
+
+    From ``opts.calibration`` when given (each array the input's shape, or samples stacked on a
+    new first axis); else CALIBRATION_SAMPLES generated sets (seeds after --seed); else, for
+    user or example inputs, those inputs. Returns the path and a description for the report.
+    """
+    shapes = {k: v.shape for k, v in feeds.items()}
+    try:
+        if opts.calibration is not None:
+            data = _user_feeds(opts.calibration)
+            stacked = {k: _stack(k, data.get(k), shape) for k, shape in shapes.items()}
+            how = f"{opts.calibration.name}: {len(next(iter(stacked.values())))} samples"
+        elif opts.inputs is None and loaded.example_feeds is None:
+            requests, _ = _requests(loaded, opts)
+            sets = [generate(requests, seed=opts.seed + 1 + i) for i in range(CALIBRATION_SAMPLES)]
+            stacked = {k: np.stack([s[k] for s in sets]) for k in shapes}
+            how = f"{CALIBRATION_SAMPLES} generated samples (seeds {opts.seed + 1}..)"
+        else:
+            stacked = {k: v[None] for k, v in feeds.items()}
+            how = "the validation inputs (1 sample)"
+    except InputError as exc:
+        raise InputGenerationError(f"calibration data: {exc}") from None
+    np.savez(path, **stacked)
+    return path, how
+
+
+def _stack(name: str, arr: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    if arr is None:
+        raise InputError(f"no array for input {name!r}")
+    if tuple(arr.shape) == tuple(shape):
+        return arr[None]
+    if tuple(arr.shape[1:]) == tuple(shape):
+        return arr
+    raise InputError(f"input {name!r}: shape {tuple(arr.shape)} is neither {tuple(shape)} nor "
+                     f"(samples, {', '.join(map(str, shape))})")

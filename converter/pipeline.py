@@ -12,6 +12,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ import numpy as np
 
 from mtconvert import __version__, inputs as feeds_mod, source as source_mod
 from mtconvert.backends.base import Artifact, Backend, PreparedSource, TargetOptions
-from mtconvert.errors import BackendUnavailableError, MtConvertError, UsageError
+from mtconvert.errors import (BackendUnavailableError, MtConvertError, RuntimeUnavailable,
+                              StepError, UsageError)
 from mtconvert.options import ConvertOptions
 from mtconvert.reference import Reference, open_reference
 from mtconvert.registry import Registry, default_registry
@@ -44,6 +46,11 @@ def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
         feeds, values = feeds_mod.prepare(loaded, opts)
         src = loaded.prepared
         src.input_shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+        settings = opts.settings()
+        if opts.precision == "int8":
+            calib, how = feeds_mod.calibration_set(loaded, opts, feeds, Path(tmp) / "calib.npz")
+            opts = replace(opts, calibration=calib)
+            settings["calibration"] = how
         clock.lap("load_source_s")
         say(f"reference: running {src.format} source")
         ref = open_reference(src, opts.threads)
@@ -58,7 +65,7 @@ def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
     return Report(source=_source_info(loaded, feeds, values),
                   reference=ReferenceInfo(ref.runtime, ref.version,
                                           _latency(ref_latency.to_dict(), opts.threads)),
-                  targets=TargetMap(reports), settings=opts.settings(), timings=clock.laps,
+                  targets=TargetMap(reports), settings=settings, timings=clock.laps,
                   mtconvert_version=__version__,
                   created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
@@ -105,6 +112,8 @@ def run_target(registry: Registry, name: str, src: PreparedSource, feeds: dict[s
     staging.mkdir(parents=True, exist_ok=True)
     try:
         return _convert_and_validate(backend, src, feeds, ref_out, opts, staging, out_dir, say)
+    except StepError as exc:  # the log moves to --out; the report points there
+        return _error_report(name, opts, exc.reason, staging, out_dir, log_path)
     except MtConvertError as exc:
         return _error_report(name, opts, str(exc), staging, out_dir, log_path)
     except Exception as exc:  # a bug in a backend or a tool: this target's error, not the run's
@@ -148,11 +157,17 @@ def _convert_and_validate(backend: Backend, src: PreparedSource, feeds: dict[str
         return TargetReport(status="skipped", reason="artifact cannot be run on this machine",
                             **base)
     say(f"{name}: validating")
-    result = run_session(name=name, backend=f"{type(backend).__module__}:{type(backend).__qualname__}",
-                         artifact=artifact.to_dict(),
-                         feeds={k: feeds[k] for k in (s.name for s in src.inputs)},
-                         threads=opts.threads, warmup=opts.warmup, iterations=opts.iterations,
-                         timeout_s=opts.timeout_s)
+    try:
+        result = run_session(name=name, backend=f"{type(backend).__module__}:{type(backend).__qualname__}",
+                             artifact=artifact.to_dict(),
+                             feeds={k: feeds[k] for k in (s.name for s in src.inputs)},
+                             threads=opts.threads, warmup=opts.warmup,
+                             iterations=opts.iterations, timeout_s=opts.timeout_s)
+    except RuntimeUnavailable as exc:
+        return TargetReport(status="skipped", reason=f"numerics not checked: {exc.reason}",
+                            **base)
+    except StepError as exc:  # the artifact is finished and kept; running it failed
+        return TargetReport(status="error", reason=exc.reason, **base)
     clock.lap("validate_s")
     numerics = _numerics(ref_out, result.outputs, opts, artifact.precision, result.runtime)
     status = "passed" if numerics.passed else "failed"

@@ -8,6 +8,10 @@ from mtconvert.errors import UsageError
 
 DEFAULT_BATCH = 1
 DEFAULT_AXIS = 32  # every other dynamic axis (sequence length, usually)
+# When the model has a weight dimension of DEFAULT_AXIS (hidden size 32, say), the first of these
+# it lacks is used instead: converters that infer layouts by matching shapes (onnx2tf) silently
+# swap axes of equal size; an unambiguous default keeps that trap out of the default run.
+AXIS_ALTERNATIVES = (48, 40, 24, 56, 20, 28)
 
 _SPEC = re.compile(r"^(?P<name>[^=\s]+)=(?P<dims>\d+(?:[x,]\d+)*)$")
 
@@ -24,13 +28,22 @@ def parse_shape_spec(text: str) -> tuple[str, tuple[int, ...]]:
     return m["name"], dims
 
 
-def resolve_shapes(inputs: tuple[TensorSpec, ...],
-                   user: dict[str, tuple[int, ...]]) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+def default_axis(avoid: set[int]) -> int:
+    for size in (DEFAULT_AXIS, *AXIS_ALTERNATIVES):
+        if size not in avoid:
+            return size
+    return DEFAULT_AXIS
+
+
+def resolve_shapes(inputs: tuple[TensorSpec, ...], user: dict[str, tuple[int, ...]],
+                   avoid: set[int] | None = None) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """Concrete shapes for every input, and notes on the defaults applied.
 
     A size the user gives for a named axis applies to every input sharing that axis name.
-    Unnamed or unbound dynamic axes get DEFAULT_BATCH on axis 0 and DEFAULT_AXIS elsewhere.
+    Unnamed or unbound dynamic axes get DEFAULT_BATCH on axis 0, elsewhere DEFAULT_AXIS or,
+    when the model has a weight dimension of that size (``avoid``), an alternative it lacks.
     """
+    axis_default = default_axis(avoid or set())
     known = {s.name for s in inputs}
     unknown = sorted(set(user) - known)
     if unknown:
@@ -49,9 +62,11 @@ def resolve_shapes(inputs: tuple[TensorSpec, ...],
             elif isinstance(d, str) and d in bound:
                 dims.append(bound[d])
             else:
-                size = DEFAULT_BATCH if axis == 0 else DEFAULT_AXIS
+                size = DEFAULT_BATCH if axis == 0 else axis_default
                 dims.append(size)
-                notes.append(f"{spec.name} axis {axis} ({d or 'unnamed'}) = {size} (default)")
+                why = "" if size in (DEFAULT_BATCH, DEFAULT_AXIS) else \
+                    f", not {DEFAULT_AXIS}: a weight dimension of the model is {DEFAULT_AXIS}"
+                notes.append(f"{spec.name} axis {axis} ({d or 'unnamed'}) = {size} (default{why})")
                 if isinstance(d, str):
                     bound[d] = size
         shapes[spec.name] = tuple(dims)

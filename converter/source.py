@@ -25,6 +25,7 @@ class LoadedSource:
     prepared: PreparedSource
     sha256: str | None
     int_highs: dict[str, int] = field(default_factory=dict)  # input -> embedding table size
+    weight_dims: set[int] = field(default_factory=set)  # sizes of weight axes (hidden size...)
     example_feeds: dict[str, np.ndarray] | None = None  # torch sources' own example inputs
 
 
@@ -73,7 +74,7 @@ def _from_onnx(path: Path, work_dir: Path) -> LoadedSource:
     inputs, outputs = describe_onnx(model)
     prepared = PreparedSource(format="onnx", name=path.stem, onnx_path=path, inputs=inputs,
                               outputs=outputs, input_shapes={}, work_dir=work_dir, path=path)
-    return LoadedSource(prepared, sha256_of(path), embedding_table_sizes(model))
+    return LoadedSource(prepared, sha256_of(path), embedding_table_sizes(model), weight_dims(model))
 
 
 def read_onnx(path: Path) -> Any:
@@ -124,6 +125,11 @@ def describe_onnx(model: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec,
     if not outputs:
         raise ModelLoadError("the ONNX graph has no outputs")
     return inputs, outputs
+
+
+def weight_dims(model: Any) -> set[int]:
+    """Every axis size (> 1) of the initializers of rank >= 2: hidden sizes, head sizes..."""
+    return {int(d) for i in model.graph.initializer if len(i.dims) >= 2 for d in i.dims if d > 1}
 
 
 _PASS_THROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity"}
@@ -209,4 +215,4 @@ def _from_torch(module: Any, example_inputs: Any, work_dir: Path, name: str,
                               torch_module=module)
     np_feeds = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
     return LoadedSource(prepared, sha256_of(path) if path else None,
-                        embedding_table_sizes(model), np_feeds)
+                        embedding_table_sizes(model), weight_dims(model), np_feeds)

@@ -41,6 +41,7 @@ def _peak_rss_mb() -> float:
 
 def _child(job_path: Path) -> None:
     from mtconvert.backends.base import Artifact
+    from mtconvert.errors import RuntimeUnavailable
     from mtconvert.registry import BackendEntry
     from mtconvert.validators.latency import measure
 
@@ -50,7 +51,12 @@ def _child(job_path: Path) -> None:
     with np.load(job["feeds"]) as data:
         feeds = {k: data[k] for k in data.files}
     baseline = _rss_mb()
-    with cls().open(artifact, job["threads"]) as session:
+    try:
+        session_cm = cls().open(artifact, job["threads"])
+    except RuntimeUnavailable as exc:
+        Path(job["result"]).write_text(json.dumps({"unavailable": exc.reason}))
+        return
+    with session_cm as session:
         outputs = session.run(feeds)
         stats = measure(lambda: session.run(feeds), warmup=job["warmup"],
                         iterations=job["iterations"])
@@ -66,7 +72,7 @@ def run_session(*, name: str, backend: str, artifact: dict[str, Any],
                 timeout_s: float | None) -> SessionResult:
     """Open the artifact and run it in a child; raise RuntimeFailure on crash or time-out."""
     from mtconvert.backends.base import tail
-    from mtconvert.errors import RuntimeFailure
+    from mtconvert.errors import RuntimeFailure, RuntimeUnavailable
 
     with tempfile.TemporaryDirectory(prefix="mtconvert-worker-") as tmp:
         t = Path(tmp)
@@ -88,6 +94,8 @@ def run_session(*, name: str, backend: str, artifact: dict[str, Any],
             raise RuntimeFailure(_crash_reason(proc), target=name, step="run",
                                  stderr_tail=tail(proc.stderr))
         result = json.loads((t / "result.json").read_text())
+        if "unavailable" in result:
+            raise RuntimeUnavailable(result["unavailable"], target=name)
         with np.load(t / "outputs.npz") as data:
             outputs = {k: data[k] for k in data.files}
     return SessionResult(outputs, result["latency"], result["peak_rss_mb"],

@@ -32,6 +32,9 @@ def test_convert_open_run(name, tiny_onnx, tmp_path):
     loaded = load(tiny_onnx, tmp_path / "work")
     src: PreparedSource = loaded.prepared
     (tmp_path / "work").mkdir(exist_ok=True)
+    feeds = {"input_ids": np.array([[3, 7, 9, 1]], np.int64),
+             "attention_mask": np.array([[1, 1, 1, 0]], np.int64)}
+    src.input_shapes = {k: v.shape for k, v in feeds.items()}  # the pipeline's validation shapes
     out = tmp_path / "out"
     out.mkdir()
     backend = REGISTRY.get(name)()
@@ -39,8 +42,6 @@ def test_convert_open_run(name, tiny_onnx, tmp_path):
     assert art.target == name and art.primary in art.files
     assert all(p.exists() and out in p.parents for p in art.files)
     assert all(isinstance(s, str) and s for s in art.steps)
-    feeds = {"input_ids": np.array([[3, 7, 9, 1]], np.int64),
-             "attention_mask": np.array([[1, 1, 1, 0]], np.int64)}
     import onnxruntime as ort
 
     ref = ort.InferenceSession(str(tiny_onnx)).run(["logits"], feeds)[0]

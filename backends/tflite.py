@@ -1,0 +1,267 @@
+"""TFLite (LiteRT) target: ONNX -> fixed shapes (onnxsim) -> onnx2tf Keras model -> TFLiteConverter
+-> one ``<model>.tflite`` that runs in the stock LiteRT interpreter without the Flex delegate.
+
+The artifact is validated through ``ai_edge_litert``'s Interpreter with its default XNNPACK
+delegate. Flex (Select TF) and custom ops are named by the lint from the flatbuffer itself and
+fail the target unless ``allow_flex`` is set.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mtconvert import deps
+from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
+                                     TargetOptions, TensorSpec, expect_files, python_cmd, run_tool)
+from mtconvert.backends.onnx_tools import run_onnx_tool
+from mtconvert.errors import ConversionError, RuntimeFailure, RuntimeUnavailable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# ONNX ops that onnx2tf lowers to Flex unless replaced by its builtin "pseudo operators".
+PSEUDO_OPS = {"Erf": "erf", "Gelu": "gelu", "MatMulInteger": "matmulinteger"}
+TOOLS = ["onnx2tf", "tensorflow", "onnxsim", "ai-edge-litert"]
+
+
+class TfliteBackend(Backend):
+    name = "tflite"
+    aliases = ("litert",)
+    extra = "tflite"
+    description = "TensorFlow Lite / LiteRT (.tflite) via onnx2tf"
+    precisions = ("fp32", "fp16", "int8")
+    convert_requires = {"onnx2tf": "onnx2tf", "tensorflow": "tensorflow", "tf_keras": "tf-keras",
+                        "onnxsim": "onnxsim", "onnx_graphsurgeon": "onnx-graphsurgeon",
+                        "sng4onnx": "sng4onnx"}
+    run_requires = {"ai_edge_litert": "ai-edge-litert"}
+
+    def convert(self, source: PreparedSource, out_dir: Path, opts: TargetOptions) -> Artifact:
+        log = out_dir / f"{source.name}.{self.name}.log"
+        work = source.work_dir / self.name
+        work.mkdir(parents=True, exist_ok=True)
+        kw = dict(log=log, timeout=opts.timeout_s, target=self.name)
+        fixed = work / f"{source.name}.fixed.onnx"
+        missing = [s.name for s in source.inputs if s.name not in source.input_shapes]
+        if missing:
+            raise ConversionError(f"no fixed shape for input(s) {', '.join(missing)}",
+                                  target=self.name, step="fix-shapes")
+        shapes = {k: list(v) for k, v in source.input_shapes.items()}
+        info = run_onnx_tool("fix-shapes", source.onnx_path, fixed, shapes, step="fix-shapes", **kw)
+        steps = [f"fix shapes: {_fmt_shapes(shapes)}; onnxsim {info['nodes_before']} -> "
+                 f"{info['nodes_after']} nodes; Constant nodes -> initializers "
+                 f"[{info['seconds']:.1f} s]"]
+        pseudo = {PSEUDO_OPS[op]: n for op, n in info["op_counts"].items() if op in PSEUDO_OPS}
+        steps += [f"onnx2tf pseudo-operator: {op} -> builtin ops ({n} nodes), instead of Flex"
+                  for op, n in pseudo.items()]
+        suffix = "" if opts.precision == "fp32" else f".{opts.precision}"
+        out = out_dir / f"{source.name}{suffix}.tflite"
+        job = self._job(source, fixed, out, opts, list(pseudo))
+        result = self._run_child(job, work, log, opts.timeout_s)
+        expect_files([out], target=self.name, step="onnx2tf", log_path=log)
+        steps += [f"onnx2tf Keras model (SavedModel writing skipped) [{result['onnx2tf_s']:.1f} s]",
+                  f"TFLiteConverter: {_precision_step(opts, job)} "
+                  f"[{result['tflite_converter_s']:.1f} s]"]
+        steps += [f"int8 full-integer: {op} kept in float (its int8 kernel failed on a "
+                  "calibration sample)" for op in result.get("float_ops", [])]
+        io_map, io_steps = map_io(out, [s.name for s in source.inputs],
+                                  [s.name for s in source.outputs], info["output_shapes"])
+        meta = io_map | {"allow_flex": bool(opts.extra.get("allow_flex")),
+                         "shape_collisions": shape_collisions(shapes, info["weight_dims"])}
+        return Artifact(target=self.name, primary=out, files=(out,), precision=opts.precision,
+                        steps=tuple(steps + io_steps), tool_versions=deps.versions(TOOLS),
+                        log_path=log, meta=meta)
+
+    def _job(self, source: PreparedSource, fixed: Path, out: Path, opts: TargetOptions,
+             pseudo: list[str]) -> dict[str, Any]:
+        keep_layout = [s.name for s in source.inputs
+                       if 3 <= len(source.input_shapes.get(s.name, ())) <= 5]
+        scheme = opts.extra.get("int8_scheme", "dynamic")
+        if scheme not in ("dynamic", "full"):
+            raise ConversionError(f"int8_scheme must be 'dynamic' or 'full', not {scheme!r}",
+                                  target=self.name, step="options")
+        if opts.precision == "int8" and scheme == "full" and opts.calibration is None:
+            raise ConversionError("full-integer int8 needs calibration data",
+                                  target=self.name, step="calibration")
+        return {"onnx": str(fixed), "out": str(out), "precision": opts.precision,
+                "int8_scheme": scheme, "pseudo_ops": pseudo, "keep_layout_inputs": keep_layout,
+                "calibration": str(opts.calibration) if opts.calibration else None,
+                "input_order": [s.name for s in source.inputs]}
+
+    def _run_child(self, job: dict[str, Any], work: Path, log: Path,
+                   timeout: float | None) -> dict[str, Any]:
+        job_path = work / "tflite_job.json"
+        job_path.write_text(json.dumps(job))
+        out = run_tool(python_cmd("-m", "mtconvert.backends.tflite_convert", str(job_path)),
+                       target=self.name, step="onnx2tf", log_path=log, timeout_s=timeout,
+                       env={"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1"})
+        for line in reversed(out.splitlines()):
+            if line.startswith("MTCONVERT-RESULT "):
+                return json.loads(line.split(" ", 1)[1])
+        raise ConversionError("converter printed no result", target=self.name, step="onnx2tf",
+                              log_path=log)
+
+    def lint(self, artifact: Artifact) -> list[Finding]:
+        ops = tflite_ops(artifact.primary)
+        special = sorted(op for op in ops if op.startswith(("FLEX:", "CUSTOM:")))
+        findings = [Finding("info", "tflite-ops", f"{sum(ops.values())} operators: " + ", ".join(
+            f"{op}x{n}" for op, n in ops.most_common()))]
+        if artifact.meta.get("shape_collisions"):
+            findings.append(Finding(
+                "warning", "tflite-ambiguous-shape",
+                f"input axis sizes {artifact.meta['shape_collisions']} equal weight dimensions of "
+                "the model; onnx2tf infers layouts by matching sizes and can swap such axes "
+                "silently (seen: sequence 32 with hidden size 32). If numerics fail, choose "
+                "another --input-shape"))
+        if special:
+            sev = "warning" if artifact.meta.get("allow_flex") else "error"
+            findings.append(Finding(
+                sev, "tflite-flex-ops",
+                f"ops the stock LiteRT runtime rejects (need the Select-TF/custom op library): "
+                f"{', '.join(special)}" + ("" if sev == "warning" else
+                                           "; pass --allow-flex to accept them")))
+        return findings
+
+    def open(self, artifact: Artifact, threads: int) -> Session:
+        return TfliteSession(artifact, threads)
+
+
+def shape_collisions(shapes: dict[str, list[int]], weight_dims: list[int]) -> list[int]:
+    """Input axis sizes (other than batch) that equal a weight dimension of the model."""
+    sizes = {d for dims in shapes.values() for d in dims[1:] if d > 1}
+    return sorted(sizes & set(weight_dims))
+
+
+def _fmt_shapes(shapes: dict[str, list[int]]) -> str:
+    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+
+
+def _precision_step(opts: TargetOptions, job: dict[str, Any]) -> str:
+    if opts.precision == "fp16":
+        return "float16 weights (Optimize.DEFAULT, supported_types=float16)"
+    if opts.precision == "int8" and job["int8_scheme"] == "full":
+        return ("int8 full-integer (representative dataset from calibration data; float "
+                "fallback for ops without int8 kernels)")
+    if opts.precision == "int8":
+        return "int8 dynamic-range (weights int8, activations float)"
+    return "float32 (builtin ops preferred; Select-TF allowed only to name what needs it)"
+
+
+# --- the flatbuffer ---------------------------------------------------------------------------
+
+def _schema() -> Any:
+    from ai_edge_litert import schema_py_generated as schema
+
+    return schema
+
+
+def tflite_ops(path: Path) -> Counter[str]:
+    """Operator histogram read from the flatbuffer, without creating an interpreter.
+    Select-TF ops are reported as ``FLEX:<name>``, other custom ops as ``CUSTOM:<name>``."""
+    sch = _schema()
+    names = {v: k for k, v in vars(sch.BuiltinOperator).items() if not k.startswith("_")}
+    model = sch.Model.GetRootAsModel(path.read_bytes(), 0)
+    ops: Counter[str] = Counter()
+    for si in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(si)
+        for oi in range(graph.OperatorsLength()):
+            code = model.OperatorCodes(graph.Operators(oi).OpcodeIndex())
+            builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+            if builtin == sch.BuiltinOperator.CUSTOM:
+                custom = code.CustomCode().decode()
+                ops[f"FLEX:{custom[4:]}" if custom.startswith("Flex") else f"CUSTOM:{custom}"] += 1
+            else:
+                ops[names.get(builtin, f"BUILTIN_{builtin}")] += 1
+    return ops
+
+
+def _io(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    sch = _schema()
+    model = sch.Model.GetRootAsModel(path.read_bytes(), 0)
+    graph = model.Subgraphs(0)
+
+    def describe(indices: Any) -> list[dict[str, Any]]:
+        return [{"index": int(i), "name": graph.Tensors(i).Name().decode(),
+                 "shape": graph.Tensors(i).ShapeAsNumpy().tolist()} for i in indices]
+
+    return describe(graph.InputsAsNumpy()), describe(graph.OutputsAsNumpy())
+
+
+def map_io(path: Path, onnx_inputs: list[str], onnx_outputs: list[str],
+           onnx_output_shapes: dict[str, list[int | None]]) -> tuple[dict[str, Any], list[str]]:
+    """Map the .tflite's tensors back to the source's names and layouts. Inputs keep their ONNX
+    names (by name when all match, else by order); outputs come in ONNX order. A rank-3..5
+    output whose shape is the channels-last form of the source's gets a transpose back."""
+    ins, outs = _io(path)
+    if len(ins) != len(onnx_inputs) or len(outs) != len(onnx_outputs):
+        raise ConversionError(f"the .tflite has {len(ins)} inputs/{len(outs)} outputs, the "
+                              f"source {len(onnx_inputs)}/{len(onnx_outputs)}", target="tflite",
+                              step="io-map")
+    by_name = {_clean(t["name"]): t["index"] for t in ins}
+    steps = []
+    if set(onnx_inputs) <= set(by_name):
+        inputs = [[by_name[n], n] for n in onnx_inputs]
+    else:
+        inputs = [[t["index"], n] for t, n in zip(ins, onnx_inputs, strict=True)]
+        steps.append("io-map: input names differ; mapped by position")
+    outputs = []
+    for t, name in zip(outs, onnx_outputs, strict=True):
+        perm = _layout_perm(t["shape"], onnx_output_shapes.get(name))
+        outputs.append([t["index"], name, perm])
+        if perm:
+            steps.append(f"io-map: output {name} is channels-last; transposed by {perm}")
+    return {"inputs": inputs, "outputs": outputs}, steps
+
+
+def _clean(name: str) -> str:
+    name = name.split(":")[0]
+    return name.removeprefix("serving_default_")
+
+
+def _layout_perm(tfl: list[int], onnx: list[int | None] | None) -> list[int] | None:
+    if not onnx or None in onnx or list(tfl) == list(onnx) or not 3 <= len(tfl) <= 5:
+        return None
+    perm = [0, len(tfl) - 1, *range(1, len(tfl) - 1)]  # N...C -> NC...
+    return perm if [tfl[p] for p in perm] == list(onnx) else None
+
+
+# --- the session --------------------------------------------------------------------------
+
+class TfliteSession(Session):
+    """LiteRT's Interpreter with its default XNNPACK delegate; tensors addressed by index."""
+
+    def __init__(self, artifact: Artifact, threads: int):
+        special = [op for op in tflite_ops(artifact.primary) if ":" in op]
+        if any(op.startswith("CUSTOM:") for op in special):
+            raise RuntimeFailure(f"no runtime here implements the custom ops {special}",
+                                 target="tflite", step="open")
+        if special:  # neither LiteRT nor TensorFlow 2.21's Python interpreter links Select-TF ops
+            raise RuntimeUnavailable(f"no interpreter here runs Flex ops ({', '.join(special)}); "
+                                     "the app must link the Select-TF ops library",
+                                     target="tflite", step="open")
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interp = Interpreter(model_path=str(artifact.primary), num_threads=threads)
+        self._interp.allocate_tensors()
+        delegated = any(d.get("op_name") == "DELEGATE" for d in self._interp._get_ops_details())
+        self.runtime = f"ai-edge-litert{'+xnnpack' if delegated else ''}"
+        self._inputs = [(int(i), n) for i, n in artifact.meta["inputs"]]
+        self._outputs = [(int(i), n, p) for i, n, p in artifact.meta["outputs"]]
+        details = {d["index"]: d for d in self._interp.get_input_details()}
+        self.inputs = [TensorSpec(n, tuple(int(x) for x in details[i]["shape"]),
+                                  details[i]["dtype"].__name__) for i, n in self._inputs]
+        self.outputs = [TensorSpec(n, (), "") for _, n, _ in self._outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import numpy as np
+
+        for (index, name), spec in zip(self._inputs, self.inputs, strict=True):
+            self._interp.set_tensor(index, np.ascontiguousarray(feeds[name], dtype=spec.dtype))
+        self._interp.invoke()
+        out = {}
+        for index, name, perm in self._outputs:
+            value = self._interp.get_tensor(index)
+            out[name] = np.transpose(value, perm) if perm else value
+        return out

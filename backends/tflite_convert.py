@@ -1,0 +1,130 @@
+"""TFLite conversion, run in a child process: ``python -m mtconvert.backends.tflite_convert JOB``.
+
+onnx2tf calls sys.exit, prints a great deal and sets process-wide environment variables, so it
+never runs inside mtconvert. It builds the Keras model only (``disable_model_save``: writing
+the SavedModel was 60-75% of onnx2tf's time), and TFLiteConverter writes the one .tflite we
+need. Prints one ``MTCONVERT-RESULT {json}`` line: input/output tensor map and timings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def convert(job: dict[str, Any]) -> dict[str, Any]:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import onnx2tf
+    import tensorflow as tf
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mtconvert-onnx2tf-") as tmp:
+        work = Path(tmp) / "model.onnx"  # onnx2tf rewrites its input file in place
+        shutil.copyfile(job["onnx"], work)
+        model = onnx2tf.convert(
+            input_onnx_file_path=str(work), output_folder_path=tmp,
+            replace_to_pseudo_operators=job["pseudo_ops"], not_use_onnxsim=True,
+            disable_model_save=True, non_verbose=True,
+            keep_ncw_or_nchw_or_ncdhw_input_names=job["keep_layout_inputs"] or None)
+    t1 = time.perf_counter()
+    if model is None:
+        raise RuntimeError("onnx2tf returned no model")
+    specs = [tf.TensorSpec(t.shape, t.dtype, name=t.name.split(":")[0]) for t in model.inputs]
+    fn = tf.function(lambda *inputs: model(list(inputs)), input_signature=specs)
+    dtypes = [s.dtype.as_numpy_dtype for s in specs]
+
+    def make_converter() -> Any:
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
+        _configure(conv, tf, job, dtypes)
+        return conv
+
+    if job["precision"] == "int8" and job.get("int8_scheme") == "full":
+        blob, float_ops = _full_integer(make_converter, tf, job, dtypes)
+    else:
+        blob, float_ops = make_converter().convert(), []
+    Path(job["out"]).write_bytes(blob)
+    return {"keras_inputs": [s.name for s in specs], "onnx2tf_s": round(t1 - t0, 2),
+            "tflite_converter_s": round(time.perf_counter() - t1, 2), "bytes": len(blob),
+            "float_ops": float_ops}
+
+
+MAX_FLOAT_OPS = 4
+
+
+def _full_integer(make_converter: Any, tf: Any, job: dict[str, Any],
+                  dtypes: list[Any]) -> tuple[bytes, list[str]]:
+    """Full-integer conversion, smoke-run on one calibration sample. When an op's int8 kernel
+    fails (e.g. DIV whose divisor quantizes to its zero point), convert again with that op type
+    kept in float (TFLite's QuantizationDebugger denylist), up to MAX_FLOAT_OPS op types."""
+    denied: list[str] = []
+    blob = make_converter().convert()
+    while (failing := _failing_op(blob, job, dtypes)) is not None:
+        if failing in denied or len(denied) >= MAX_FLOAT_OPS:
+            raise RuntimeError(f"int8 kernel of {failing} fails even with {denied} in float")
+        denied.append(failing)
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=make_converter(),
+            debug_dataset=_representative(job["calibration"], job["input_order"], dtypes),
+            debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=denied))
+        blob = debugger.get_nondebug_quantized_model()
+    return blob, denied
+
+
+def _failing_op(blob: bytes, job: dict[str, Any], dtypes: list[Any]) -> str | None:
+    """The type of the op whose kernel fails on the first calibration sample, or None."""
+    import re
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    sample = next(_representative(job["calibration"], job["input_order"], dtypes)())
+    interp = Interpreter(model_content=blob)
+    interp.allocate_tensors()
+    for detail, value in zip(interp.get_input_details(), sample, strict=False):
+        interp.set_tensor(detail["index"], value.astype(detail["dtype"]))
+    try:
+        interp.invoke()
+    except RuntimeError as exc:
+        m = re.search(r"Node number \d+ \((\w+)\) failed", str(exc))
+        if m is None:
+            raise
+        return m.group(1)
+    return None
+
+
+def _configure(converter: Any, tf: Any, job: dict[str, Any], dtypes: list[Any]) -> None:
+    ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    precision, scheme = job["precision"], job.get("int8_scheme", "dynamic")
+    if precision == "fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif precision == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if scheme == "full":
+            converter.representative_dataset = _representative(job["calibration"],
+                                                               job["input_order"], dtypes)
+            ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, *ops]
+    converter.target_spec.supported_ops = ops
+
+
+def _representative(npz: str, names: list[str], dtypes: list[Any]) -> Any:
+    import numpy as np
+
+    with np.load(npz) as data:
+        arrays = [data[n] for n in names]
+    count = arrays[0].shape[0]
+
+    def gen():  # noqa: ANN202 - TFLite's generator protocol
+        for i in range(count):
+            yield [a[i].astype(d) for a, d in zip(arrays, dtypes, strict=True)]
+
+    return gen
+
+
+if __name__ == "__main__":
+    result = convert(json.loads(Path(sys.argv[1]).read_text()))
+    print("MTCONVERT-RESULT " + json.dumps(result))
