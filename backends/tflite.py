@@ -70,6 +70,13 @@ class TfliteBackend(Backend):
                                   [s.name for s in source.outputs], info["output_shapes"])
         meta = io_map | {"allow_flex": bool(opts.extra.get("allow_flex")),
                          "shape_collisions": shape_collisions(shapes, info["weight_dims"])}
+        if job["fp32_twin"]:
+            twin_path = Path(job["fp32_twin"])
+            twin_map, _ = map_io(twin_path, [s.name for s in source.inputs],
+                                 [s.name for s in source.outputs], info["output_shapes"])
+            twin = Artifact(target=self.name, primary=twin_path, files=(twin_path,),
+                            meta=meta | twin_map)
+            meta = meta | {"fp32_variant": twin.to_dict()}
         return Artifact(target=self.name, primary=out, files=(out,), precision=opts.precision,
                         steps=tuple(steps + io_steps), tool_versions=deps.versions(TOOLS),
                         log_path=log, meta=meta)
@@ -85,7 +92,10 @@ class TfliteBackend(Backend):
         if opts.precision == "int8" and scheme == "full" and opts.calibration is None:
             raise ConversionError("full-integer int8 needs calibration data",
                                   target=self.name, step="calibration")
+        # the fp32 twin is a yardstick for the precision loss, not a shipped file: work dir only
+        twin = source.work_dir / self.name / f"{out.stem}.fp32-twin.tflite"
         return {"onnx": str(fixed), "out": str(out), "precision": opts.precision,
+                "fp32_twin": str(twin) if opts.precision != "fp32" else None,
                 "int8_scheme": scheme, "pseudo_ops": pseudo, "keep_layout_inputs": keep_layout,
                 "calibration": str(opts.calibration) if opts.calibration else None,
                 "input_order": [s.name for s in source.inputs]}

@@ -38,10 +38,13 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     fn = tf.function(lambda *inputs: model(list(inputs)), input_signature=specs)
     dtypes = [s.dtype.as_numpy_dtype for s in specs]
 
-    def make_converter() -> Any:
+    def make_converter(settings: dict[str, Any] = job) -> Any:
         conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
-        _configure(conv, tf, job, dtypes)
+        _configure(conv, tf, settings, dtypes)
         return conv
+
+    if job.get("fp32_twin"):  # the same Keras model at fp32: the yardstick for the precision loss
+        Path(job["fp32_twin"]).write_bytes(make_converter(job | {"precision": "fp32"}).convert())
 
     if job["precision"] == "int8" and job.get("int8_scheme") == "full":
         blob, float_ops = _full_integer(make_converter, tf, job, dtypes)

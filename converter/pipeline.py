@@ -168,8 +168,11 @@ def _convert_and_validate(backend: Backend, src: PreparedSource, feeds: dict[str
                             **base)
     except StepError as exc:  # the artifact is finished and kept; running it failed
         return TargetReport(status="error", reason=exc.reason, **base)
-    clock.lap("validate_s")
     numerics = _numerics(ref_out, result.outputs, opts, artifact.precision, result.runtime)
+    if "fp32_variant" in artifact.meta:
+        numerics = _with_fp32_change(numerics, name, backend, artifact, ref_out, result.outputs,
+                                     {k: feeds[k] for k in (s.name for s in src.inputs)}, opts)
+    clock.lap("validate_s")
     status = "passed" if numerics.passed else "failed"
     reason = None if numerics.passed else _numerics_reason(numerics)
     return TargetReport(status=status, reason=reason, numerics=numerics,
@@ -187,6 +190,24 @@ def _numerics(ref_out: dict[str, np.ndarray], out: dict[str, np.ndarray], opts: 
                                     "cosine": w.metrics.get("cosine")}
     return Numerics(passed=all(r.passed for r in results), runtime=runtime, worst=worst,
                     outputs={r.name: r.to_dict() for r in results})
+
+
+def _with_fp32_change(numerics: Numerics, name: str, backend: Backend, artifact: Artifact,
+                      ref_out: dict[str, np.ndarray], out: dict[str, np.ndarray],
+                      feeds: dict[str, np.ndarray], opts: ConvertOptions) -> Numerics:
+    """Run the backend's fp32 twin of a reduced-precision artifact and record the change.
+    The twin is a yardstick: if it cannot run, the artifact's own verdict stands."""
+    try:
+        twin = run_session(name=name,
+                           backend=f"{type(backend).__module__}:{type(backend).__qualname__}",
+                           artifact=artifact.meta["fp32_variant"], feeds=feeds,
+                           threads=opts.threads, warmup=0, iterations=1, timeout_s=opts.timeout_s)
+    except StepError as exc:
+        return replace(numerics, fp32_worst={"error": exc.reason})
+    fp32 = _numerics(ref_out, twin.outputs, opts, "fp32", twin.runtime)
+    change = {k: compare.metrics(twin.outputs[k], out[k]) for k in ref_out
+              if k in out and k in twin.outputs and out[k].shape == twin.outputs[k].shape}
+    return replace(numerics, fp32_worst=fp32.worst, vs_fp32=change)
 
 
 def _numerics_reason(n: Numerics) -> str:

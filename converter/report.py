@@ -55,12 +55,17 @@ class Numerics:
     runtime: str
     worst: dict[str, Any] | None  # {output, max_abs, cosine}
     outputs: dict[str, dict[str, Any]]  # name -> metrics, verdict and the tolerances used
+    # reduced precisions: the same model's fp32 artifact, its error against the reference
+    # ("fp32_worst") and this artifact's change against it per output ("vs_fp32")
+    fp32_worst: dict[str, Any] | None = None
+    vs_fp32: dict[str, dict[str, Any]] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Numerics | None:
         if d is None:
             return None
-        return cls(d["passed"], d.get("runtime", ""), d.get("worst"), dict(d["outputs"]))
+        return cls(d["passed"], d.get("runtime", ""), d.get("worst"), dict(d["outputs"]),
+                   d.get("fp32_worst"), d.get("vs_fp32"))
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,13 @@ def _details(t: TargetReport, console: Console) -> None:
 
     if t.reason:
         console.print(f"[{_STATUS_STYLE[t.status]}]{t.name}[/]: {escape(t.reason)}")
+    if t.numerics and t.numerics.vs_fp32:
+        for out, m in t.numerics.vs_fp32.items():
+            fp32 = t.numerics.fp32_worst or {}
+            console.print(f"  {t.precision} vs the fp32 artifact, {out}: max abs "
+                          f"{_num(m.get('max_abs'), '.2e')}, cosine {_num(m.get('cosine'), '.6f')}"
+                          f" [dim](fp32 artifact vs reference: max abs "
+                          f"{_num(fp32.get('max_abs'), '.2e')})[/]")
     for f in t.findings:
         style = {"error": "red", "warning": "yellow"}.get(f["severity"], "dim")
         console.print(f"  [{style}]{f['severity']}[/] {escape(f['message'])}")

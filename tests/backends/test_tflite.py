@@ -47,6 +47,11 @@ def test_reduced_precisions_pass_and_shrink(precision, fixtures_dir, tmp_path):
     assert t.artifacts[0].path == str(artifact)
     fp32_bytes = (fixtures_dir / "bert_encoder.onnx").stat().st_size
     assert artifact.stat().st_size < fp32_bytes * (0.6 if precision == "fp16" else 0.4)
+    # the change against the same model's fp32 artifact, which is not shipped
+    assert t.numerics.fp32_worst["max_abs"] < 1e-4
+    change = t.numerics.vs_fp32["logits"]
+    assert 0 < change["max_abs"] and change["cosine"] > 0.99
+    assert [a.path for a in t.artifacts] == [str(artifact)]
 
 
 @pytest.mark.slow
