@@ -10,7 +10,8 @@ from mtconvert.report import Report
 from mtconvert.shapes import parse_shape_spec
 from mtconvert.validators.compare import ToleranceOverrides
 
-_SIMPLE = ("precision", "threads", "warmup", "iterations", "seed", "inputs", "extra")
+_SIMPLE = ("precision", "threads", "warmup", "iterations", "seed", "inputs", "extra", "jobs",
+           "cache")
 
 
 def convert(model: Any, targets: Any, out_dir: Any, example_inputs: Any, **options: Any) -> Report:

@@ -77,6 +77,9 @@ def _split_targets(_ctx: Any, _param: Any, value: tuple[str, ...]) -> tuple[str,
               help="tflite int8: dynamic-range (default) or full-integer (calibrated).")
 @click.option("--allow-flex", is_flag=True,
               help="tflite: accept Select-TF (Flex) ops instead of failing the target.")
+@click.option("--jobs", "-j", type=int, default=None,
+              help="Targets converting at once (default: number of cores).")
+@click.option("--no-cache", is_flag=True, help="Convert again even when a cached conversion fits.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines, only the report.")
 @click.option("--verbose", "-v", is_flag=True,
               help="Progress lines on stderr even when it is not a terminal.")
@@ -86,7 +89,8 @@ def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
                 inputs: Path | None, threads: int | None, warmup: int, iterations: int, seed: int,
                 atol: tuple[str, ...], rtol: tuple[str, ...], min_cosine: tuple[str, ...],
                 timeout: float, calibration: Path | None, int8_scheme: str | None,
-                allow_flex: bool, quiet: bool, verbose: bool, debug: bool) -> int:
+                allow_flex: bool, jobs: int | None, no_cache: bool, quiet: bool, verbose: bool,
+                debug: bool) -> int:
     """Convert MODEL (.onnx or .pt2) to each target and validate every artifact."""
     from mtconvert import api
     from mtconvert.shapes import parse_shape_spec
@@ -96,7 +100,8 @@ def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
         inputs=inputs, threads=threads, warmup=warmup, iterations=iterations, seed=seed,
         atol=_tolerance("--atol", atol), rtol=_tolerance("--rtol", rtol),
         min_cosine=_tolerance("--min-cosine", min_cosine), timeout=timeout,
-        calibration=calibration, extra=_extra(int8_scheme, allow_flex))
+        calibration=calibration, extra=_extra(int8_scheme, allow_flex), jobs=jobs,
+        cache=not no_cache)
     console = _console(stderr=True)
     show = not quiet and (verbose or sys.stderr.isatty())
     progress = (lambda msg: console.print(f"[dim]· {msg}[/]")) if show else None

@@ -30,6 +30,8 @@ class ConvertOptions:
     timeout_s: float | None = 900.0
     calibration: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific switches
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)  # targets converting at once
+    cache: bool = True  # reuse conversions from the cache (see mtconvert.cache)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -41,8 +43,11 @@ class ConvertOptions:
             raise UsageError("--iterations must be at least 1 and --warmup at least 0")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise UsageError("--timeout must be positive")
+        if self.jobs < 1:
+            raise UsageError("--jobs must be at least 1")
 
     def settings(self) -> dict[str, Any]:
         """What the report records of these options."""
         return {"precision": self.precision, "threads": self.threads, "warmup": self.warmup,
-                "iterations": self.iterations, "seed": self.seed, "timeout_s": self.timeout_s}
+                "iterations": self.iterations, "seed": self.seed, "timeout_s": self.timeout_s,
+                "jobs": self.jobs, "cache": self.cache}

@@ -1,61 +1,85 @@
-"""The reference the targets are compared with: ONNX Runtime CPU on the source ONNX, or
-PyTorch eager for torch sources. Same inputs, same thread count as the targets."""
+"""The reference the targets are compared with: ONNX Runtime CPU on the source ONNX (run in the
+same isolated child process as the targets), or PyTorch eager for torch sources (in-process: the
+module lives here). Same inputs, same thread count, same latency protocol as the targets."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mtconvert import deps
-from mtconvert.backends.base import PreparedSource
-from mtconvert.errors import ModelLoadError
+from mtconvert.backends.base import Artifact, Backend, PreparedSource, Session, TargetOptions
+from mtconvert.errors import ModelLoadError, StepError
+from mtconvert.validators.latency import measure
+
+if TYPE_CHECKING:
+    from mtconvert.options import ConvertOptions
 
 
 @dataclass
-class Reference:
+class ReferenceRun:
     runtime: str
     version: str | None
-    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    outputs: dict[str, np.ndarray]
+    latency: dict[str, Any]
 
 
-def open_reference(source: PreparedSource, threads: int) -> Reference:
-    if source.format == "torch":
-        return _torch_reference(source, threads)
-    return _ort_reference(source, threads)
+class OrtReference(Backend):
+    """Not a target: lets the worker open the source ONNX with ONNX Runtime CPU."""
+
+    name = "reference"
+
+    def convert(self, source: PreparedSource, out_dir: Path, opts: TargetOptions) -> Artifact:
+        raise NotImplementedError("the reference is never converted")
+
+    def open(self, artifact: Artifact, threads: int) -> Session:
+        from mtconvert.backends.onnx_mobile import OrtSession
+
+        session = OrtSession(artifact.primary, threads)
+        session.runtime = "onnxruntime-cpu"
+        return session
 
 
-def ort_session(path: str, threads: int):  # noqa: ANN201 - onnxruntime type
-    import onnxruntime as ort
+def open_reference(source: PreparedSource, feeds: dict[str, np.ndarray],
+                   opts: ConvertOptions) -> ReferenceRun:
+    run = _torch(source, feeds, opts) if source.format == "torch" else _ort(source, feeds, opts)
+    for name, value in run.outputs.items():
+        if not np.all(np.isfinite(np.asarray(value, dtype=np.float64))):
+            raise ModelLoadError(f"the source model's output {name!r} has NaN/Inf on the "
+                                 "validation inputs; nothing can be compared against it "
+                                 "(check the model, or give --inputs)")
+    return run
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
 
+def _ort(source: PreparedSource, feeds: dict[str, np.ndarray],
+         opts: ConvertOptions) -> ReferenceRun:
+    from mtconvert.worker import run_session
 
-def _ort_reference(source: PreparedSource, threads: int) -> Reference:
+    artifact = Artifact(target="reference", primary=source.onnx_path, files=(source.onnx_path,))
     try:
-        sess = ort_session(str(source.onnx_path), threads)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ModelLoadError(f"ONNX Runtime cannot load the source model: {first}") from None
-    names = [o.name for o in sess.get_outputs()]
+        result = run_session(name="reference", backend=f"{__name__}:OrtReference",
+                             artifact=artifact.to_dict(),
+                             feeds={s.name: feeds[s.name] for s in source.inputs},
+                             threads=opts.threads, warmup=opts.warmup,
+                             iterations=opts.iterations, timeout_s=opts.timeout_s)
+    except StepError as exc:
+        raise ModelLoadError(f"ONNX Runtime cannot run the source model: {exc.reason}") from None
+    return ReferenceRun("onnxruntime-cpu", deps.dist_version("onnxruntime"), result.outputs,
+                        result.latency)
 
-    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(names, sess.run(names, feeds), strict=True))
 
-    return Reference("onnxruntime-cpu", deps.dist_version("onnxruntime"), run)
-
-
-def _torch_reference(source: PreparedSource, threads: int) -> Reference:
+def _torch(source: PreparedSource, feeds: dict[str, np.ndarray],
+           opts: ConvertOptions) -> ReferenceRun:
     import torch
 
     from mtconvert import torch_source
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(opts.threads)
     module = source.torch_module
     torch_source.eval_mode(module)
-    return Reference("pytorch-eager", deps.dist_version("torch"),
-                     lambda feeds: torch_source.run(module, feeds))
+    outputs = torch_source.run(module, feeds)
+    stats = measure(lambda: torch_source.run(module, feeds), warmup=opts.warmup,
+                    iterations=opts.iterations)
+    return ReferenceRun("pytorch-eager", deps.dist_version("torch"), outputs, stats.to_dict())

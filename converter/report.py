@@ -38,15 +38,17 @@ class ArtifactFile:
 
 @dataclass(frozen=True)
 class Conversion:
-    seconds: float
+    seconds: float  # of the conversion itself, also when this run reused it from the cache
     steps: tuple[str, ...] = ()
     tool_versions: dict[str, str] = field(default_factory=dict)
+    cached: bool = False  # True: reused from the conversion cache, not converted in this run
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Conversion | None:
         if d is None:
             return None
-        return cls(d["seconds"], tuple(d.get("steps", ())), dict(d.get("tool_versions", {})))
+        return cls(d["seconds"], tuple(d.get("steps", ())), dict(d.get("tool_versions", {})),
+                   bool(d.get("cached", False)))
 
 
 @dataclass(frozen=True)

@@ -27,3 +27,9 @@ def fake_registry() -> Registry:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Tests never touch the user's cache; each test starts with an empty one."""
+    monkeypatch.setenv("MTCONVERT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

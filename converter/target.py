@@ -1,0 +1,190 @@
+"""One target's run: convert (or reuse a cached conversion), lint, run the artifact in a child
+process, compare with the reference. Every failure ends in this target's report."""
+from __future__ import annotations
+
+import shutil
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtconvert import staging as stg
+from mtconvert.backends.base import Artifact, Backend, PreparedSource, TargetOptions
+from mtconvert.cache import ConversionCache
+from mtconvert.errors import (BackendUnavailableError, MtConvertError, RuntimeUnavailable,
+                              StepError, UsageError)
+from mtconvert.options import ConvertOptions
+from mtconvert.registry import Registry
+from mtconvert.report import Conversion, Latency, Memory, Numerics, TargetReport
+from mtconvert.timing import Clock
+from mtconvert.validators import compare
+from mtconvert.worker import SessionResult, run_session
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class RunContext:
+    """What every target of one run shares."""
+
+    registry: Registry
+    src: PreparedSource
+    feeds: dict[str, np.ndarray]
+    ref_out: dict[str, np.ndarray]
+    opts: ConvertOptions
+    say: Progress
+    cache: ConversionCache
+    # conversions may overlap; timed validation runs never do, or latency figures would lie
+    validate_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def target_feeds(self) -> dict[str, np.ndarray]:
+        return {s.name: self.feeds[s.name] for s in self.src.inputs}
+
+
+def run_target(ctx: RunContext, name: str) -> TargetReport:
+    opts = ctx.opts
+    try:
+        backend = _backend(ctx.registry, name)
+        backend.check_precision(opts.precision)
+    except UsageError as exc:
+        return TargetReport(name, "skipped", str(exc), precision=opts.precision)
+    except MtConvertError as exc:
+        return TargetReport(name, "error", str(exc), precision=opts.precision)
+    out_dir = Path(opts.out_dir).resolve()
+    staging = stg.new_staging(out_dir, name)
+    log_path = staging / f"{ctx.src.name}.{name}.log"
+    try:
+        return _convert_and_validate(ctx, backend, staging, out_dir)
+    except StepError as exc:  # the log moves to --out; the report points there
+        return _error_report(name, opts, exc.reason, log_path, out_dir)
+    except MtConvertError as exc:
+        return _error_report(name, opts, str(exc), log_path, out_dir)
+    except Exception as exc:  # a bug in a backend or a tool: this target's error, not the run's
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("a") as fh:
+            fh.write(traceback.format_exc())
+        return _error_report(name, opts, f"unexpected {type(exc).__name__}: {exc}", log_path,
+                             out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _backend(registry: Registry, name: str) -> Backend:
+    cls = registry.get(name)
+    av = cls.availability()
+    if not av.can_convert:
+        raise BackendUnavailableError(name, av.missing, cls.extra)
+    return cls()
+
+
+def _convert(ctx: RunContext, backend: Backend, staging: Path) -> tuple[Artifact, Conversion]:
+    opts = ctx.opts
+    topts = TargetOptions(precision=opts.precision, threads=opts.threads, timeout_s=opts.timeout_s,
+                          calibration=opts.calibration, extra=dict(opts.extra))
+    key = ctx.cache.key(type(backend), ctx.src, topts)
+    hit = ctx.cache.load(key, staging, ctx.src.work_dir / backend.name)
+    if hit is not None:
+        artifact, seconds = hit
+        ctx.say(f"{backend.name}: reusing the cached conversion")
+        return artifact, Conversion(seconds, artifact.steps, artifact.tool_versions, cached=True)
+    clock = Clock()
+    ctx.say(f"{backend.name}: converting")
+    artifact = backend.convert(ctx.src, staging, topts)
+    seconds = clock.lap("convert_s")
+    ctx.cache.store(key, artifact, staging, seconds)
+    return artifact, Conversion(seconds, artifact.steps, artifact.tool_versions)
+
+
+def _convert_and_validate(ctx: RunContext, backend: Backend, staging: Path,
+                          out_dir: Path) -> TargetReport:
+    name, opts = backend.name, ctx.opts
+    clock = Clock()
+    artifact, conversion = _convert(ctx, backend, staging)
+    clock.lap("convert_s")
+    findings = backend.lint(artifact)
+    clock.lap("lint_s")
+    artifact = stg.commit(artifact, staging, out_dir)
+    base: dict[str, Any] = dict(
+        name=name, precision=opts.precision, artifacts=stg.file_entries(artifact),
+        conversion=conversion, findings=tuple(f.to_dict() for f in findings),
+        log=str(artifact.log_path) if artifact.log_path else None, timings=clock.laps)
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        return TargetReport(status="failed", reason="; ".join(f.message for f in errors), **base)
+    if not type(backend).availability().can_run:
+        return TargetReport(status="skipped", reason="artifact cannot be run on this machine",
+                            **base)
+    try:
+        with ctx.validate_lock:
+            ctx.say(f"{name}: validating")
+            result = _session(ctx, backend, artifact.to_dict(), opts.warmup, opts.iterations)
+    except RuntimeUnavailable as exc:
+        return TargetReport(status="skipped", reason=f"numerics not checked: {exc.reason}",
+                            **base)
+    except StepError as exc:  # the artifact is finished and kept; running it failed
+        return TargetReport(status="error", reason=exc.reason, **base)
+    numerics = numerics_of(ctx.ref_out, result.outputs, opts, artifact.precision, result.runtime)
+    if "fp32_variant" in artifact.meta:
+        numerics = _with_fp32_change(ctx, backend, artifact, numerics, result.outputs)
+    clock.lap("validate_s")
+    return TargetReport(status="passed" if numerics.passed else "failed",
+                        reason=None if numerics.passed else _numerics_reason(numerics),
+                        numerics=numerics, latency=latency_of(result.latency, opts.threads),
+                        memory=Memory(round(result.peak_rss_mb, 1),
+                                      round(result.baseline_rss_mb, 1)), **base)
+
+
+def _session(ctx: RunContext, backend: Backend, artifact: dict[str, Any], warmup: int,
+             iterations: int) -> SessionResult:
+    return run_session(name=backend.name,
+                       backend=f"{type(backend).__module__}:{type(backend).__qualname__}",
+                       artifact=artifact, feeds=ctx.target_feeds, threads=ctx.opts.threads,
+                       warmup=warmup, iterations=iterations, timeout_s=ctx.opts.timeout_s)
+
+
+def numerics_of(ref_out: dict[str, np.ndarray], out: dict[str, np.ndarray], opts: ConvertOptions,
+                precision: str, runtime: str) -> Numerics:
+    results = [compare.compare_output(n, r, out.get(n), opts.tolerances.resolve(precision, n))
+               for n, r in ref_out.items()]
+    w = compare.worst(results)
+    worst = None if w is None else {"output": w.name, "max_abs": w.metrics.get("max_abs"),
+                                    "cosine": w.metrics.get("cosine")}
+    return Numerics(passed=all(r.passed for r in results), runtime=runtime, worst=worst,
+                    outputs={r.name: r.to_dict() for r in results})
+
+
+def _with_fp32_change(ctx: RunContext, backend: Backend, artifact: Artifact, numerics: Numerics,
+                      out: dict[str, np.ndarray]) -> Numerics:
+    """Run the backend's fp32 twin of a reduced-precision artifact and record the change.
+    The twin is a yardstick: if it cannot run, the artifact's own verdict stands."""
+    try:
+        twin = _session(ctx, backend, artifact.meta["fp32_variant"], 0, 1)
+    except StepError as exc:
+        return replace(numerics, fp32_worst={"error": exc.reason})
+    fp32 = numerics_of(ctx.ref_out, twin.outputs, ctx.opts, "fp32", twin.runtime)
+    change = {k: compare.metrics(twin.outputs[k], out[k]) for k in ctx.ref_out
+              if k in out and k in twin.outputs and out[k].shape == twin.outputs[k].shape}
+    return replace(numerics, fp32_worst=fp32.worst, vs_fp32=change)
+
+
+def _numerics_reason(n: Numerics) -> str:
+    bad = [f"{k}: {v['reason']}" for k, v in n.outputs.items() if not v["passed"]]
+    return "numerics: " + "; ".join(bad)
+
+
+def latency_of(d: dict[str, Any], threads: int) -> Latency:
+    return Latency(**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()},
+                   threads=threads)
+
+
+def _error_report(name: str, opts: ConvertOptions, reason: str, log_path: Path,
+                  out_dir: Path) -> TargetReport:
+    """An errored target leaves only its log in --out (no half-written artifact)."""
+    kept = stg.keep_log(log_path, out_dir)
+    return TargetReport(name, "error", reason, precision=opts.precision,
+                        log=str(kept) if kept else None)
