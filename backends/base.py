@@ -165,6 +165,7 @@ class Backend(ABC):
     # import name -> distribution name, needed to convert / to run artifacts here
     convert_requires: ClassVar[dict[str, str]] = {}
     run_requires: ClassVar[dict[str, str]] = {}
+    artifact_suffixes: ClassVar[tuple[str, ...]] = ()  # files `mtconvert validate` maps here
 
     @classmethod
     def availability(cls) -> Availability:
@@ -191,6 +192,11 @@ class Backend(ABC):
 
     def lint(self, artifact: Artifact) -> list[Finding]:
         return []
+
+    def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
+        """Describe an artifact built elsewhere so it can be linted and run. Fixed-shape
+        targets put their input shapes in ``meta["input_shapes"]`` ({name: [dims]})."""
+        raise UsageError(f"target {self.name!r} cannot validate existing artifacts")
 
 
 # ---------------------------------------------------------------------------------------------

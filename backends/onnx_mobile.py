@@ -28,6 +28,15 @@ class OnnxMobileBackend(Backend):
     precisions = ("fp32", "int8")
     convert_requires = {"onnx": "onnx", "onnxsim": "onnxsim", "onnxruntime": "onnxruntime"}
     run_requires = {"onnxruntime": "onnxruntime"}
+    artifact_suffixes = (".ort", ".onnx")
+
+    def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
+        config = path.with_suffix(".required_operators.config")
+        files = (path, config) if config.is_file() else (path,)
+        meta = {"onnx": str(path)} if path.suffix == ".onnx" else {}
+        return Artifact(target=self.name, primary=path, files=files, precision=opts.precision,
+                        steps=("validated as built elsewhere",),
+                        tool_versions=deps.versions(["onnxruntime"]), meta=meta)
 
     def convert(self, source: PreparedSource, out_dir: Path, opts: TargetOptions) -> Artifact:
         log = out_dir / f"{source.name}.{self.name}.log"

@@ -37,6 +37,22 @@ class TfliteBackend(Backend):
                         "onnxsim": "onnxsim", "onnx_graphsurgeon": "onnx-graphsurgeon",
                         "sng4onnx": "sng4onnx"}
     run_requires = {"ai_edge_litert": "ai-edge-litert"}
+    artifact_suffixes = (".tflite",)
+
+    def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
+        """A .tflite built elsewhere: its I/O map and fixed input shapes from the flatbuffer."""
+        shapes = {s.name: list(s.shape) for s in source.outputs
+                  if all(isinstance(d, int) for d in s.shape)}
+        io_map, steps = map_io(path, [s.name for s in source.inputs],
+                               [s.name for s in source.outputs], shapes)
+        ins, _ = _io(path)
+        by_index = {t["index"]: t["shape"] for t in ins}
+        fixed = {name: by_index[index] for index, name in io_map["inputs"]}
+        return Artifact(target=self.name, primary=path, files=(path,), precision=opts.precision,
+                        steps=("validated as built elsewhere", *steps),
+                        tool_versions=deps.versions(["ai-edge-litert"]),
+                        meta=io_map | {"input_shapes": fixed,
+                                       "allow_flex": bool(opts.extra.get("allow_flex"))})
 
     def convert(self, source: PreparedSource, out_dir: Path, opts: TargetOptions) -> Artifact:
         log = out_dir / f"{source.name}.{self.name}.log"

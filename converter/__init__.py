@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Report", "__version__", "convert", "MtConvertError"]
+__all__ = ["Report", "__version__", "convert", "validate", "MtConvertError"]
 
 if TYPE_CHECKING:
     from mtconvert.errors import MtConvertError
@@ -35,6 +35,14 @@ def convert(model: Any, targets: list[str] | tuple[str, ...] | str | None = None
     from mtconvert.api import convert as _convert
 
     return _convert(model, targets, out_dir, example_inputs, **options)
+
+
+def validate(source: Any, artifacts: list[Any], **options: Any) -> Report:
+    """Check artifacts built elsewhere (.tflite, .ort, .onnx) against ``source`` without
+    converting. Same options (but targets/out_dir) and Report as ``convert``."""
+    from mtconvert.api import validate as _validate
+
+    return _validate(source, artifacts, **options)
 
 
 def __getattr__(name: str) -> Any:

@@ -11,7 +11,7 @@ from mtconvert.shapes import parse_shape_spec
 from mtconvert.validators.compare import ToleranceOverrides
 
 _SIMPLE = ("precision", "threads", "warmup", "iterations", "seed", "inputs", "extra", "jobs",
-           "cache")
+           "cache", "trust_pickle", "max_model_bytes")
 
 
 def convert(model: Any, targets: Any, out_dir: Any, example_inputs: Any, **options: Any) -> Report:
@@ -21,6 +21,16 @@ def convert(model: Any, targets: Any, out_dir: Any, example_inputs: Any, **optio
     registry = options.pop("registry", None)
     opts = build_options(targets, out_dir, **options)
     return pipeline.run(model, opts, example_inputs=example_inputs, registry=registry,
+                        progress=progress)
+
+
+def validate(source: Any, artifacts: list[Any], **options: Any) -> Report:
+    from mtconvert.existing import run_validate
+
+    progress = options.pop("progress", None)
+    registry = options.pop("registry", None)
+    opts = build_options(None, ".", **options)
+    return run_validate(source, [Path(a) for a in artifacts], opts, registry=registry,
                         progress=progress)
 
 

@@ -49,78 +49,116 @@ def _split_targets(_ctx: Any, _param: Any, value: tuple[str, ...]) -> tuple[str,
     return tuple(tokens) or None
 
 
+_SHARED = [
+    click.option("--report-json", type=click.Path(path_type=Path),
+                 help="Write the JSON report here."),
+    click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="fp32",
+                 show_default=True, help="Artifact precision; picks the tolerance profile."),
+    click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x128",
+                 help="Fix an input's shape (repeatable). Named dynamic axes follow to other "
+                      "inputs."),
+    click.option("--inputs", type=click.Path(path_type=Path),
+                 help="Validation inputs (.npz by name)."),
+    click.option("--threads", type=int, default=None,
+                 help="Threads for reference and targets."),
+    click.option("--warmup", type=int, default=3, show_default=True),
+    click.option("--iterations", type=int, default=20, show_default=True, help="Timed runs."),
+    click.option("--seed", type=int, default=0, show_default=True,
+                 help="Seed of generated inputs."),
+    click.option("--atol", multiple=True, metavar="[OUTPUT:]VALUE", help="Absolute tolerance."),
+    click.option("--rtol", multiple=True, metavar="[OUTPUT:]VALUE", help="Relative tolerance."),
+    click.option("--min-cosine", multiple=True, metavar="[OUTPUT:]VALUE",
+                 help="Minimum cosine similarity."),
+    click.option("--timeout", type=float, default=900.0, show_default=True,
+                 help="Seconds allowed per conversion step and per validation run."),
+    click.option("--allow-flex", is_flag=True,
+                 help="tflite: accept Select-TF (Flex) ops instead of failing the target."),
+    click.option("--trust-pickle", is_flag=True,
+                 help="Load pickle-based models (.pt/.pth TorchScript or torch.save, pickled "
+                      ".pt2 payloads); loading a pickle can run arbitrary code."),
+    click.option("--max-model-bytes", type=int, default=None, help="Refuse larger model files."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress lines, only the report."),
+    click.option("--verbose", "-v", is_flag=True,
+                 help="Progress lines on stderr even when it is not a terminal."),
+    click.option("--debug", is_flag=True, help="Show tracebacks."),
+]
+
+
+def shared_options(f: Any) -> Any:
+    for option in reversed(_SHARED):
+        f = option(f)
+    return f
+
+
 @cli.command("convert")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--to", "targets", multiple=True, callback=_split_targets,
               help="Targets, comma separated (default: every available target).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("build"),
               show_default=True, help="Folder for the artifacts.")
-@click.option("--report-json", type=click.Path(path_type=Path), help="Write the JSON report here.")
-@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="fp32",
-              show_default=True, help="Precision of the artifacts; picks the tolerance profile.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x128",
-              help="Fix an input's shape (repeatable). Named dynamic axes follow to other inputs.")
-@click.option("--inputs", type=click.Path(path_type=Path), help="Validation inputs (.npz by name).")
-@click.option("--threads", type=int, default=None, help="Threads for reference and targets.")
-@click.option("--warmup", type=int, default=3, show_default=True)
-@click.option("--iterations", type=int, default=20, show_default=True, help="Timed runs.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs.")
-@click.option("--atol", multiple=True, metavar="[OUTPUT:]VALUE", help="Absolute tolerance.")
-@click.option("--rtol", multiple=True, metavar="[OUTPUT:]VALUE", help="Relative tolerance.")
-@click.option("--min-cosine", multiple=True, metavar="[OUTPUT:]VALUE",
-              help="Minimum cosine similarity.")
-@click.option("--timeout", type=float, default=900.0, show_default=True,
-              help="Seconds allowed per conversion step and per validation run.")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="int8 calibration inputs (.npz by name; samples stacked on a first axis).")
 @click.option("--int8-scheme", type=click.Choice(("dynamic", "full")), default=None,
               help="tflite int8: dynamic-range (default) or full-integer (calibrated).")
-@click.option("--allow-flex", is_flag=True,
-              help="tflite: accept Select-TF (Flex) ops instead of failing the target.")
 @click.option("--jobs", "-j", type=int, default=None,
               help="Targets converting at once (default: number of cores).")
 @click.option("--no-cache", is_flag=True, help="Convert again even when a cached conversion fits.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress lines, only the report.")
-@click.option("--verbose", "-v", is_flag=True,
-              help="Progress lines on stderr even when it is not a terminal.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@shared_options
 def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
-                report_json: Path | None, precision: str, input_shapes: tuple[str, ...],
-                inputs: Path | None, threads: int | None, warmup: int, iterations: int, seed: int,
-                atol: tuple[str, ...], rtol: tuple[str, ...], min_cosine: tuple[str, ...],
-                timeout: float, calibration: Path | None, int8_scheme: str | None,
-                allow_flex: bool, jobs: int | None, no_cache: bool, quiet: bool, verbose: bool,
-                debug: bool) -> int:
+                calibration: Path | None, int8_scheme: str | None, jobs: int | None,
+                no_cache: bool, **shared: Any) -> int:
     """Convert MODEL (.onnx or .pt2) to each target and validate every artifact."""
     from mtconvert import api
+
+    options = _options(shared) | dict(calibration=calibration, jobs=jobs, cache=not no_cache)
+    if int8_scheme:
+        options["extra"]["int8_scheme"] = int8_scheme
+    report = api.convert(model, targets, out_dir, None, progress=_progress(shared), **options)
+    return _finish(report, shared["report_json"])
+
+
+@cli.command("validate")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@shared_options
+def validate_cmd(source: Path, artifacts: tuple[Path, ...], **shared: Any) -> int:
+    """Check ARTIFACTS built elsewhere (.tflite, .ort, .onnx) against SOURCE, without
+    converting: the release gate. Same checks, report and exit codes as a conversion."""
+    from mtconvert import api
+
+    report = api.validate(source, list(artifacts), progress=_progress(shared), **_options(shared))
+    return _finish(report, shared["report_json"])
+
+
+def _options(shared: dict[str, Any]) -> dict[str, Any]:
     from mtconvert.shapes import parse_shape_spec
 
-    options: dict[str, Any] = dict(
-        precision=precision, input_shapes=dict(parse_shape_spec(s) for s in input_shapes),
-        inputs=inputs, threads=threads, warmup=warmup, iterations=iterations, seed=seed,
-        atol=_tolerance("--atol", atol), rtol=_tolerance("--rtol", rtol),
-        min_cosine=_tolerance("--min-cosine", min_cosine), timeout=timeout,
-        calibration=calibration, extra=_extra(int8_scheme, allow_flex), jobs=jobs,
-        cache=not no_cache)
+    return dict(
+        precision=shared["precision"],
+        input_shapes=dict(parse_shape_spec(s) for s in shared["input_shapes"]),
+        inputs=shared["inputs"], threads=shared["threads"], warmup=shared["warmup"],
+        iterations=shared["iterations"], seed=shared["seed"],
+        atol=_tolerance("--atol", shared["atol"]), rtol=_tolerance("--rtol", shared["rtol"]),
+        min_cosine=_tolerance("--min-cosine", shared["min_cosine"]), timeout=shared["timeout"],
+        extra={"allow_flex": True} if shared["allow_flex"] else {},
+        trust_pickle=shared["trust_pickle"], max_model_bytes=shared["max_model_bytes"])
+
+
+def _progress(shared: dict[str, Any]) -> Any:
+    show = not shared["quiet"] and (shared["verbose"] or sys.stderr.isatty())
+    if not show:
+        return None
     console = _console(stderr=True)
-    show = not quiet and (verbose or sys.stderr.isatty())
-    progress = (lambda msg: console.print(f"[dim]· {msg}[/]")) if show else None
-    report = api.convert(model, targets, out_dir, None, progress=progress, **options)
+    return lambda msg: console.print(f"[dim]· {msg}[/]")
+
+
+def _finish(report: Any, report_json: Path | None) -> int:
     if report_json is not None:
         _write_atomic(report_json, report.to_json())
     from mtconvert.render.console import render
 
     render(report, _console(stderr=False))
     return report.exit_code
-
-
-def _extra(int8_scheme: str | None, allow_flex: bool) -> dict[str, Any]:
-    extra: dict[str, Any] = {}
-    if int8_scheme:
-        extra["int8_scheme"] = int8_scheme
-    if allow_flex:
-        extra["allow_flex"] = True
-    return extra
 
 
 def _tolerance(flag: str, values: tuple[str, ...]) -> Any:

@@ -62,6 +62,14 @@ def _generated(loaded: LoadedSource, opts: ConvertOptions) -> tuple[Feeds, dict[
     return feeds, values
 
 
+def user_feeds(inputs: Any) -> Feeds:
+    """The user's inputs (.npz path or dict) as arrays; a one-line InputGenerationError if not."""
+    try:
+        return _user_feeds(inputs)
+    except InputError as exc:
+        raise InputGenerationError(str(exc)) from None
+
+
 def _user_feeds(inputs: Any) -> Feeds:
     if isinstance(inputs, dict):
         return {str(k): np.asarray(v) for k, v in inputs.items()}

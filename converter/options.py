@@ -32,6 +32,8 @@ class ConvertOptions:
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific switches
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)  # targets converting at once
     cache: bool = True  # reuse conversions from the cache (see mtconvert.cache)
+    trust_pickle: bool = False  # allow loading pickle payloads (they can run code)
+    max_model_bytes: int | None = None  # refuse larger model files
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

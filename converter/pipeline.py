@@ -33,7 +33,10 @@ def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
     clock = Clock()
     with tempfile.TemporaryDirectory(prefix="mtconvert-") as tmp:
         say("loading source")
-        loaded = source_mod.load(model, Path(tmp), example_inputs)
+        if example_inputs is None and opts.trust_pickle and opts.inputs is not None:
+            example_inputs = feeds_mod.user_feeds(opts.inputs)  # a pickled module's examples
+        loaded = source_mod.load(model, Path(tmp), example_inputs, trust_pickle=opts.trust_pickle,
+                                 max_bytes=opts.max_model_bytes)
         feeds, values = feeds_mod.prepare(loaded, opts)
         src = loaded.prepared
         src.input_shapes = {k: tuple(v.shape) for k, v in feeds.items()}
@@ -62,8 +65,15 @@ def run_targets(ctx: RunContext, names: list[str]) -> list:
     jobs = max(1, min(ctx.opts.jobs, len(names)))
     if jobs == 1:
         return [run_target(ctx, n) for n in names]
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="mtconvert-target") as pool:
-        return list(pool.map(lambda n: run_target(ctx, n), names))
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="mtconvert-target")
+    try:
+        futures = [pool.submit(run_target, ctx, n) for n in names]
+        return [f.result() for f in futures]
+    except KeyboardInterrupt:  # targets not yet started never start; running ones clean up
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def resolve_targets(registry: Registry, targets: tuple[str, ...] | None) -> list[str]:

@@ -94,6 +94,7 @@ class TargetReport:
     findings: tuple[dict[str, str], ...] = ()  # {severity, code, message}
     log: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # shapes this target ran
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -117,7 +118,8 @@ class TargetReport:
                    latency=Latency.from_dict(d.get("latency")),
                    memory=Memory.from_dict(d.get("memory")),
                    findings=tuple(d.get("findings", ())), log=d.get("log"),
-                   timings=dict(d.get("timings", {})))
+                   timings=dict(d.get("timings", {})),
+                   input_shapes=dict(d.get("input_shapes", {})))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from mtconvert import safety
 from mtconvert.backends.base import PreparedSource, TensorSpec
 from mtconvert.errors import ModelLoadError, UsageError
 
@@ -37,11 +38,26 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def load(model: Any, work_dir: Path, example_inputs: Any = None) -> LoadedSource:
-    """Dispatch on the kind of ``model``. Shapes are fixed later (see shapes.resolve_shapes)."""
+def load(model: Any, work_dir: Path, example_inputs: Any = None, *, trust_pickle: bool = False,
+         max_bytes: int | None = None) -> LoadedSource:
+    """Dispatch on the kind of ``model``. Shapes are fixed later (see shapes.resolve_shapes).
+    Pickle payloads are refused unless ``trust_pickle``; a trusted pickled module takes its
+    example inputs from ``example_inputs`` (e.g. the user's --inputs)."""
     if isinstance(model, (str, Path)):
-        path = _check_path(Path(model))
+        path = _check_path(Path(model), max_bytes)
+        if path.suffix.lower() in safety.PICKLE_SUFFIXES or (
+                path.suffix.lower() in ONNX_SUFFIXES and safety.looks_like_pickle(path)):
+            if not trust_pickle:
+                raise safety.refuse_pickle(path)
+            return _from_pickle(path, work_dir, example_inputs)
+        if path.suffix.lower() not in ONNX_SUFFIXES + TORCH_EXPORT_SUFFIXES:
+            raise ModelLoadError(f"unsupported model file type {path.suffix or '(none)'!r}: "
+                                 f"{path.name}; expected .onnx or .pt2 (torch.export)")
         if path.suffix.lower() in TORCH_EXPORT_SUFFIXES:
+            payloads = [] if trust_pickle else safety.pt2_pickle_payloads(path)
+            if payloads:
+                raise ModelLoadError(f"{path.name} carries pickle payloads that loading would run "
+                                     f"({'; '.join(payloads[:3])}); {safety.TRUST_HINT}")
             return _from_torch(*_load_pt2(path), work_dir, path.stem, path)
         return _from_onnx(path, work_dir)
     if _is_torch_module(model):
@@ -53,18 +69,40 @@ def load(model: Any, work_dir: Path, example_inputs: Any = None) -> LoadedSource
                      ".pt2, or a torch.nn.Module with example_inputs")
 
 
-def _check_path(path: Path) -> Path:
+def _check_path(path: Path, max_bytes: int | None) -> Path:
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}")
     if path.is_dir():
         raise ModelLoadError(f"model path is a directory, not a file: {path}")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise ModelLoadError(f"model file is empty: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in ONNX_SUFFIXES + TORCH_EXPORT_SUFFIXES:
-        raise ModelLoadError(f"unsupported model file type {suffix or '(none)'!r}: {path.name}; "
-                             "expected .onnx or .pt2 (torch.export)")
+    if max_bytes is not None and size > max_bytes:
+        raise ModelLoadError(f"{path.name} is {size} bytes, over --max-model-bytes {max_bytes}")
     return path.resolve()
+
+
+def _from_pickle(path: Path, work_dir: Path, example_inputs: Any) -> LoadedSource:
+    """A module the user trusts: TorchScript (torch.jit.load) or torch.save of an nn.Module."""
+    if example_inputs is None:
+        raise UsageError(f"{path.name}: a pickled module needs example inputs: --inputs FILE.npz")
+    try:
+        import torch
+    except ImportError:
+        raise ModelLoadError("reading a pickled module needs torch: pip install "
+                             "'mtconvert[torch]'") from None
+    try:
+        module = torch.jit.load(str(path))
+    except Exception:
+        try:
+            module = torch.load(str(path), weights_only=False)
+        except Exception as exc:
+            raise ModelLoadError(f"{path.name} is not a readable pickled module: "
+                                 f"{_first_line(exc)}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise ModelLoadError(f"{path.name} holds a {type(module).__name__}, not a torch.nn.Module")
+    feeds = {k: torch.from_numpy(np.asarray(v)) for k, v in example_inputs.items()}
+    return _from_torch(module, feeds, work_dir, path.stem, path)
 
 
 # --- ONNX -----------------------------------------------------------------------------------
@@ -82,11 +120,16 @@ def read_onnx(path: Path) -> Any:
     import onnx
 
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise ModelLoadError(f"{path.name} is not a readable ONNX model: {_first_line(exc)}") from None
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path.name} is not an ONNX model (no graph found)")
+    safety.check_external_data(model, path.parent)
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise ModelLoadError(f"{path.name}: external data unreadable: {_first_line(exc)}") from None
     try:
         onnx.checker.check_model(model)
     except Exception as exc:

@@ -38,6 +38,7 @@ class RunContext:
     opts: ConvertOptions
     say: Progress
     cache: ConversionCache
+    report_name: str | None = None  # validate mode: a name per artifact file
     # conversions may overlap; timed validation runs never do, or latency figures would lie
     validate_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -102,17 +103,26 @@ def _convert(ctx: RunContext, backend: Backend, staging: Path) -> tuple[Artifact
 
 def _convert_and_validate(ctx: RunContext, backend: Backend, staging: Path,
                           out_dir: Path) -> TargetReport:
-    name, opts = backend.name, ctx.opts
     clock = Clock()
     artifact, conversion = _convert(ctx, backend, staging)
     clock.lap("convert_s")
+    artifact = stg.commit(artifact, staging, out_dir)
+    return check_artifact(ctx, backend, artifact, conversion, clock)
+
+
+def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
+                   conversion: Conversion | None, clock: Clock | None = None) -> TargetReport:
+    """Lint an artifact, run it in a child process and compare it with the reference."""
+    name, opts = backend.name, ctx.opts
+    clock = clock or Clock()
     findings = backend.lint(artifact)
     clock.lap("lint_s")
-    artifact = stg.commit(artifact, staging, out_dir)
     base: dict[str, Any] = dict(
-        name=name, precision=opts.precision, artifacts=stg.file_entries(artifact),
-        conversion=conversion, findings=tuple(f.to_dict() for f in findings),
-        log=str(artifact.log_path) if artifact.log_path else None, timings=clock.laps)
+        name=ctx.report_name or name, precision=artifact.precision,
+        artifacts=stg.file_entries(artifact), conversion=conversion,
+        findings=tuple(f.to_dict() for f in findings),
+        log=str(artifact.log_path) if artifact.log_path else None, timings=clock.laps,
+        input_shapes={k: list(v.shape) for k, v in ctx.target_feeds.items()})
     errors = [f for f in findings if f.severity == "error"]
     if errors:
         return TargetReport(status="failed", reason="; ".join(f.message for f in errors), **base)

@@ -8,10 +8,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def tiny_encoder(path: Path, vocab: int = 50, hidden: int = 8, classes: int = 3) -> Path:
+def tiny_encoder(path: Path, vocab: int = 50, hidden: int = 8, classes: int = 3,
+                 seed: int = 0) -> Path:
     """ids [batch, seq] -> Gather(embedding) -> masked mean -> MatMul -> logits [batch, classes].
     Inputs: input_ids (int64), attention_mask (int64), with dynamic batch and sequence axes."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     emb = numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "emb")
     w = numpy_helper.from_array(rng.standard_normal((hidden, classes)).astype(np.float32), "w")
     axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")

@@ -12,6 +12,7 @@ import numpy as np
 
 ROLES = ("ids", "mask", "token_type", "position", "int", "float", "bool")
 UNBOUNDED_INT_HIGH = 2  # integer inputs with no known table get values in [0, 2)
+MAX_ELEMENTS = 1 << 26  # per input: 64 Mi elements (512 MiB of int64) is no validation input
 
 
 class InputError(ValueError):
@@ -68,6 +69,9 @@ def generate(requests: list[InputRequest], seed: int = 0) -> dict[str, np.ndarra
 def _generate_one(r: InputRequest, rng: np.random.Generator) -> np.ndarray:
     if any(d <= 0 for d in r.shape):
         raise InputError(f"input {r.name!r} has an empty shape {r.shape}")
+    if int(np.prod(r.shape, dtype=np.float64)) > MAX_ELEMENTS:
+        raise InputError(f"input {r.name!r} of shape {r.shape} is too large to generate "
+                         f"(over {MAX_ELEMENTS} elements); give a smaller --input-shape")
     if r.role == "float":
         return rng.standard_normal(r.shape).astype(r.dtype)
     if r.role == "mask":

@@ -1,0 +1,71 @@
+"""`mtconvert validate`: artifacts built elsewhere, checked against the source."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mtconvert
+from mtconvert.errors import ModelLoadError, UsageError
+from tests.models import tiny_encoder
+
+MTCONVERT = str(Path(sys.executable).parent / "mtconvert")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """.ort and .tflite of the tiny encoder, plus the .ort of a different model."""
+    folder = tmp_path_factory.mktemp("built")
+    src = tiny_encoder(folder / "tiny.onnx")
+    report = mtconvert.convert(src, targets=["onnx-mobile", "tflite"], out_dir=folder / "out",
+                               iterations=1, warmup=0, input_shapes={"input_ids": "1x12"})
+    assert report.ok
+    other = tiny_encoder(folder / "other.onnx", seed=1)
+    mtconvert.convert(other, targets=["onnx-mobile"], out_dir=folder / "other", iterations=1)
+    return src, folder / "out", folder / "other" / "other.ort"
+
+
+def test_good_artifacts_pass_with_their_fixed_shapes(built):
+    src, out, _ = built
+    report = mtconvert.validate(src, [out / "tiny.tflite", out / "tiny.ort"], iterations=2)
+    assert report.ok and report.settings["mode"] == "validate"
+    assert [t.name for t in report.targets.values()] == ["tflite", "onnx-mobile"]
+    assert report.targets["tflite"].input_shapes == {"input_ids": [1, 12],
+                                                     "attention_mask": [1, 12]}
+    assert all(t.conversion is None for t in report.targets.values())
+
+
+def test_wrong_artifact_fails(built):
+    src, _, other = built
+    report = mtconvert.validate(src, [other], iterations=1)
+    t = report.targets["onnx-mobile"]
+    assert t.status == "failed" and "logits" in t.reason and report.exit_code == 1
+
+
+def test_same_target_twice_gets_distinct_names(built):
+    src, out, other = built
+    report = mtconvert.validate(src, [out / "tiny.ort", other], iterations=1)
+    assert list(report.targets) == ["onnx-mobile", "onnx-mobile:other.ort"]
+
+
+def test_bad_requests(built, tmp_path):
+    src, out, _ = built
+    with pytest.raises(UsageError, match="fixed to"):
+        mtconvert.validate(src, [out / "tiny.tflite"], input_shapes={"input_ids": "1x5"})
+    with pytest.raises(ModelLoadError, match="artifact not found"):
+        mtconvert.validate(src, [tmp_path / "nope.tflite"])
+    (tmp_path / "m.param").write_text("7767517")
+    with pytest.raises(UsageError, match="no target validates .param"):
+        mtconvert.validate(src, [tmp_path / "m.param"])
+
+
+def test_cli_validate_exit_codes(built, tmp_path):
+    src, out, other = built
+    ok = subprocess.run([MTCONVERT, "validate", str(src), str(out / "tiny.ort"), "-q",
+                         "--report-json", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert ok.returncode == 0 and (tmp_path / "r.json").is_file()
+    bad = subprocess.run([MTCONVERT, "validate", str(src), str(other), "-q"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1
+    usage = subprocess.run([MTCONVERT, "validate", str(src)], capture_output=True, text=True)
+    assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
