@@ -102,7 +102,14 @@ def run_onnx_tool(cmd: str, src: Path, dst: Path, *args: Any, step: str, log: Pa
     raise ConversionError("tool printed no result", target=target, step=step, log_path=log)
 
 
-COMMANDS = {"simplify": simplify, "quantize-dynamic": quantize_dynamic, "fix-shapes": fix_shapes}
+def ncnn_prepare(src: str, dst: str, shapes: dict[str, list[int]]) -> dict:
+    from mtconvert.backends.ncnn_rewrite import prepare
+
+    return prepare(src, dst, shapes)
+
+
+COMMANDS = {"simplify": simplify, "quantize-dynamic": quantize_dynamic, "fix-shapes": fix_shapes,
+            "ncnn-prepare": ncnn_prepare}
 
 if __name__ == "__main__":
     cmd, src, dst, *extra = sys.argv[1:]

@@ -1,0 +1,278 @@
+"""ncnn target: ONNX -> fixed shapes + legalization (mask rewrite) -> pnnx -> .param/.bin.
+
+pnnx exits 0 whether or not its output works, so nothing here trusts it: every layer type in the
+.param must be one the installed ncnn can create (lint), and the artifact runs in a child
+process against the reference. fp32 validates ncnn with its fp16 options off (exact); fp16
+validates the phone default (fp16 storage and arithmetic on, fp16 weights) and reports its
+change against the exact fp32 twin.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mtconvert import deps
+from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
+                                     TargetOptions, TensorSpec, expect_files, python_cmd,
+                                     run_tool)
+from mtconvert.backends.onnx_tools import run_onnx_tool
+from mtconvert.errors import ConversionError, RuntimeFailure
+
+if TYPE_CHECKING:
+    import numpy as np
+
+TOOLS = ["pnnx", "ncnn", "onnxsim"]
+_PNNX_TYPES = {"int64": "i64", "int32": "i32", "float32": "f32", "float16": "f16"}
+
+
+def pnnx_binary() -> Path:
+    spec = importlib.util.find_spec("pnnx")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError("the pnnx package is not installed", target="ncnn", step="pnnx")
+    return Path(next(iter(spec.submodule_search_locations))) / "pnnx"
+
+
+class NcnnBackend(Backend):
+    name = "ncnn"
+    aliases = ()
+    extra = "ncnn"
+    description = "Tencent ncnn (.param + .bin) via pnnx"
+    precisions = ("fp32", "fp16")
+    convert_requires = {"pnnx": "pnnx", "ncnn": "ncnn", "onnxsim": "onnxsim"}
+    run_requires = {"ncnn": "ncnn"}
+
+    def convert(self, source: PreparedSource, out_dir: Path, opts: TargetOptions) -> Artifact:
+        log = out_dir / f"{source.name}.{self.name}.log"
+        work = source.work_dir / self.name
+        work.mkdir(parents=True, exist_ok=True)
+        missing = [s.name for s in source.inputs if s.name not in source.input_shapes]
+        if missing:
+            raise ConversionError(f"no fixed shape for input(s) {', '.join(missing)}",
+                                  target=self.name, step="fix-shapes")
+        shapes, batch = _batch_one(source)
+        model = work / "model.onnx"  # pnnx names its outputs after its input file
+        info = run_onnx_tool("ncnn-prepare", source.onnx_path, model, shapes, step="legalize",
+                             log=log, timeout=opts.timeout_s, target=self.name)
+        steps = [f"fix shapes: {', '.join(f'{k}={chr(120).join(map(str, v))}' for k, v in shapes.items())} (onnxsim)"]
+        steps += [f"legalize: {m} -> float additive mask (1 - {m}) * -1e4 [B,1,1,S]; "
+                  f"ORT equivalence max abs {info['equivalence_max_abs']:.1g}"
+                  for m in info["masks_rewritten"]]
+        steps += [f"legalize: {m} is only cast to float; made a float input (ncnn has no "
+                  "int->float Cast)" for m in info["casts_removed"]]
+        if info["rewrite_note"] and not info["casts_removed"]:
+            steps.append(f"legalize: {info['rewrite_note']}")
+        if batch > 1:
+            steps.append(f"batch: converted at batch 1; the {batch} items run one at a time "
+                         "(ncnn models take one item)")
+        fp16 = opts.precision == "fp16"
+        route, param, binf, route_steps = self._first_working_route(model, source, info, work,
+                                                                    log, opts, fp16)
+        steps += route_steps
+        suffix = ".fp16" if fp16 else ""
+        out_param = out_dir / f"{source.name}{suffix}.ncnn.param"
+        out_bin = out_dir / f"{source.name}{suffix}.ncnn.bin"
+        shutil.move(param, out_param)
+        shutil.move(binf, out_bin)
+        meta = self._io_meta(source, info, shapes) | {"mode": "phone-fp16" if fp16 else "exact"}
+        if fp16:  # the exact fp32 twin: the yardstick for what fp16 costs
+            twin_dir = work / "fp32"
+            twin_dir.mkdir(exist_ok=True)
+            shutil.copy(route, twin_dir / "model.onnx")
+            tp, tb, _ = self._pnnx(twin_dir / "model.onnx", source, info, twin_dir, log, opts,
+                                   fp16=False)
+            meta["fp32_variant"] = Artifact(target=self.name, primary=tp, files=(tp, tb),
+                                            meta=meta | {"mode": "exact"}).to_dict()
+        return Artifact(target=self.name, primary=out_param, files=(out_param, out_bin),
+                        precision=opts.precision, steps=tuple(steps), log_path=log,
+                        tool_versions=deps.versions(TOOLS), meta=meta)
+
+    def _routes(self, prepared: Path, source: PreparedSource, info: dict[str, Any],
+                work: Path) -> list[tuple[str, Path]]:
+        """The legalized fixed-shape graph first; the source graph as given (pnnx simplifies it
+        itself) when no rewrite was needed. pnnx mis-converts some fixed-shape graphs (ViT:
+        broken Reshapes) and segfaults on some dynamic ones (GPT-2)."""
+        routes = [("onnx-fixed", prepared)]
+        if not info["masks_rewritten"] and source.onnx_path.suffix == ".onnx":
+            raw_dir = work / "raw"
+            raw_dir.mkdir(exist_ok=True)
+            shutil.copy(source.onnx_path, raw_dir / "model.onnx")
+            routes.append(("onnx-as-given", raw_dir / "model.onnx"))
+        return routes
+
+    def _first_working_route(self, prepared: Path, source: PreparedSource, info: dict[str, Any],
+                             work: Path, log: Path, opts: TargetOptions,
+                             fp16: bool) -> tuple[Path, Path, Path, list[str]]:
+        rejected = []
+        for name, model in self._routes(prepared, source, info, work):
+            try:
+                param, binf, steps = self._pnnx(model, source, info, model.parent, log, opts,
+                                                fp16=fp16)
+                unknown = unknown_layers(param)
+                if unknown:
+                    raise ConversionError(f"layers ncnn cannot create: {', '.join(unknown)}",
+                                          target=self.name, step="layers")
+                self._smoke(param, source, info, log, opts)
+            except ConversionError as exc:
+                rejected.append(f"route {name} rejected: {exc.reason}")
+                continue
+            return model, param, binf, rejected + [f"route {name}: loads and runs", *steps]
+        raise ConversionError("no route gave a model ncnn can load and run (" +
+                              "; ".join(rejected) + ")", target=self.name, step="pnnx",
+                              log_path=log)
+
+    def _smoke(self, param: Path, source: PreparedSource, info: dict[str, Any], log: Path,
+               opts: TargetOptions) -> None:
+        artifact = Artifact(target=self.name, primary=param, files=(param,),
+                            meta=self._io_meta(source, info) | {"mode": "exact"})
+        shapes, _ = _batch_one(source)
+        job = param.parent / "smoke.json"
+        job.write_text(json.dumps({"artifact": artifact.to_dict(), "inputs": {
+            s.name: [shapes[s.name], info["input_dtypes"][s.name]] for s in source.inputs}}))
+        run_tool(python_cmd("-m", "mtconvert.backends.ncnn_smoke", str(job)), target=self.name,
+                 step="smoke-run", log_path=log, timeout_s=opts.timeout_s)
+
+    def _pnnx(self, model: Path, source: PreparedSource, info: dict[str, Any], work: Path,
+              log: Path, opts: TargetOptions, fp16: bool) -> tuple[Path, Path, list[str]]:
+        shapes, _ = _batch_one(source)
+        spec = ",".join(f"[{','.join(map(str, shapes[s.name]))}]"
+                        f"{_PNNX_TYPES.get(info['input_dtypes'][s.name], 'f32')}"
+                        for s in source.inputs)
+        run_tool([str(pnnx_binary()), model.name, f"inputshape={spec}", f"fp16={int(fp16)}"],
+                 target=self.name, step="pnnx", log_path=log, timeout_s=opts.timeout_s, cwd=work)
+        param, binf = work / "model.ncnn.param", work / "model.ncnn.bin"
+        expect_files([param, binf], target=self.name, step="pnnx", log_path=log)
+        steps = [f"pnnx inputshape={spec} fp16={int(fp16)} (its side files stay in a temp folder)"]
+        if info["tanh_gelu"]:
+            n = patch_tanh_gelu(param)
+            steps.append(f"GELU: {n} layer(s) set to the tanh form (0=1): pnnx fuses the source's "
+                         "tanh-GELU pattern into ncnn's erf GELU")
+        return param, binf, steps
+
+    @staticmethod
+    def _io_meta(source: PreparedSource, info: dict[str, Any],
+                 shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
+        return {"inputs": [[f"in{i}", s.name, info["input_dtypes"][s.name]]
+                           for i, s in enumerate(source.inputs)],
+                "outputs": [[f"out{i}", s.name, info["output_shapes"][s.name]]
+                            for i, s in enumerate(source.outputs)]}
+
+    def lint(self, artifact: Artifact) -> list[Finding]:
+        types = param_layer_types(artifact.primary)
+        unknown = unknown_layers(artifact.primary)
+        findings = [Finding("info", "ncnn-layers", f"{len(types)} layers: " + ", ".join(
+            f"{t}x{types.count(t)}" for t in sorted(set(types), key=types.count, reverse=True)))]
+        if unknown:
+            findings.append(Finding("error", "ncnn-unknown-layers",
+                                    f"layers the installed ncnn cannot create: {', '.join(unknown)}"))
+        if pow_layers(artifact.primary):
+            findings.append(Finding("warning", "ncnn-pow",
+                                    "BinaryOp pow layers: ncnn's pow returns garbage for negative "
+                                    "bases (seen: (-0.136)^3 -> 2.4e38)"))
+        return findings
+
+    def open(self, artifact: Artifact, threads: int) -> Session:
+        return NcnnSession(artifact, threads)
+
+
+def _batch_one(source: PreparedSource) -> tuple[dict[str, list[int]], int]:
+    """The shapes ncnn is converted at (batch 1) and the validation batch. ncnn models take one
+    item; a batch axis the source fixes above 1 cannot be converted."""
+    batch = max((v[0] for v in source.input_shapes.values() if v), default=1)
+    fixed = [s.name for s in source.inputs if s.shape and isinstance(s.shape[0], int)
+             and s.shape[0] > 1]
+    if fixed:
+        raise ConversionError(f"the source fixes batch {batch} on {', '.join(fixed)}; ncnn "
+                              "models take one item: give batch-1 inputs or a dynamic batch axis",
+                              target="ncnn", step="batch")
+    return {k: [1, *v[1:]] for k, v in source.input_shapes.items()}, batch
+
+
+def param_layer_types(param: Path) -> list[str]:
+    lines = param.read_text().splitlines()
+    count = int(lines[1].split()[0])
+    return [ln.split()[0] for ln in lines[2:2 + count] if ln.strip()]
+
+
+def unknown_layers(param: Path) -> list[str]:
+    """Layer types in the .param that the installed ncnn cannot create (checked by name, which
+    never crashes; loading such a .param fails)."""
+    import ncnn
+
+    return sorted({t for t in param_layer_types(param) if ncnn.layer_to_index(t) < 0})
+
+
+def pow_layers(param: Path) -> int:
+    return sum(1 for ln in param.read_text().splitlines()
+               if ln.startswith("BinaryOp") and re.search(r"(^|\s)0=6(\s|$)", ln))
+
+
+def patch_tanh_gelu(param: Path) -> int:
+    """pnnx writes GELU without parameters (erf form); the source computes the tanh form."""
+    lines, n = param.read_text().splitlines(), 0
+    for i, ln in enumerate(lines):
+        if ln.startswith("GELU ") and " 0=" not in ln:
+            lines[i], n = ln + " 0=1", n + 1
+    param.write_text("\n".join(lines) + "\n")
+    return n
+
+
+class NcnnSession(Session):
+    """ncnn.Net in this (child) process; inputs by blob name with the batch on numpy axis 0."""
+
+    runtime = "ncnn"
+
+    def __init__(self, artifact: Artifact, threads: int):
+        import ncnn
+
+        self._ncnn = ncnn
+        net = ncnn.Net()
+        net.opt.num_threads = threads
+        exact = artifact.meta.get("mode", "exact") == "exact"
+        if exact:
+            net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False
+            net.opt.use_fp16_packed = net.opt.use_bf16_storage = False
+        self.runtime = f"ncnn ({'exact fp32' if exact else 'fp16 storage+arithmetic'})"
+        binf = artifact.primary.with_suffix(".bin")
+        if net.load_param(str(artifact.primary)) != 0 or net.load_model(str(binf)) != 0:
+            raise RuntimeFailure("ncnn could not load the model", target="ncnn", step="open")
+        self._net = net
+        self._inputs = artifact.meta["inputs"]
+        self._outputs = artifact.meta["outputs"]
+        self.inputs = [TensorSpec(n, (), d) for _, n, d in self._inputs]
+        self.outputs = [TensorSpec(n, tuple(s), "float32") for _, n, s in self._outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One item at a time (the model was converted at batch 1); outputs stacked back."""
+        import numpy as np
+
+        batch = next(iter(feeds.values())).shape[0] if feeds else 1
+        items = [self._run_one({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(batch)]
+        return {name: np.concatenate([it[name] for it in items], axis=0)
+                for _, name, _ in self._outputs}
+
+    def _run_one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import numpy as np
+
+        ex = self._net.create_extractor()
+        for blob, name, dtype in self._inputs:
+            value = np.ascontiguousarray(feeds[name], dtype=np.int32 if dtype.startswith("int")
+                                         else np.float32)
+            # clone(): a Mat built on a numpy array shares its memory (as pnnx's own runner does)
+            ex.input(blob, self._ncnn.Mat(value, batch_index=0).clone())
+        out = {}
+        for blob, name, shape in self._outputs:
+            ret, mat = ex.extract(blob)
+            if ret != 0:
+                raise RuntimeFailure(f"ncnn extract({blob}) returned {ret}", target="ncnn",
+                                     step="run")
+            value = np.array(mat.numpy(batch_index=0))
+            if value.size != int(np.prod(shape)):
+                raise RuntimeFailure(f"ncnn returned {value.size} values for {name}, the source "
+                                     f"{int(np.prod(shape))} {tuple(shape)}: the converted graph "
+                                     "computes another shape", target="ncnn", step="run")
+            out[name] = value.reshape(shape)
+        return out

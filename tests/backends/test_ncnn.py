@@ -1,0 +1,112 @@
+"""ncnn with the real pnnx and ncnn: legalization, routes, exact and phone-fp16 modes."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import mtconvert
+from mtconvert.backends.ncnn import (NcnnBackend, param_layer_types, patch_tanh_gelu,
+                                     pow_layers)
+from mtconvert.backends.ncnn_rewrite import prepare
+
+pytestmark = pytest.mark.skipif(not NcnnBackend.availability().can_convert,
+                                reason="pnnx/ncnn not installed")
+PASSING = ["bert_encoder", "gpt_decoder", "vit_encoder", "bert_pruned", "bert_distilled"]
+
+
+def _run(model, out, **kw):
+    return mtconvert.convert(model, targets=["ncnn"], out_dir=out, iterations=3, warmup=1, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", PASSING)
+def test_fixture_passes_exact_fp32(fixture, fixtures_dir, tmp_path):
+    t = _run(fixtures_dir / f"{fixture}.onnx", tmp_path).targets["ncnn"]
+    assert t.status == "passed", t.reason
+    assert t.numerics.worst["max_abs"] < 1e-4 and t.numerics.runtime == "ncnn (exact fp32)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"{fixture}.ncnn.bin", f"{fixture}.ncnn.log", f"{fixture}.ncnn.param"]
+
+
+@pytest.mark.slow
+def test_steps_name_rewrites_and_routes(fixtures_dir, tmp_path):
+    bert = _run(fixtures_dir / "bert_encoder.onnx", tmp_path / "b").targets["ncnn"]
+    assert any(s.startswith("legalize: attention_mask -> float additive mask")
+               for s in bert.conversion.steps)
+    vit = _run(fixtures_dir / "vit_encoder.onnx", tmp_path / "v").targets["ncnn"]
+    steps = " | ".join(vit.conversion.steps)
+    assert "route onnx-fixed rejected" in steps and "route onnx-as-given: loads and runs" in steps
+    gpt = _run(fixtures_dir / "gpt_decoder.onnx", tmp_path / "g").targets["ncnn"]
+    assert any(s.startswith("GELU: 2 layer(s) set to the tanh form") for s in gpt.conversion.steps)
+
+
+@pytest.mark.slow
+def test_phone_fp16_mode_reports_change_against_exact(fixtures_dir, tmp_path):
+    t = _run(fixtures_dir / "bert_encoder.onnx", tmp_path, precision="fp16").targets["ncnn"]
+    assert t.status == "passed", t.reason
+    assert t.numerics.runtime == "ncnn (fp16 storage+arithmetic)"
+    assert t.numerics.fp32_worst["max_abs"] < 1e-4
+    assert 0 < t.numerics.vs_fp32["logits"]["max_abs"] < 1e-2
+    assert (tmp_path / "bert_encoder.fp16.ncnn.param").is_file()
+
+
+@pytest.mark.slow
+def test_torch_sources(fixtures_dir, tmp_path):
+    import torch
+
+    fixed_batch_2 = _run(fixtures_dir / "bert_encoder.pt2", tmp_path / "p").targets["ncnn"]
+    assert fixed_batch_2.status == "error" and "fixes batch 2" in fixed_batch_2.reason
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    report = _run(mlp, tmp_path / "m", example_inputs=(torch.randn(1, 8),))
+    assert report.reference.runtime == "pytorch-eager"
+    assert report.targets["ncnn"].status == "passed", report.targets["ncnn"].reason
+
+
+@pytest.mark.slow
+def test_dynamic_batch_runs_item_by_item(fixtures_dir, tmp_path):
+    t = _run(fixtures_dir / "bert_encoder.onnx", tmp_path,
+             input_shapes={"input_ids": "3x16"}).targets["ncnn"]
+    assert t.status == "passed", t.reason
+    assert any(s.startswith("batch: converted at batch 1; the 3 items") for s in t.conversion.steps)
+
+
+@pytest.mark.slow
+def test_wrong_output_shape_is_refused(tiny_onnx, tmp_path):
+    """The tiny encoder's masked mean-pool comes out of ncnn with the sequence axis unreduced."""
+    t = _run(tiny_onnx, tmp_path).targets["ncnn"]
+    assert t.status == "error" and "computes another shape" in t.reason
+
+
+@pytest.mark.slow
+def test_wrong_numbers_and_unloadable_layers_are_caught(fixtures_dir, tmp_path):
+    """pnnx exits 0 on both; mtconvert must not pass either."""
+    low = _run(fixtures_dir / "bert_lowrank.onnx", tmp_path / "l").targets["ncnn"]
+    assert low.status == "failed" and "logits" in low.reason
+    q = _run(fixtures_dir / "bert_int8_qdq.onnx", tmp_path / "q").targets["ncnn"]
+    assert q.status == "error" and "layers ncnn cannot create: DequantizeLinear" in q.reason
+
+
+def test_mask_rewrite_is_equivalent_in_onnxruntime(fixtures_dir, tmp_path):
+    shapes = {"input_ids": [1, 16], "attention_mask": [1, 16]}
+    info = prepare(str(fixtures_dir / "bert_encoder.onnx"), str(tmp_path / "r.onnx"), shapes)
+    assert info["masks_rewritten"] == ["attention_mask"]
+    assert info["input_dtypes"]["attention_mask"] == "float32"
+    a = ort.InferenceSession(str(fixtures_dir / "bert_encoder.onnx"))
+    b = ort.InferenceSession(str(tmp_path / "r.onnx"))
+    rng = np.random.default_rng(123)
+    for _ in range(8):
+        ids = rng.integers(0, 1000, (1, 16))
+        mask = (np.arange(16) < rng.integers(1, 17)).astype(np.int64)[None]
+        ref = a.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        got = b.run(None, {"input_ids": ids, "attention_mask": mask.astype(np.float32)})[0]
+        assert np.abs(ref - got).max() <= 1e-5
+
+
+def test_param_helpers(tmp_path):
+    param = tmp_path / "m.param"
+    param.write_text("7767517\n4 4\nInput in0 0 1 in0\nGELU gelu_0 1 1 in0 a\n"
+                     "BinaryOp pow_1 1 1 a b 0=6 1=1 2=3.0\nGELU gelu_2 1 1 b out0 0=1\n")
+    assert param_layer_types(param) == ["Input", "GELU", "BinaryOp", "GELU"]
+    assert pow_layers(param) == 1
+    assert patch_tanh_gelu(param) == 1
+    assert "GELU gelu_0 1 1 in0 a 0=1" in param.read_text()
