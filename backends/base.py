@@ -72,6 +72,7 @@ class TargetOptions:
     timeout_s: float | None = None
     calibration: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    route: str = ""  # which of the backend's routes() to take
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,12 @@ class Backend(ABC):
 
     def lint(self, artifact: Artifact) -> list[Finding]:
         return []
+
+    def routes(self, source: PreparedSource) -> list[str]:
+        """Alternative ways to convert ``source``, best first. The pipeline converts and
+        validates each in turn and keeps the first whose artifact passes; one route (the
+        default) means no alternatives."""
+        return [""]
 
     def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
         """Describe an artifact built elsewhere so it can be linted and run. Fixed-shape

@@ -9,7 +9,6 @@ change against the exact fp32 twin.
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import shutil
 from pathlib import Path
@@ -17,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
-                                     TargetOptions, TensorSpec, expect_files, python_cmd,
-                                     run_tool)
+                                     TargetOptions, TensorSpec, expect_files, run_tool)
 from mtconvert.backends.onnx_tools import run_onnx_tool
 from mtconvert.errors import ConversionError, RuntimeFailure
 
@@ -45,19 +43,60 @@ class NcnnBackend(Backend):
     convert_requires = {"pnnx": "pnnx", "ncnn": "ncnn", "onnxsim": "onnxsim"}
     run_requires = {"ncnn": "ncnn"}
 
+    def routes(self, source: PreparedSource) -> list[str]:
+        """TorchScript first for PyTorch sources (pnnx's native input), then the legalized
+        fixed-shape ONNX, then the ONNX as given (pnnx simplifies it itself): pnnx mis-converts
+        some fixed-shape graphs (ViT: broken Reshapes) and some traced ones."""
+        onnx_routes = ["onnx-fixed", "onnx-as-given"]
+        return ["torchscript", *onnx_routes] if source.torch_module is not None else onnx_routes
+
     def convert(self, source: PreparedSource, out_dir: Path, opts: TargetOptions) -> Artifact:
         log = out_dir / f"{source.name}.{self.name}.log"
-        work = source.work_dir / self.name
+        route = opts.route or "onnx-fixed"
+        work = source.work_dir / self.name / route
         work.mkdir(parents=True, exist_ok=True)
-        missing = [s.name for s in source.inputs if s.name not in source.input_shapes]
-        if missing:
-            raise ConversionError(f"no fixed shape for input(s) {', '.join(missing)}",
-                                  target=self.name, step="fix-shapes")
         shapes, batch = _batch_one(source)
-        model = work / "model.onnx"  # pnnx names its outputs after its input file
-        info = run_onnx_tool("ncnn-prepare", source.onnx_path, model, shapes, step="legalize",
+        prepared = work / "prepared.onnx"
+        info = run_onnx_tool("ncnn-prepare", source.onnx_path, prepared, shapes, step="legalize",
                              log=log, timeout=opts.timeout_s, target=self.name)
-        steps = [f"fix shapes: {', '.join(f'{k}={chr(120).join(map(str, v))}' for k, v in shapes.items())} (onnxsim)"]
+        model, steps = self._route_input(route, source, prepared, info, work, shapes)
+        if batch > 1:
+            steps.append(f"batch: converted at batch 1; the {batch} items run one at a time "
+                         "(ncnn models take one item)")
+        fp16 = opts.precision == "fp16"
+        param, binf, pnnx_steps = self._pnnx(model, source, info, work, log, opts, fp16=fp16)
+        suffix = ".fp16" if fp16 else ""
+        out_param = out_dir / f"{source.name}{suffix}.ncnn.param"
+        out_bin = out_dir / f"{source.name}{suffix}.ncnn.bin"
+        shutil.move(param, out_param)
+        shutil.move(binf, out_bin)
+        meta = self._io_meta(source, info) | {"mode": "phone-fp16" if fp16 else "exact"}
+        if fp16:  # the exact fp32 twin of the same route: the yardstick for what fp16 costs
+            tp, tb, _ = self._pnnx(model, source, info, work, log, opts, fp16=False)
+            meta["fp32_variant"] = Artifact(target=self.name, primary=tp, files=(tp, tb),
+                                            meta=meta | {"mode": "exact"}).to_dict()
+        return Artifact(target=self.name, primary=out_param, files=(out_param, out_bin),
+                        precision=opts.precision, steps=tuple(steps + pnnx_steps), log_path=log,
+                        tool_versions=deps.versions(TOOLS), meta=meta)
+
+    def _route_input(self, route: str, source: PreparedSource, prepared: Path,
+                     info: dict[str, Any], work: Path,
+                     shapes: dict[str, list[int]]) -> tuple[Path, list[str]]:
+        """The file pnnx converts on this route (named model.*: pnnx names outputs after it)."""
+        fixed = "fix shapes: " + ", ".join(f"{k}=" + "x".join(map(str, v))
+                                           for k, v in shapes.items())
+        if route == "torchscript":
+            info["input_dtypes"] = {s.name: s.dtype for s in source.inputs}
+            return trace(source, shapes, work / "model.pt"), [f"{fixed}; torch.jit.trace"]
+        if route == "onnx-as-given":
+            if info["masks_rewritten"] or info["casts_removed"]:
+                raise ConversionError("not applicable: the graph needs legalization",
+                                      target=self.name, step="route")
+            info["input_dtypes"] = {s.name: s.dtype for s in source.inputs}
+            shutil.copy(source.onnx_path, work / "model.onnx")
+            return work / "model.onnx", [f"{fixed} (by pnnx); graph as given"]
+        shutil.copy(prepared, work / "model.onnx")
+        steps = [f"{fixed} (onnxsim)"]
         steps += [f"legalize: {m} -> float additive mask (1 - {m}) * -1e4 [B,1,1,S]; "
                   f"ORT equivalence max abs {info['equivalence_max_abs']:.1g}"
                   for m in info["masks_rewritten"]]
@@ -65,75 +104,7 @@ class NcnnBackend(Backend):
                   "int->float Cast)" for m in info["casts_removed"]]
         if info["rewrite_note"] and not info["casts_removed"]:
             steps.append(f"legalize: {info['rewrite_note']}")
-        if batch > 1:
-            steps.append(f"batch: converted at batch 1; the {batch} items run one at a time "
-                         "(ncnn models take one item)")
-        fp16 = opts.precision == "fp16"
-        route, param, binf, route_steps = self._first_working_route(model, source, info, work,
-                                                                    log, opts, fp16)
-        steps += route_steps
-        suffix = ".fp16" if fp16 else ""
-        out_param = out_dir / f"{source.name}{suffix}.ncnn.param"
-        out_bin = out_dir / f"{source.name}{suffix}.ncnn.bin"
-        shutil.move(param, out_param)
-        shutil.move(binf, out_bin)
-        meta = self._io_meta(source, info, shapes) | {"mode": "phone-fp16" if fp16 else "exact"}
-        if fp16:  # the exact fp32 twin: the yardstick for what fp16 costs
-            twin_dir = work / "fp32"
-            twin_dir.mkdir(exist_ok=True)
-            shutil.copy(route, twin_dir / "model.onnx")
-            tp, tb, _ = self._pnnx(twin_dir / "model.onnx", source, info, twin_dir, log, opts,
-                                   fp16=False)
-            meta["fp32_variant"] = Artifact(target=self.name, primary=tp, files=(tp, tb),
-                                            meta=meta | {"mode": "exact"}).to_dict()
-        return Artifact(target=self.name, primary=out_param, files=(out_param, out_bin),
-                        precision=opts.precision, steps=tuple(steps), log_path=log,
-                        tool_versions=deps.versions(TOOLS), meta=meta)
-
-    def _routes(self, prepared: Path, source: PreparedSource, info: dict[str, Any],
-                work: Path) -> list[tuple[str, Path]]:
-        """The legalized fixed-shape graph first; the source graph as given (pnnx simplifies it
-        itself) when no rewrite was needed. pnnx mis-converts some fixed-shape graphs (ViT:
-        broken Reshapes) and segfaults on some dynamic ones (GPT-2)."""
-        routes = [("onnx-fixed", prepared)]
-        if not info["masks_rewritten"] and source.onnx_path.suffix == ".onnx":
-            raw_dir = work / "raw"
-            raw_dir.mkdir(exist_ok=True)
-            shutil.copy(source.onnx_path, raw_dir / "model.onnx")
-            routes.append(("onnx-as-given", raw_dir / "model.onnx"))
-        return routes
-
-    def _first_working_route(self, prepared: Path, source: PreparedSource, info: dict[str, Any],
-                             work: Path, log: Path, opts: TargetOptions,
-                             fp16: bool) -> tuple[Path, Path, Path, list[str]]:
-        rejected = []
-        for name, model in self._routes(prepared, source, info, work):
-            try:
-                param, binf, steps = self._pnnx(model, source, info, model.parent, log, opts,
-                                                fp16=fp16)
-                unknown = unknown_layers(param)
-                if unknown:
-                    raise ConversionError(f"layers ncnn cannot create: {', '.join(unknown)}",
-                                          target=self.name, step="layers")
-                self._smoke(param, source, info, log, opts)
-            except ConversionError as exc:
-                rejected.append(f"route {name} rejected: {exc.reason}")
-                continue
-            return model, param, binf, rejected + [f"route {name}: loads and runs", *steps]
-        raise ConversionError("no route gave a model ncnn can load and run (" +
-                              "; ".join(rejected) + ")", target=self.name, step="pnnx",
-                              log_path=log)
-
-    def _smoke(self, param: Path, source: PreparedSource, info: dict[str, Any], log: Path,
-               opts: TargetOptions) -> None:
-        artifact = Artifact(target=self.name, primary=param, files=(param,),
-                            meta=self._io_meta(source, info) | {"mode": "exact"})
-        shapes, _ = _batch_one(source)
-        job = param.parent / "smoke.json"
-        job.write_text(json.dumps({"artifact": artifact.to_dict(), "inputs": {
-            s.name: [shapes[s.name], info["input_dtypes"][s.name]] for s in source.inputs}}))
-        run_tool(python_cmd("-m", "mtconvert.backends.ncnn_smoke", str(job)), target=self.name,
-                 step="smoke-run", log_path=log, timeout_s=opts.timeout_s)
+        return work / "model.onnx", steps
 
     def _pnnx(self, model: Path, source: PreparedSource, info: dict[str, Any], work: Path,
               log: Path, opts: TargetOptions, fp16: bool) -> tuple[Path, Path, list[str]]:
@@ -141,6 +112,8 @@ class NcnnBackend(Backend):
         spec = ",".join(f"[{','.join(map(str, shapes[s.name]))}]"
                         f"{_PNNX_TYPES.get(info['input_dtypes'][s.name], 'f32')}"
                         for s in source.inputs)
+        for old in work.glob("model.ncnn.*"):
+            old.unlink()
         run_tool([str(pnnx_binary()), model.name, f"inputshape={spec}", f"fp16={int(fp16)}"],
                  target=self.name, step="pnnx", log_path=log, timeout_s=opts.timeout_s, cwd=work)
         param, binf = work / "model.ncnn.param", work / "model.ncnn.bin"
@@ -153,8 +126,7 @@ class NcnnBackend(Backend):
         return param, binf, steps
 
     @staticmethod
-    def _io_meta(source: PreparedSource, info: dict[str, Any],
-                 shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    def _io_meta(source: PreparedSource, info: dict[str, Any]) -> dict[str, Any]:
         return {"inputs": [[f"in{i}", s.name, info["input_dtypes"][s.name]]
                            for i, s in enumerate(source.inputs)],
                 "outputs": [[f"out{i}", s.name, info["output_shapes"][s.name]]
@@ -176,6 +148,23 @@ class NcnnBackend(Backend):
 
     def open(self, artifact: Artifact, threads: int) -> Session:
         return NcnnSession(artifact, threads)
+
+
+def trace(source: PreparedSource, shapes: dict[str, list[int]], path: Path) -> Path:
+    """TorchScript of the source module at batch 1 (ones for masks, zeros elsewhere)."""
+    import torch
+
+    examples = tuple((torch.ones if "mask" in s.name.lower() else torch.zeros)(
+        shapes[s.name], dtype=getattr(torch, s.dtype)) for s in source.inputs)
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(source.torch_module, examples, check_trace=False,
+                                     strict=False)
+    except Exception as exc:
+        raise ConversionError(f"torch.jit.trace failed: {str(exc).splitlines()[0][:200]}",
+                              target="ncnn", step="trace") from None
+    traced.save(str(path))
+    return path
 
 
 def _batch_one(source: PreparedSource) -> tuple[dict[str, list[int]], int]:

@@ -72,7 +72,7 @@ class ConversionCache:
         parts = {"mtconvert": __version__, "backend": f"{backend.__module__}:{backend.__qualname__}",
                  "code": _code_hash(backend), "tools": backend.availability().versions,
                  "onnx": _sha_file(src.onnx_path), "precision": opts.precision,
-                 "extra": opts.extra, "shapes": {k: list(v) for k, v in src.input_shapes.items()},
+                 "extra": opts.extra, "route": opts.route, "shapes": {k: list(v) for k, v in src.input_shapes.items()},
                  "calibration": _sha_arrays(opts.calibration) if opts.precision == "int8" else None}
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 

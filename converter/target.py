@@ -15,8 +15,8 @@ import numpy as np
 from mtconvert import staging as stg
 from mtconvert.backends.base import Artifact, Backend, PreparedSource, TargetOptions
 from mtconvert.cache import ConversionCache
-from mtconvert.errors import (BackendUnavailableError, MtConvertError, RuntimeUnavailable,
-                              StepError, UsageError)
+from mtconvert.errors import (BackendUnavailableError, ConversionError, MtConvertError,
+                              RuntimeUnavailable, StepError, UsageError)
 from mtconvert.options import ConvertOptions
 from mtconvert.registry import Registry
 from mtconvert.report import Conversion, Latency, Memory, Numerics, TargetReport
@@ -83,10 +83,11 @@ def _backend(registry: Registry, name: str) -> Backend:
     return cls()
 
 
-def _convert(ctx: RunContext, backend: Backend, staging: Path) -> tuple[Artifact, Conversion]:
+def _convert(ctx: RunContext, backend: Backend, staging: Path,
+             route: str = "") -> tuple[Artifact, Conversion]:
     opts = ctx.opts
     topts = TargetOptions(precision=opts.precision, threads=opts.threads, timeout_s=opts.timeout_s,
-                          calibration=opts.calibration, extra=dict(opts.extra))
+                          calibration=opts.calibration, extra=dict(opts.extra), route=route)
     key = ctx.cache.key(type(backend), ctx.src, topts)
     hit = ctx.cache.load(key, staging, ctx.src.work_dir / backend.name)
     if hit is not None:
@@ -94,7 +95,7 @@ def _convert(ctx: RunContext, backend: Backend, staging: Path) -> tuple[Artifact
         ctx.say(f"{backend.name}: reusing the cached conversion")
         return artifact, Conversion(seconds, artifact.steps, artifact.tool_versions, cached=True)
     clock = Clock()
-    ctx.say(f"{backend.name}: converting")
+    ctx.say(f"{backend.name}: converting" + (f" (route {route})" if route else ""))
     artifact = backend.convert(ctx.src, staging, topts)
     seconds = clock.lap("convert_s")
     ctx.cache.store(key, artifact, staging, seconds)
@@ -103,11 +104,58 @@ def _convert(ctx: RunContext, backend: Backend, staging: Path) -> tuple[Artifact
 
 def _convert_and_validate(ctx: RunContext, backend: Backend, staging: Path,
                           out_dir: Path) -> TargetReport:
-    clock = Clock()
-    artifact, conversion = _convert(ctx, backend, staging)
-    clock.lap("convert_s")
-    artifact = stg.commit(artifact, staging, out_dir)
-    return check_artifact(ctx, backend, artifact, conversion, clock)
+    routes = backend.routes(ctx.src) or [""]
+    if len(routes) == 1:
+        clock = Clock()
+        artifact, conversion = _convert(ctx, backend, staging, routes[0])
+        clock.lap("convert_s")
+        artifact = stg.commit(artifact, staging, out_dir)
+        return check_artifact(ctx, backend, artifact, conversion, clock)
+    return _first_passing_route(ctx, backend, routes, staging, out_dir)
+
+
+def _first_passing_route(ctx: RunContext, backend: Backend, routes: list[str], staging: Path,
+                         out_dir: Path) -> TargetReport:
+    """Convert and validate each route in its own staging area; commit the first that passes.
+    If none passes, commit the first route that produced an artifact (its failed or error
+    report stands); if none produced one, raise with every route's reason."""
+    rejected: list[str] = []
+    first: tuple | None = None
+    for route in routes:
+        area = staging / route
+        area.mkdir()
+        clock = Clock()
+        try:
+            artifact, conversion = _convert(ctx, backend, area, route)
+        except StepError as exc:
+            rejected.append(f"route {route} rejected: {exc.reason}")
+            _move_log(area, staging)
+            continue
+        clock.lap("convert_s")
+        report = check_artifact(ctx, backend, artifact, conversion, clock)
+        if report.status == "passed":
+            return _commit_route(report, artifact, conversion, area, out_dir, route, rejected)
+        rejected.append(f"route {route} rejected: {report.status}: {report.reason}")
+        first = first or (report, artifact, conversion, area, route)
+    if first is None:
+        raise ConversionError("; ".join(rejected), target=backend.name)
+    report, artifact, conversion, area, route = first
+    others = [r for r in rejected if not r.startswith(f"route {route} ")]
+    return _commit_route(report, artifact, conversion, area, out_dir, route, others)
+
+
+def _commit_route(report: TargetReport, artifact: Artifact, conversion: Conversion, area: Path,
+                  out_dir: Path, route: str, rejected: list[str]) -> TargetReport:
+    committed = stg.commit(artifact, area, out_dir)
+    steps = (*rejected, f"route {route}: chosen ({report.status})", *conversion.steps)
+    return replace(report, artifacts=stg.file_entries(committed),
+                   log=str(committed.log_path) if committed.log_path else None,
+                   conversion=replace(conversion, steps=steps))
+
+
+def _move_log(area: Path, staging: Path) -> None:
+    for log in area.glob("*.log"):
+        log.replace(staging / log.name)
 
 
 def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,

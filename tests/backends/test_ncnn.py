@@ -34,7 +34,8 @@ def test_steps_name_rewrites_and_routes(fixtures_dir, tmp_path):
                for s in bert.conversion.steps)
     vit = _run(fixtures_dir / "vit_encoder.onnx", tmp_path / "v").targets["ncnn"]
     steps = " | ".join(vit.conversion.steps)
-    assert "route onnx-fixed rejected" in steps and "route onnx-as-given: loads and runs" in steps
+    assert "route onnx-fixed rejected: error" in steps
+    assert "route onnx-as-given: chosen (passed)" in steps
     gpt = _run(fixtures_dir / "gpt_decoder.onnx", tmp_path / "g").targets["ncnn"]
     assert any(s.startswith("GELU: 2 layer(s) set to the tanh form") for s in gpt.conversion.steps)
 
@@ -59,7 +60,40 @@ def test_torch_sources(fixtures_dir, tmp_path):
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
     report = _run(mlp, tmp_path / "m", example_inputs=(torch.randn(1, 8),))
     assert report.reference.runtime == "pytorch-eager"
-    assert report.targets["ncnn"].status == "passed", report.targets["ncnn"].reason
+    t = report.targets["ncnn"]
+    assert t.status == "passed", t.reason
+    assert "route torchscript: chosen (passed)" in t.conversion.steps  # the first route
+
+
+@pytest.mark.slow
+def test_torch_bert_falls_back_from_torchscript_to_onnx(tmp_path):
+    """A BERT module's TorchScript keeps HF's mask logic (layers ncnn lacks): rejected with
+    the layers named; the legalized ONNX route wins."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=32, attn_implementation="eager")
+    bert = transformers.BertModel(cfg).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.randint(0, 100, (1, 12))
+    mask = torch.ones(1, 12, dtype=torch.long)
+    mask[0, 9:] = 0
+    t = _run(Encoder(), tmp_path, example_inputs=(ids, mask)).targets["ncnn"]
+    assert t.status == "passed", t.reason
+    steps = " | ".join(t.conversion.steps)
+    assert "route torchscript rejected: failed: layers the installed ncnn cannot create" in steps
+    assert "route onnx-fixed: chosen (passed)" in steps
 
 
 @pytest.mark.slow
@@ -82,8 +116,10 @@ def test_wrong_numbers_and_unloadable_layers_are_caught(fixtures_dir, tmp_path):
     """pnnx exits 0 on both; mtconvert must not pass either."""
     low = _run(fixtures_dir / "bert_lowrank.onnx", tmp_path / "l").targets["ncnn"]
     assert low.status == "failed" and "logits" in low.reason
+    assert "route onnx-as-given rejected: route: not applicable" in " ".join(low.conversion.steps)
     q = _run(fixtures_dir / "bert_int8_qdq.onnx", tmp_path / "q").targets["ncnn"]
-    assert q.status == "error" and "layers ncnn cannot create: DequantizeLinear" in q.reason
+    assert q.status == "failed"
+    assert "layers the installed ncnn cannot create: DequantizeLinear" in q.reason
 
 
 def test_mask_rewrite_is_equivalent_in_onnxruntime(fixtures_dir, tmp_path):
