@@ -20,6 +20,7 @@ import numpy as np
 
 from mtconvert import __version__
 from mtconvert.backends.base import Artifact, Backend, PreparedSource, TargetOptions
+from mtconvert.source import sha256_of
 
 VARIANTS = ("fp32_variant",)  # artifact.meta entries naming files outside the shipped set
 
@@ -29,14 +30,6 @@ def default_root() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "mtconvert"
-
-
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sha_arrays(path: Path | None) -> str | None:
@@ -71,7 +64,7 @@ class ConversionCache:
             return None
         parts = {"mtconvert": __version__, "backend": f"{backend.__module__}:{backend.__qualname__}",
                  "code": _code_hash(backend), "tools": backend.availability().versions,
-                 "onnx": _sha_file(src.onnx_path), "precision": opts.precision,
+                 "onnx": sha256_of(src.onnx_path), "precision": opts.precision,
                  "extra": opts.extra, "route": opts.route, "shapes": {k: list(v) for k, v in src.input_shapes.items()},
                  "calibration": _sha_arrays(opts.calibration) if opts.precision == "int8" else None}
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
