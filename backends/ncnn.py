@@ -75,7 +75,13 @@ class NcnnBackend(Backend):
             tp, tb, _ = self._pnnx(model, source, info, work, log, opts, fp16=False)
             meta["fp32_variant"] = Artifact(target=self.name, primary=tp, files=(tp, tb),
                                             meta=meta | {"mode": "exact"}).to_dict()
-        return Artifact(target=self.name, primary=out_param, files=(out_param, out_bin),
+        files = (out_param, out_bin)
+        if opts.extra.get("keep_intermediate"):
+            kept = out_dir / f"{source.name}{suffix}.ncnn-intermediate"
+            shutil.copytree(work, kept)
+            files += (kept,)
+            pnnx_steps.append(f"kept the intermediate files in {kept.name}/")
+        return Artifact(target=self.name, primary=out_param, files=files,
                         precision=opts.precision, steps=tuple(steps + pnnx_steps), log_path=log,
                         tool_versions=deps.versions(TOOLS), meta=meta)
 

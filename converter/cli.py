@@ -103,16 +103,20 @@ def shared_options(f: Any) -> Any:
 @click.option("--jobs", "-j", type=int, default=None,
               help="Targets converting at once (default: number of cores).")
 @click.option("--no-cache", is_flag=True, help="Convert again even when a cached conversion fits.")
+@click.option("--keep-intermediate", is_flag=True,
+              help="ncnn: also keep pnnx's intermediate files (in <model>.ncnn-intermediate/).")
 @shared_options
 def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
                 calibration: Path | None, int8_scheme: str | None, jobs: int | None,
-                no_cache: bool, **shared: Any) -> int:
+                no_cache: bool, keep_intermediate: bool, **shared: Any) -> int:
     """Convert MODEL (.onnx or .pt2) to each target and validate every artifact."""
     from mtconvert import api
 
     options = _options(shared) | dict(calibration=calibration, jobs=jobs, cache=not no_cache)
     if int8_scheme:
         options["extra"]["int8_scheme"] = int8_scheme
+    if keep_intermediate:
+        options["extra"]["keep_intermediate"] = True
     report = api.convert(model, targets, out_dir, None, progress=_progress(shared), **options)
     return _finish(report, shared["report_json"])
 

@@ -1,6 +1,7 @@
 """A fake backend for pipeline, CLI and report tests only: its "artifact" is a copy of the
 source ONNX, run by ONNX Runtime. Knobs in TargetOptions.extra[<backend name>] make it misbehave
-on purpose: noise (add this much to every output), crash (segfault in the runtime),
+on purpose: noise (add this much to every output), crash (segfault in the runtime), kill
+(SIGKILL, as the out-of-memory killer does), hang (sleep forever in the runtime),
 convert_error (raise ConversionError), lint_error (an error finding)."""
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ class FakeSession(Session):
 
         if artifact.meta.get("crash"):
             os.kill(os.getpid(), signal.SIGSEGV)
+        if artifact.meta.get("kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if artifact.meta.get("hang"):
+            import time
+
+            time.sleep(3600)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         self._sess = ort.InferenceSession(str(artifact.primary), so,

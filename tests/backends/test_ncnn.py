@@ -28,6 +28,15 @@ def test_fixture_passes_exact_fp32(fixture, fixtures_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_keep_intermediate(fixtures_dir, tmp_path):
+    t = _run(fixtures_dir / "bert_distilled.onnx", tmp_path,
+             extra={"keep_intermediate": True}).targets["ncnn"]
+    kept = tmp_path / "bert_distilled.ncnn-intermediate"
+    assert t.status == "passed" and (kept / "model.pnnx.param").is_file()
+    assert str(kept) in [a.path for a in t.artifacts]
+
+
+@pytest.mark.slow
 def test_steps_name_rewrites_and_routes(fixtures_dir, tmp_path):
     bert = _run(fixtures_dir / "bert_encoder.onnx", tmp_path / "b").targets["ncnn"]
     assert any(s.startswith("legalize: attention_mask -> float additive mask")

@@ -50,6 +50,12 @@ def test_already_quantized_source_is_not_quantized_again(fixtures_dir, tmp_path)
 
 
 @pytest.mark.slow
+def test_same_command_twice_identical_numerics(fixtures_dir, tmp_path):
+    a, b = (_run(fixtures_dir / "gpt_decoder.onnx", tmp_path / n, cache=False) for n in "ab")
+    assert a.targets["onnx-mobile"].numerics == b.targets["onnx-mobile"].numerics
+
+
+@pytest.mark.slow
 def test_pt2_source_uses_pytorch_reference(fixtures_dir, tmp_path):
     report = _run(fixtures_dir / "bert_encoder.pt2", tmp_path)
     assert report.reference.runtime == "pytorch-eager"

@@ -66,6 +66,15 @@ def test_crash_is_one_targets_error_and_others_finish(tiny_onnx, tmp_path, fake_
     assert report.exit_code == 3
 
 
+@pytest.mark.parametrize("knob,needle", [("kill", "SIGKILL"), ("hang", "timed out after 3 s")])
+def test_kill_and_timeout_are_one_targets_error(knob, needle, tiny_onnx, tmp_path,
+                                                fake_registry):
+    report = _convert(tiny_onnx, tmp_path, fake_registry, targets=("fake", "fake2"),
+                      extra={"fake": {knob: True}}, timeout=3)
+    assert report.targets["fake"].status == "error" and needle in report.targets["fake"].reason
+    assert report.targets["fake2"].status == "passed" and report.exit_code == 3
+
+
 def test_conversion_error_leaves_only_the_log(tiny_onnx, tmp_path, fake_registry):
     out = tmp_path / "out"
     report = _convert(tiny_onnx, out, fake_registry, extra={"fake": {"convert_error": True}})
