@@ -167,6 +167,7 @@ class Backend(ABC):
     convert_requires: ClassVar[dict[str, str]] = {}
     run_requires: ClassVar[dict[str, str]] = {}
     artifact_suffixes: ClassVar[tuple[str, ...]] = ()  # files `mtconvert validate` maps here
+    fixed_shapes: ClassVar[bool] = False  # artifacts run only at the shapes they were made for
 
     @classmethod
     def availability(cls) -> Availability:

@@ -40,6 +40,7 @@ class NcnnBackend(Backend):
     extra = "ncnn"
     description = "Tencent ncnn (.param + .bin) via pnnx"
     precisions = ("fp32", "fp16")
+    fixed_shapes = True
     convert_requires = {"pnnx": "pnnx", "ncnn": "ncnn", "onnxsim": "onnxsim"}
     run_requires = {"ncnn": "ncnn"}
 

@@ -33,6 +33,7 @@ class TfliteBackend(Backend):
     extra = "tflite"
     description = "TensorFlow Lite / LiteRT (.tflite) via onnx2tf"
     precisions = ("fp32", "fp16", "int8")
+    fixed_shapes = True
     convert_requires = {"onnx2tf": "onnx2tf", "tensorflow": "tensorflow", "tf_keras": "tf-keras",
                         "onnxsim": "onnxsim", "onnx_graphsurgeon": "onnx-graphsurgeon",
                         "sng4onnx": "sng4onnx"}

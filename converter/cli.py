@@ -103,16 +103,23 @@ def shared_options(f: Any) -> Any:
 @click.option("--jobs", "-j", type=int, default=None,
               help="Targets converting at once (default: number of cores).")
 @click.option("--no-cache", is_flag=True, help="Convert again even when a cached conversion fits.")
+@click.option("--seq-lens", default=None, metavar="8,64,128",
+              help="Also validate at these sequence lengths (dynamic axis 1).")
+@click.option("--batch-sizes", default=None, metavar="1,4",
+              help="Also validate at these batch sizes (dynamic axis 0).")
 @click.option("--keep-intermediate", is_flag=True,
               help="ncnn: also keep pnnx's intermediate files (in <model>.ncnn-intermediate/).")
 @shared_options
 def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
                 calibration: Path | None, int8_scheme: str | None, jobs: int | None,
-                no_cache: bool, keep_intermediate: bool, **shared: Any) -> int:
+                no_cache: bool, seq_lens: str | None, batch_sizes: str | None,
+                keep_intermediate: bool, **shared: Any) -> int:
     """Convert MODEL (.onnx or .pt2) to each target and validate every artifact."""
     from mtconvert import api
 
-    options = _options(shared) | dict(calibration=calibration, jobs=jobs, cache=not no_cache)
+    options = _options(shared) | dict(calibration=calibration, jobs=jobs, cache=not no_cache,
+                                      seq_lens=_ints("--seq-lens", seq_lens),
+                                      batch_sizes=_ints("--batch-sizes", batch_sizes))
     if int8_scheme:
         options["extra"]["int8_scheme"] = int8_scheme
     if keep_intermediate:
@@ -132,6 +139,15 @@ def validate_cmd(source: Path, artifacts: tuple[Path, ...], **shared: Any) -> in
 
     report = api.validate(source, list(artifacts), progress=_progress(shared), **_options(shared))
     return _finish(report, shared["report_json"])
+
+
+def _ints(flag: str, text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers, not {text!r}") from None
 
 
 def _options(shared: dict[str, Any]) -> dict[str, Any]:

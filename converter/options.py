@@ -33,6 +33,8 @@ class ConvertOptions:
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)  # targets converting at once
     cache: bool = True  # reuse conversions from the cache (see mtconvert.cache)
     trust_pickle: bool = False  # allow loading pickle payloads (they can run code)
+    seq_lens: tuple[int, ...] = ()  # dynamic-shape sweep: sequence lengths (axis 1)
+    batch_sizes: tuple[int, ...] = ()  # dynamic-shape sweep: batch sizes (axis 0)
     max_model_bytes: int | None = None  # refuse larger model files
 
     def __post_init__(self) -> None:
@@ -47,6 +49,8 @@ class ConvertOptions:
             raise UsageError("--timeout must be positive")
         if self.jobs < 1:
             raise UsageError("--jobs must be at least 1")
+        if any(n < 1 for n in (*self.seq_lens, *self.batch_sizes)):
+            raise UsageError("--seq-lens and --batch-sizes take positive integers")
 
     def settings(self) -> dict[str, Any]:
         """What the report records of these options."""

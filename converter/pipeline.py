@@ -21,6 +21,7 @@ from mtconvert.options import ConvertOptions
 from mtconvert.reference import open_reference
 from mtconvert.registry import Registry, default_registry
 from mtconvert.report import ReferenceInfo, Report, SourceInfo, TargetMap
+from mtconvert.shapes import sweep_shapes
 from mtconvert.target import Progress, RunContext, latency_of, run_target
 from mtconvert.timing import Clock
 
@@ -39,6 +40,7 @@ def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
                                  max_bytes=opts.max_model_bytes)
         feeds, values = feeds_mod.prepare(loaded, opts)
         src = loaded.prepared
+        feeds, values, sweep_feeds = _sweep_feeds(loaded, opts, feeds, values)
         src.input_shapes = {k: tuple(v.shape) for k, v in feeds.items()}
         settings = opts.settings()
         if opts.precision == "int8":
@@ -48,9 +50,11 @@ def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
         clock.lap("load_source_s")
         say(f"reference: running the {src.format} source")
         reference = open_reference(src, feeds, opts)
+        once = replace(opts, warmup=0, iterations=1)
+        sweep = [(f, open_reference(src, f, once).outputs) for f in sweep_feeds]
         clock.lap("reference_s")
         ctx = RunContext(registry, src, feeds, reference.outputs, opts, say,
-                         ConversionCache(default_root() if opts.cache else None))
+                         ConversionCache(default_root() if opts.cache else None), sweep=sweep)
         reports = run_targets(ctx, names)
     return Report(source=_source_info(loaded, feeds, values),
                   reference=ReferenceInfo(reference.runtime, reference.version,
@@ -58,6 +62,22 @@ def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
                   targets=TargetMap(reports), settings=settings, timings=clock.laps,
                   mtconvert_version=__version__,
                   created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _sweep_feeds(loaded: source_mod.LoadedSource, opts: ConvertOptions, feeds: dict,
+                 values: dict) -> tuple[dict, dict, list[dict]]:
+    """--seq-lens / --batch-sizes: feeds at the first combination (the one artifacts are made
+    for) and at every other one."""
+    if not (opts.seq_lens or opts.batch_sizes):
+        return feeds, values, []
+    if opts.inputs is not None or loaded.example_feeds is not None:
+        raise UsageError("--seq-lens/--batch-sizes generate their inputs; they cannot be "
+                         "combined with --inputs or a PyTorch source's example inputs")
+    combos = sweep_shapes(loaded.prepared.inputs, {k: v.shape for k, v in feeds.items()},
+                          opts.seq_lens, opts.batch_sizes)
+    feeds, values = feeds_mod.prepare(loaded, replace(opts, input_shapes=combos[0]))
+    others = [feeds_mod.prepare(loaded, replace(opts, input_shapes=c))[0] for c in combos[1:]]
+    return feeds, values, others
 
 
 def run_targets(ctx: RunContext, names: list[str]) -> list:

@@ -95,6 +95,8 @@ class TargetReport:
     log: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     input_shapes: dict[str, list[int]] = field(default_factory=dict)  # shapes this target ran
+    # dynamic-shape sweep: one entry per extra shape {input_shapes, status, reason, worst}
+    sweep: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -104,6 +106,7 @@ class TargetReport:
         d = asdict(self)
         d["artifacts"] = [asdict(a) for a in self.artifacts]
         d["findings"] = list(self.findings)
+        d["sweep"] = list(self.sweep)
         if self.conversion is not None:
             d["conversion"]["steps"] = list(self.conversion.steps)
         return d
@@ -119,7 +122,8 @@ class TargetReport:
                    memory=Memory.from_dict(d.get("memory")),
                    findings=tuple(d.get("findings", ())), log=d.get("log"),
                    timings=dict(d.get("timings", {})),
-                   input_shapes=dict(d.get("input_shapes", {})))
+                   input_shapes=dict(d.get("input_shapes", {})),
+                   sweep=tuple(d.get("sweep", ())))
 
 
 @dataclass(frozen=True)

@@ -94,3 +94,30 @@ def _bind_axis_names(inputs: tuple[TensorSpec, ...],
 
 def _fmt(shape: tuple) -> str:
     return "x".join(str(d) if d not in (None, "") else "?" for d in shape)
+
+
+def sweep_shapes(inputs: tuple[TensorSpec, ...], primary: dict[str, tuple[int, ...]],
+                 seq_lens: tuple[int, ...], batch_sizes: tuple[int, ...]) -> list[dict]:
+    """The primary shapes with dynamic axis 0 set to each batch size and dynamic axis 1 to each
+    sequence length; the first combination comes first, duplicates dropped."""
+    def dynamic(spec: TensorSpec, axis: int) -> bool:
+        return len(spec.shape) > axis and not isinstance(spec.shape[axis], int)
+
+    if seq_lens and not any(dynamic(s, 1) for s in inputs):
+        raise UsageError("--seq-lens: no input has a dynamic axis 1 (sequence)")
+    if batch_sizes and not any(dynamic(s, 0) for s in inputs):
+        raise UsageError("--batch-sizes: no input has a dynamic axis 0 (batch)")
+    combos: list[dict] = []
+    for batch in batch_sizes or (None,):
+        for seq in seq_lens or (None,):
+            combo = {}
+            for spec in inputs:
+                dims = list(primary[spec.name])
+                if batch is not None and dynamic(spec, 0):
+                    dims[0] = batch
+                if seq is not None and dynamic(spec, 1):
+                    dims[1] = seq
+                combo[spec.name] = tuple(dims)
+            if combo not in combos:
+                combos.append(combo)
+    return combos

@@ -39,6 +39,8 @@ class RunContext:
     say: Progress
     cache: ConversionCache
     report_name: str | None = None  # validate mode: a name per artifact file
+    # dynamic-shape sweep: (feeds, reference outputs) at every extra shape
+    sweep: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = field(default_factory=list)
     # conversions may overlap; timed validation runs never do, or latency figures would lie
     validate_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -189,19 +191,49 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
     numerics = numerics_of(ctx.ref_out, result.outputs, opts, artifact.precision, result.runtime)
     if "fp32_variant" in artifact.meta:
         numerics = _with_fp32_change(ctx, backend, artifact, numerics, result.outputs)
+    sweep = _sweep(ctx, backend, artifact)
     clock.lap("validate_s")
-    return TargetReport(status="passed" if numerics.passed else "failed",
-                        reason=None if numerics.passed else _numerics_reason(numerics),
+    bad = [f"shape {_fmt(e['input_shapes'])}: {e['reason']}" for e in sweep
+           if e["status"] in ("failed", "error")]
+    reasons = ([] if numerics.passed else [_numerics_reason(numerics)]) + bad
+    return TargetReport(status="failed" if reasons else "passed",
+                        reason="; ".join(reasons) or None, sweep=sweep,
                         numerics=numerics, latency=latency_of(result.latency, opts.threads),
                         memory=Memory(round(result.peak_rss_mb, 1),
                                       round(result.baseline_rss_mb, 1)), **base)
 
 
+def _fmt(shapes: dict[str, list[int]]) -> str:
+    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+
+
+def _sweep(ctx: RunContext, backend: Backend, artifact: Artifact) -> tuple[dict[str, Any], ...]:
+    """Validate the artifact at every extra shape of a dynamic-shape sweep (one run each)."""
+    entries = []
+    made_for = _fmt({k: list(v.shape) for k, v in ctx.target_feeds.items()})
+    for feeds, ref_out in ctx.sweep:
+        shapes = {s.name: list(feeds[s.name].shape) for s in ctx.src.inputs}
+        entry: dict[str, Any] = {"input_shapes": shapes, "status": "skipped", "worst": None,
+                                 "reason": f"the artifact is fixed to {made_for}"}
+        if not type(backend).fixed_shapes:
+            try:
+                result = _session(ctx, backend, artifact.to_dict(), 0, 1, feeds)
+                n = numerics_of(ref_out, result.outputs, ctx.opts, artifact.precision,
+                                result.runtime)
+                entry |= {"status": "passed" if n.passed else "failed", "worst": n.worst,
+                          "reason": None if n.passed else _numerics_reason(n)}
+            except StepError as exc:
+                entry |= {"status": "error", "reason": exc.reason}
+        entries.append(entry)
+    return tuple(entries)
+
+
 def _session(ctx: RunContext, backend: Backend, artifact: dict[str, Any], warmup: int,
-             iterations: int) -> SessionResult:
+             iterations: int, feeds: dict[str, np.ndarray] | None = None) -> SessionResult:
+    feeds = ctx.target_feeds if feeds is None else {s.name: feeds[s.name] for s in ctx.src.inputs}
     return run_session(name=backend.name,
                        backend=f"{type(backend).__module__}:{type(backend).__qualname__}",
-                       artifact=artifact, feeds=ctx.target_feeds, threads=ctx.opts.threads,
+                       artifact=artifact, feeds=feeds, threads=ctx.opts.threads,
                        warmup=warmup, iterations=iterations, timeout_s=ctx.opts.timeout_s)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mtconvert.registry import Registry
-from tests.fake_backend import FakeBackend, OtherFakeBackend
+from tests.fake_backend import FakeBackend, FixedShapeFakeBackend, OtherFakeBackend
 from tests.models import tiny_encoder
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -21,6 +21,7 @@ def fake_registry() -> Registry:
     reg = Registry()
     reg.register(FakeBackend)
     reg.register(OtherFakeBackend)
+    reg.register(FixedShapeFakeBackend)
     return reg
 
 

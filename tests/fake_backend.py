@@ -2,7 +2,8 @@
 source ONNX, run by ONNX Runtime. Knobs in TargetOptions.extra[<backend name>] make it misbehave
 on purpose: noise (add this much to every output), crash (segfault in the runtime), kill
 (SIGKILL, as the out-of-memory killer does), hang (sleep forever in the runtime),
-convert_error (raise ConversionError), lint_error (an error finding)."""
+convert_error (raise ConversionError), lint_error (an error finding), batch_noise (add 1.0 to
+the outputs of batches larger than 1: a shape-dependent bug)."""
 from __future__ import annotations
 
 import os
@@ -67,13 +68,21 @@ class FakeSession(Session):
         self._sess = ort.InferenceSession(str(artifact.primary), so,
                                           providers=["CPUExecutionProvider"])
         self._noise = float(artifact.meta.get("noise", 0.0))
+        self._batch_noise = bool(artifact.meta.get("batch_noise"))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self._sess.get_outputs()]
         outs = self._sess.run(names, feeds)
-        return {n: o + np.asarray(self._noise, dtype=o.dtype) for n, o in zip(names, outs)}
+        noise = self._noise + (1.0 if self._batch_noise and outs[0].shape[0] > 1 else 0.0)
+        return {n: o + np.asarray(noise, dtype=o.dtype) for n, o in zip(names, outs)}
 
 
 class OtherFakeBackend(FakeBackend):
     name = "fake2"
     aliases = ()
+
+
+class FixedShapeFakeBackend(FakeBackend):
+    name = "fake-fixed"
+    aliases = ()
+    fixed_shapes = True

@@ -100,6 +100,22 @@ def _cosine(r: np.ndarray, o: np.ndarray) -> float | None:
     return float(np.dot(r, o) / (nr * no))
 
 
+def is_logits(name: str, shape: tuple[int, ...]) -> bool:
+    """Outputs whose last axis is a class or vocabulary axis: named like logits/scores."""
+    lname = name.lower()
+    return len(shape) >= 1 and shape[-1] >= 2 and ("logit" in lname or "score" in lname)
+
+
+def topk_agreement(ref: np.ndarray, out: np.ndarray, k: int) -> float:
+    """Mean over positions (all axes but the last) of |top-k(ref) & top-k(out)| / k;
+    for k=1, the fraction of positions whose arg-max agrees."""
+    k = min(k, ref.shape[-1])
+    r = np.argsort(-ref.reshape(-1, ref.shape[-1]), axis=1, kind="stable")[:, :k]
+    o = np.argsort(-out.reshape(-1, out.shape[-1]), axis=1, kind="stable")[:, :k]
+    hits = [len(set(a) & set(b)) / k for a, b in zip(r.tolist(), o.tolist(), strict=True)]
+    return float(np.mean(hits))
+
+
 def compare_output(name: str, ref: np.ndarray, out: np.ndarray | None,
                    tol: Tolerance) -> OutputComparison:
     if out is None:
@@ -109,6 +125,9 @@ def compare_output(name: str, ref: np.ndarray, out: np.ndarray | None,
         return OutputComparison(name, False,
                                 f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}", {}, tol)
     m = metrics(ref, out)
+    if is_logits(name, tuple(ref.shape)) and np.all(np.isfinite(out)):
+        m = m | {"top1_agreement": topk_agreement(ref, out, 1),
+                 "top5_agreement": topk_agreement(ref, out, 5)}
     return OutputComparison(name, *_verdict(ref, out, m, tol), m, tol)
 
 

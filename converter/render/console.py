@@ -80,6 +80,18 @@ def _details(t: TargetReport, console: Console) -> None:
                           f"{_num(m.get('max_abs'), '.2e')}, cosine {_num(m.get('cosine'), '.6f')}"
                           f" [dim](fp32 artifact vs reference: max abs "
                           f"{_num(fp32.get('max_abs'), '.2e')})[/]")
+    for out, m in ((t.numerics.outputs if t.numerics else {}) or {}).items():
+        if m.get("top1_agreement") is not None:
+            console.print(f"  {out}: top-1 agreement {m['top1_agreement']:.1%}, top-5 "
+                          f"{m['top5_agreement']:.1%}")
+    if t.sweep:
+        ok = sum(e["status"] == "passed" for e in t.sweep)
+        console.print(f"  shape sweep: {ok}/{len(t.sweep)} extra shapes passed")
+        for e in t.sweep:
+            if e["status"] != "passed":
+                shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in e["input_shapes"].items())
+                console.print(f"    [{_STATUS_STYLE[e['status']]}]{e['status']}[/] {shapes}: "
+                              f"{escape(e['reason'] or '')}")
     for f in t.findings:
         style = {"error": "red", "warning": "yellow"}.get(f["severity"], "dim")
         console.print(f"  [{style}]{f['severity']}[/] {escape(f['message'])}")

@@ -148,3 +148,39 @@ def test_per_output_tolerance_override(tiny_onnx, tmp_path, fake_registry):
 def test_report_json_is_valid_json(tiny_onnx, tmp_path, fake_registry):
     report = _convert(tiny_onnx, tmp_path, fake_registry)
     assert json.loads(report.to_json())["targets"][0]["status"] == "passed"
+
+
+def test_shape_sweep_passes_fails_and_skips(tiny_onnx, tmp_path, fake_registry):
+    report = _convert(tiny_onnx, tmp_path, fake_registry, targets=("fake", "fake-fixed"),
+                      seq_lens=(8, 24), batch_sizes=(1, 2))
+    t = report.targets["fake"]
+    assert t.status == "passed" and t.input_shapes["input_ids"] == [1, 8]
+    assert [e["input_shapes"]["input_ids"] for e in t.sweep] == [[1, 24], [2, 8], [2, 24]]
+    assert all(e["status"] == "passed" for e in t.sweep)
+    fixed = report.targets["fake-fixed"]
+    assert fixed.status == "passed"  # made for 1x8, and says so for the other shapes
+    assert {e["status"] for e in fixed.sweep} == {"skipped"}
+    assert "fixed to input_ids=1x8" in fixed.sweep[0]["reason"]
+
+
+def test_shape_dependent_bug_fails_that_shape(tiny_onnx, tmp_path, fake_registry):
+    report = _convert(tiny_onnx, tmp_path, fake_registry, batch_sizes=(1, 3),
+                      extra={"fake": {"batch_noise": True}})
+    t = report.targets["fake"]
+    assert t.status == "failed" and report.exit_code == 1
+    assert t.numerics.passed  # the primary shape is right...
+    assert t.sweep[0]["status"] == "failed"  # ...batch 3 is not
+    assert "shape input_ids=3x32" in t.reason
+
+
+def test_sweep_needs_dynamic_axes_and_generated_inputs(tiny_onnx, tmp_path, fake_registry):
+    import numpy as np
+
+    np.savez(tmp_path / "in.npz", input_ids=np.ones((1, 4), np.int64),
+             attention_mask=np.ones((1, 4), np.int64))
+    with pytest.raises(UsageError, match="cannot be combined with --inputs"):
+        _convert(tiny_onnx, tmp_path, fake_registry, seq_lens=(8,), inputs=tmp_path / "in.npz")
+    from tests.converter.hostile_corpus import relu
+
+    with pytest.raises(UsageError, match="no input has a dynamic axis 1"):
+        _convert(relu(tmp_path / "s.onnx"), tmp_path, fake_registry, seq_lens=(8,))

@@ -73,3 +73,18 @@ def test_worst_prefers_failing_output():
     b = compare_output("b", ref, ref + 0.1, Tolerance(0.01, None, None))  # fails
     assert worst([a, b]).name == "b"
     assert worst([a]).name == "a" and worst([]) is None
+
+
+def test_topk_agreement_on_logits_only():
+    from mtconvert.validators.compare import is_logits, topk_agreement
+
+    ref = np.array([[0.1, 0.9, 0.3, 0.2, 0.0, 0.5], [0.8, 0.1, 0.2, 0.3, 0.4, 0.0]])
+    out = ref.copy()
+    out[1] = [0.1, 0.8, 0.2, 0.3, 0.4, 0.0]  # row 1's arg-max moves from 0 to 1
+    assert topk_agreement(ref, out, 1) == 0.5
+    assert topk_agreement(ref, ref, 5) == 1.0
+    assert is_logits("logits", (2, 6)) and not is_logits("last_hidden_state", (2, 6))
+    res = compare_output("logits", ref.astype(np.float32), out.astype(np.float32),
+                         Tolerance(None, None, None))
+    assert res.metrics["top1_agreement"] == 0.5 and "top5_agreement" in res.metrics
+    assert "top1_agreement" not in compare_output("hidden", ref, ref, PROFILES["fp32"]).metrics
