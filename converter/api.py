@@ -11,7 +11,7 @@ from mtconvert.shapes import parse_shape_spec
 from mtconvert.validators.compare import ToleranceOverrides
 
 _SIMPLE = ("precision", "threads", "warmup", "iterations", "seed", "inputs", "extra", "jobs",
-           "cache", "trust_pickle", "max_model_bytes", "seq_lens", "batch_sizes")
+           "cache", "trust_pickle", "max_model_bytes", "seq_lens", "batch_sizes", "localize")
 
 
 def convert(model: Any, targets: Any, out_dir: Any, example_inputs: Any, **options: Any) -> Report:

@@ -107,19 +107,22 @@ def shared_options(f: Any) -> Any:
               help="Also validate at these sequence lengths (dynamic axis 1).")
 @click.option("--batch-sizes", default=None, metavar="1,4",
               help="Also validate at these batch sizes (dynamic axis 0).")
+@click.option("--localize", is_flag=True,
+              help="Name the first diverging operator even when numerics pass (bisection).")
 @click.option("--keep-intermediate", is_flag=True,
               help="ncnn: also keep pnnx's intermediate files (in <model>.ncnn-intermediate/).")
 @shared_options
 def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
                 calibration: Path | None, int8_scheme: str | None, jobs: int | None,
                 no_cache: bool, seq_lens: str | None, batch_sizes: str | None,
-                keep_intermediate: bool, **shared: Any) -> int:
+                localize: bool, keep_intermediate: bool, **shared: Any) -> int:
     """Convert MODEL (.onnx or .pt2) to each target and validate every artifact."""
     from mtconvert import api
 
     options = _options(shared) | dict(calibration=calibration, jobs=jobs, cache=not no_cache,
                                       seq_lens=_ints("--seq-lens", seq_lens),
-                                      batch_sizes=_ints("--batch-sizes", batch_sizes))
+                                      batch_sizes=_ints("--batch-sizes", batch_sizes),
+                                      localize=localize)
     if int8_scheme:
         options["extra"]["int8_scheme"] = int8_scheme
     if keep_intermediate:

@@ -97,6 +97,8 @@ class TargetReport:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)  # shapes this target ran
     # dynamic-shape sweep: one entry per extra shape {input_shapes, status, reason, worst}
     sweep: tuple[dict[str, Any], ...] = ()
+    # first-divergence localization: {method, probes, first_divergence {node, op_type, ...}}
+    diagnostics: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -123,7 +125,7 @@ class TargetReport:
                    findings=tuple(d.get("findings", ())), log=d.get("log"),
                    timings=dict(d.get("timings", {})),
                    input_shapes=dict(d.get("input_shapes", {})),
-                   sweep=tuple(d.get("sweep", ())))
+                   sweep=tuple(d.get("sweep", ())), diagnostics=d.get("diagnostics"))
 
 
 @dataclass(frozen=True)

@@ -193,11 +193,18 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
         numerics = _with_fp32_change(ctx, backend, artifact, numerics, result.outputs)
     sweep = _sweep(ctx, backend, artifact)
     clock.lap("validate_s")
+    diagnostics = None
+    if (opts.localize or not numerics.passed) and conversion is not None:
+        from mtconvert.localize import localize
+
+        ctx.say(f"{name}: localizing the first divergence")
+        diagnostics = localize(ctx, backend, artifact.precision)
+        clock.lap("localize_s")
     bad = [f"shape {_fmt(e['input_shapes'])}: {e['reason']}" for e in sweep
            if e["status"] in ("failed", "error")]
     reasons = ([] if numerics.passed else [_numerics_reason(numerics)]) + bad
     return TargetReport(status="failed" if reasons else "passed",
-                        reason="; ".join(reasons) or None, sweep=sweep,
+                        reason="; ".join(reasons) or None, sweep=sweep, diagnostics=diagnostics,
                         numerics=numerics, latency=latency_of(result.latency, opts.threads),
                         memory=Memory(round(result.peak_rss_mb, 1),
                                       round(result.baseline_rss_mb, 1)), **base)

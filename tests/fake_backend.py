@@ -3,7 +3,8 @@ source ONNX, run by ONNX Runtime. Knobs in TargetOptions.extra[<backend name>] m
 on purpose: noise (add this much to every output), crash (segfault in the runtime), kill
 (SIGKILL, as the out-of-memory killer does), hang (sleep forever in the runtime),
 convert_error (raise ConversionError), lint_error (an error finding), batch_noise (add 1.0 to
-the outputs of batches larger than 1: a shape-dependent bug)."""
+the outputs of batches larger than 1: a shape-dependent bug), noise_if_op (add 0.5 to the
+outputs when the model contains that op type: a broken op, for localization)."""
 from __future__ import annotations
 
 import os
@@ -69,6 +70,12 @@ class FakeSession(Session):
                                           providers=["CPUExecutionProvider"])
         self._noise = float(artifact.meta.get("noise", 0.0))
         self._batch_noise = bool(artifact.meta.get("batch_noise"))
+        op = artifact.meta.get("noise_if_op")
+        if op:
+            import onnx
+
+            ops = {n.op_type for n in onnx.load(str(artifact.primary)).graph.node}
+            self._noise += 0.5 if op in ops else 0.0
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self._sess.get_outputs()]

@@ -92,6 +92,17 @@ def _details(t: TargetReport, console: Console) -> None:
                 shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in e["input_shapes"].items())
                 console.print(f"    [{_STATUS_STYLE[e['status']]}]{e['status']}[/] {shapes}: "
                               f"{escape(e['reason'] or '')}")
+    first = (t.diagnostics or {}).get("first_divergence")
+    if first:
+        d = t.diagnostics
+        where = "" if d.get("exact") else (f" [dim](after {escape(str(d.get('last_match')))}; "
+                                           f"{d['unresolved_between']} operator(s) between "
+                                           "could not be isolated)[/]")
+        console.print(f"  first divergence: {first['op_type']} [cyan]{escape(first['node'])}[/]: "
+                      f"max abs {_num(first.get('max_abs'), '.3g')}{where} "
+                      f"[dim]({d['probes']} probes, {d['seconds']} s)[/]")
+    elif t.diagnostics:
+        console.print(f"  localization: {t.diagnostics.get('result')}")
     for f in t.findings:
         style = {"error": "red", "warning": "yellow"}.get(f["severity"], "dim")
         console.print(f"  [{style}]{f['severity']}[/] {escape(f['message'])}")

@@ -126,6 +126,8 @@ def test_wrong_numbers_and_unloadable_layers_are_caught(fixtures_dir, tmp_path):
     low = _run(fixtures_dir / "bert_lowrank.onnx", tmp_path / "l").targets["ncnn"]
     assert low.status == "failed" and "logits" in low.reason
     assert "route onnx-as-given rejected: route: not applicable" in " ".join(low.conversion.steps)
+    first = low.diagnostics["first_divergence"]  # localized inside layer 0's self-attention
+    assert "layer.0/attention/self" in first["node"] and first["max_abs"] > 1e-2
     q = _run(fixtures_dir / "bert_int8_qdq.onnx", tmp_path / "q").targets["ncnn"]
     assert q.status == "failed"
     assert "layers the installed ncnn cannot create: DequantizeLinear" in q.reason

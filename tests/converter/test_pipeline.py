@@ -184,3 +184,19 @@ def test_sweep_needs_dynamic_axes_and_generated_inputs(tiny_onnx, tmp_path, fake
 
     with pytest.raises(UsageError, match="no input has a dynamic axis 1"):
         _convert(relu(tmp_path / "s.onnx"), tmp_path, fake_registry, seq_lens=(8,))
+
+
+def test_localization_names_the_first_broken_operator(tiny_onnx, tmp_path, fake_registry):
+    report = _convert(tiny_onnx, tmp_path, fake_registry, extra={"fake": {"noise_if_op": "Div"}})
+    t = report.targets["fake"]
+    assert t.status == "failed"
+    first = t.diagnostics["first_divergence"]
+    assert first["op_type"] == "Div" and t.diagnostics["exact"]
+    assert first["max_abs"] == pytest.approx(0.5, rel=1e-3)
+    assert t.diagnostics["last_match"] is not None and t.diagnostics["probes"] <= 12
+
+
+def test_localize_on_a_passing_run(tiny_onnx, tmp_path, fake_registry):
+    t = _convert(tiny_onnx, tmp_path, fake_registry, localize=True).targets["fake"]
+    assert t.status == "passed" and "every conclusive probe matches" in t.diagnostics["result"]
+    assert all(h["verdict"] == "matches" for h in t.diagnostics["history"])
