@@ -122,12 +122,16 @@ def _rewrite(model: Any, masks: list[str], shapes: dict[str, list[int]]) -> Any:
         if not boundary:
             raise ValueError(f"{mask} does not feed the main graph")
         bias = f"mtconvert_{k}_bias4d"
+        # Reshape, not Unsqueeze: pnnx turns Unsqueeze(axes=[1,2]) into ncnn ExpandDims without
+        # allowing for ncnn's missing batch axis, so the bias broadcast along the query axis
+        # (a constant per row, which softmax ignores: the mask had no effect)
+        shape = [shapes[mask][0], 1, 1, shapes[mask][-1]]
         g.initializer.extend([numpy_helper.from_array(np.array(1.0, np.float32), f"mtc_{k}_one"),
                               numpy_helper.from_array(np.array(NEG, np.float32), f"mtc_{k}_neg"),
-                              numpy_helper.from_array(np.array([1, 2], np.int64), f"mtc_{k}_ax")])
+                              numpy_helper.from_array(np.array(shape, np.int64), f"mtc_{k}_shape")])
         new_nodes += [helper.make_node("Sub", [f"mtc_{k}_one", mask], [f"mtc_{k}_inv"]),
                       helper.make_node("Mul", [f"mtc_{k}_inv", f"mtc_{k}_neg"], [f"mtc_{k}_b2"]),
-                      helper.make_node("Unsqueeze", [f"mtc_{k}_b2", f"mtc_{k}_ax"], [bias])]
+                      helper.make_node("Reshape", [f"mtc_{k}_b2", f"mtc_{k}_shape"], [bias])]
         for n in g.node:
             for j, name in enumerate(n.input):
                 if name in boundary:

@@ -79,6 +79,8 @@ def test_onnx2tf_equal_size_trap_is_caught_and_explained(fixtures_dir, tmp_path)
              input_shapes={"input_ids": "1x32"}).targets["tflite"]
     assert t.status == "failed" and "logits" in t.reason
     assert "tflite-ambiguous-shape" in {f["code"] for f in t.findings}
+    first = t.diagnostics["first_divergence"]  # localized: the position-embedding Add
+    assert "embeddings" in first["node"] and first["max_abs"] > 1e-2
 
 
 @pytest.mark.slow
