@@ -14,6 +14,32 @@ PASSING = ["bert_encoder", "gpt_decoder", "vit_encoder", "bert_pruned", "bert_di
            "bert_lowrank"]
 
 
+def _tiny_bert(random_biases: bool = False):
+    """A 1-layer BERT encoder module (input_ids, attention_mask) -> last_hidden_state."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32, attn_implementation="eager")).eval()
+    if random_biases:  # HF initialises biases to 0; trained models have others
+        with torch.no_grad():
+            for name, param in bert.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0.0, 0.05)
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    return Encoder().eval()
+
+
 def _run(model, out, **kw):
     return mtconvert.convert(model, targets=["ncnn"], out_dir=out, iterations=3, warmup=1, **kw)
 
@@ -80,26 +106,11 @@ def test_torch_bert_falls_back_from_torchscript_to_onnx(tmp_path):
     """A BERT module's TorchScript keeps HF's mask logic (layers ncnn lacks): rejected with
     the layers named; the legalized ONNX route wins."""
     import torch
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=64,
-                                  max_position_embeddings=32, attn_implementation="eager")
-    bert = transformers.BertModel(cfg).eval()
-
-    class Encoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     ids = torch.randint(0, 100, (1, 12))
     mask = torch.ones(1, 12, dtype=torch.long)
     mask[0, 9:] = 0
-    t = _run(Encoder(), tmp_path, example_inputs=(ids, mask)).targets["ncnn"]
+    t = _run(_tiny_bert(), tmp_path, example_inputs=(ids, mask)).targets["ncnn"]
     assert t.status == "passed", t.reason
     steps = " | ".join(t.conversion.steps)
     assert "route torchscript rejected: failed: layers the installed ncnn cannot create" in steps
@@ -135,29 +146,12 @@ def test_padded_mask_is_honoured_with_nonzero_biases(tmp_path):
     Unsqueeze -> ExpandDims ignores ncnn's missing batch axis), so padding had no effect. Zero
     biases hid it; with trained-like biases it was 9e-3 off."""
     import torch
-    import transformers
-
-    torch.manual_seed(0)
-    bert = transformers.BertModel(transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=32, attn_implementation="eager")).eval()
-    with torch.no_grad():
-        for name, param in bert.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.05)
-
-    class Encoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     ids = torch.randint(0, 100, (1, 12))
     axes = {0: "batch", 1: "sequence"}
     path = tmp_path / "biased_bert.onnx"
-    torch.onnx.export(Encoder().eval(), (ids, torch.ones_like(ids)), str(path), dynamo=False,
+    torch.onnx.export(_tiny_bert(random_biases=True), (ids, torch.ones_like(ids)), str(path),
+                      dynamo=False,
                       input_names=["input_ids", "attention_mask"], output_names=["hidden"],
                       dynamic_axes={"input_ids": axes, "attention_mask": axes}, opset_version=17)
     pad = np.ones((1, 12), np.int64)
