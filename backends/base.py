@@ -282,6 +282,16 @@ def _append_log(log_path: Path, cmd: list[str], output: str) -> None:
         fh.write(f"$ {' '.join(cmd)}\n{output}\n")
 
 
+def import_path(cls: type) -> str:
+    """``module:QualName`` of a class: how the worker and the registry name a backend."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def format_shapes(shapes: dict[str, Any]) -> str:
+    """``input_ids=1x32, attention_mask=1x32``."""
+    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+
+
 def python_cmd(*args: str) -> list[str]:
     """A command line that runs this interpreter (the tools are installed beside mtconvert)."""
     return [sys.executable, *args]

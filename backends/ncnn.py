@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
-                                     TargetOptions, TensorSpec, expect_files, run_tool)
+                                     TargetOptions, TensorSpec, expect_files, format_shapes,
+                                     run_tool)
 from mtconvert.backends.onnx_tools import run_onnx_tool
 from mtconvert.errors import ConversionError, RuntimeFailure
 
@@ -90,8 +91,7 @@ class NcnnBackend(Backend):
                      info: dict[str, Any], work: Path,
                      shapes: dict[str, list[int]]) -> tuple[Path, list[str]]:
         """The file pnnx converts on this route (named model.*: pnnx names outputs after it)."""
-        fixed = "fix shapes: " + ", ".join(f"{k}=" + "x".join(map(str, v))
-                                           for k, v in shapes.items())
+        fixed = f"fix shapes: {format_shapes(shapes)}"
         if route == "torchscript":
             info["input_dtypes"] = {s.name: s.dtype for s in source.inputs}
             return trace(source, shapes, work / "model.pt"), [f"{fixed}; torch.jit.trace"]

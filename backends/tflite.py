@@ -8,14 +8,14 @@ fail the target unless ``allow_flex`` is set.
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
-                                     TargetOptions, TensorSpec, expect_files, python_cmd, run_tool)
+                                     TargetOptions, TensorSpec, expect_files, format_shapes,
+                                     python_cmd, run_tool)
 from mtconvert.backends.onnx_tools import run_onnx_tool
 from mtconvert.errors import ConversionError, RuntimeFailure, RuntimeUnavailable
 
@@ -67,7 +67,7 @@ class TfliteBackend(Backend):
                                   target=self.name, step="fix-shapes")
         shapes = {k: list(v) for k, v in source.input_shapes.items()}
         info = run_onnx_tool("fix-shapes", source.onnx_path, fixed, shapes, step="fix-shapes", **kw)
-        steps = [f"fix shapes: {_fmt_shapes(shapes)}; onnxsim {info['nodes_before']} -> "
+        steps = [f"fix shapes: {format_shapes(shapes)}; onnxsim {info['nodes_before']} -> "
                  f"{info['nodes_after']} nodes; Constant nodes -> initializers "
                  f"[{info['seconds']:.1f} s]"]
         pseudo = {PSEUDO_OPS[op]: n for op, n in info["op_counts"].items() if op in PSEUDO_OPS}
@@ -159,10 +159,6 @@ def shape_collisions(shapes: dict[str, list[int]], weight_dims: list[int]) -> li
     """Input axis sizes (other than batch) that equal a weight dimension of the model."""
     sizes = {d for dims in shapes.values() for d in dims[1:] if d > 1}
     return sorted(sizes & set(weight_dims))
-
-
-def _fmt_shapes(shapes: dict[str, list[int]]) -> str:
-    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
 
 
 def _precision_step(opts: TargetOptions, job: dict[str, Any]) -> str:

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from mtconvert import __version__
-from mtconvert.backends.base import Artifact, Backend, PreparedSource, TargetOptions
+from mtconvert.backends.base import (Artifact, Backend, PreparedSource, TargetOptions,
+                                     import_path)
 from mtconvert.source import sha256_of
 
 VARIANTS = ("fp32_variant",)  # artifact.meta entries naming files outside the shipped set
@@ -62,7 +63,7 @@ class ConversionCache:
     def key(self, backend: type[Backend], src: PreparedSource, opts: TargetOptions) -> str | None:
         if self.root is None:
             return None
-        parts = {"mtconvert": __version__, "backend": f"{backend.__module__}:{backend.__qualname__}",
+        parts = {"mtconvert": __version__, "backend": import_path(backend),
                  "code": _code_hash(backend), "tools": backend.availability().versions,
                  "onnx": sha256_of(src.onnx_path), "precision": opts.precision,
                  "extra": opts.extra, "route": opts.route, "shapes": {k: list(v) for k, v in src.input_shapes.items()},

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mtconvert import __version__, inputs as feeds_mod, source as source_mod
-from mtconvert.backends.base import Backend, TargetOptions
+from mtconvert.backends.base import Backend
 from mtconvert.cache import ConversionCache
 from mtconvert.errors import ModelLoadError, UsageError
 from mtconvert.options import ConvertOptions
@@ -75,9 +75,7 @@ def _unique(name: str, path: Path, done: list[TargetReport]) -> str:
 def _one(registry: Registry, loaded: source_mod.LoadedSource, path: Path, name: str,
          opts: ConvertOptions, say: Progress, report_name: str) -> tuple:
     backend: Backend = registry.get(name)()
-    topts = TargetOptions(precision=opts.precision, threads=opts.threads,
-                          timeout_s=opts.timeout_s, extra=dict(opts.extra))
-    artifact = backend.adopt(path, loaded.prepared, topts)
+    artifact = backend.adopt(path, loaded.prepared, opts.target_options())
     fixed = {k: tuple(v) for k, v in artifact.meta.get("input_shapes", {}).items()}
     conflict = {k: v for k, v in opts.input_shapes.items() if k in fixed and fixed[k] != v}
     if conflict:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mtconvert.backends.base import Backend, TargetOptions
+from mtconvert.backends.base import Backend, import_path
 from mtconvert.errors import MtConvertError
 from mtconvert.validators import compare
 
@@ -121,12 +121,8 @@ def _probe(ctx: RunContext, backend: Backend, model: Any, cand: tuple[str, str, 
         feeds = {s.name: ctx.feeds[s.name] for s in inputs}
         once = replace(ctx.opts, warmup=0, iterations=1)
         ref = open_reference(src, feeds, once).outputs
-        topts = TargetOptions(precision=precision, threads=ctx.opts.threads,
-                              timeout_s=ctx.opts.timeout_s, extra=dict(ctx.opts.extra),
-                              calibration=ctx.opts.calibration)
-        art = backend.convert(src, folder, topts)
-        result = run_session(name=backend.name,
-                             backend=f"{type(backend).__module__}:{type(backend).__qualname__}",
+        art = backend.convert(src, folder, ctx.opts.target_options(precision=precision))
+        result = run_session(name=backend.name, backend=import_path(type(backend)),
                              artifact=art.to_dict(), feeds=feeds, threads=ctx.opts.threads,
                              warmup=0, iterations=1, timeout_s=ctx.opts.timeout_s)
     except (MtConvertError, ValueError, RuntimeError, KeyError):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtconvert.backends.base import PRECISIONS
+from mtconvert.backends.base import PRECISIONS, TargetOptions
 from mtconvert.errors import UsageError
 from mtconvert.validators.compare import ToleranceOverrides
 
@@ -52,6 +52,12 @@ class ConvertOptions:
             raise UsageError("--jobs must be at least 1")
         if any(n < 1 for n in (*self.seq_lens, *self.batch_sizes)):
             raise UsageError("--seq-lens and --batch-sizes take positive integers")
+
+    def target_options(self, route: str = "", precision: str | None = None) -> TargetOptions:
+        """What a backend gets of these options (``precision`` overrides the run's)."""
+        return TargetOptions(precision=precision or self.precision, threads=self.threads,
+                             timeout_s=self.timeout_s, calibration=self.calibration,
+                             extra=dict(self.extra), route=route)
 
     def settings(self) -> dict[str, Any]:
         """What the report records of these options."""

@@ -79,7 +79,9 @@ class Registry:
 
     def register(self, cls: type[Backend]) -> None:
         """Register a class directly (in-process plugins and tests)."""
-        self.add(BackendEntry(cls.name, f"{cls.__module__}:{cls.__qualname__}", None, cls))
+        from mtconvert.backends.base import import_path
+
+        self.add(BackendEntry(cls.name, import_path(cls), None, cls))
 
     def names(self) -> list[str]:
         return list(self.entries)

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from mtconvert import staging as stg
-from mtconvert.backends.base import Artifact, Backend, PreparedSource, TargetOptions
+from mtconvert.backends.base import (Artifact, Backend, PreparedSource, format_shapes,
+                                     import_path)
 from mtconvert.cache import ConversionCache
 from mtconvert.errors import (BackendUnavailableError, ConversionError, MtConvertError,
                               RuntimeUnavailable, StepError, UsageError)
@@ -87,9 +88,7 @@ def _backend(registry: Registry, name: str) -> Backend:
 
 def _convert(ctx: RunContext, backend: Backend, staging: Path,
              route: str = "") -> tuple[Artifact, Conversion]:
-    opts = ctx.opts
-    topts = TargetOptions(precision=opts.precision, threads=opts.threads, timeout_s=opts.timeout_s,
-                          calibration=opts.calibration, extra=dict(opts.extra), route=route)
+    topts = ctx.opts.target_options(route)
     key = ctx.cache.key(type(backend), ctx.src, topts)
     hit = ctx.cache.load(key, staging, ctx.src.work_dir / backend.name)
     if hit is not None:
@@ -200,7 +199,7 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
         ctx.say(f"{name}: localizing the first divergence")
         diagnostics = localize(ctx, backend, artifact.precision)
         clock.lap("localize_s")
-    bad = [f"shape {_fmt(e['input_shapes'])}: {e['reason']}" for e in sweep
+    bad = [f"shape {format_shapes(e['input_shapes'])}: {e['reason']}" for e in sweep
            if e["status"] in ("failed", "error")]
     reasons = ([] if numerics.passed else [_numerics_reason(numerics)]) + bad
     return TargetReport(status="failed" if reasons else "passed",
@@ -210,14 +209,10 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
                                       round(result.baseline_rss_mb, 1)), **base)
 
 
-def _fmt(shapes: dict[str, list[int]]) -> str:
-    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
-
-
 def _sweep(ctx: RunContext, backend: Backend, artifact: Artifact) -> tuple[dict[str, Any], ...]:
     """Validate the artifact at every extra shape of a dynamic-shape sweep (one run each)."""
     entries = []
-    made_for = _fmt({k: list(v.shape) for k, v in ctx.target_feeds.items()})
+    made_for = format_shapes({k: v.shape for k, v in ctx.target_feeds.items()})
     for feeds, ref_out in ctx.sweep:
         shapes = {s.name: list(feeds[s.name].shape) for s in ctx.src.inputs}
         entry: dict[str, Any] = {"input_shapes": shapes, "status": "skipped", "worst": None,
@@ -239,7 +234,7 @@ def _session(ctx: RunContext, backend: Backend, artifact: dict[str, Any], warmup
              iterations: int, feeds: dict[str, np.ndarray] | None = None) -> SessionResult:
     feeds = ctx.target_feeds if feeds is None else {s.name: feeds[s.name] for s in ctx.src.inputs}
     return run_session(name=backend.name,
-                       backend=f"{type(backend).__module__}:{type(backend).__qualname__}",
+                       backend=import_path(type(backend)),
                        artifact=artifact, feeds=feeds, threads=ctx.opts.threads,
                        warmup=warmup, iterations=iterations, timeout_s=ctx.opts.timeout_s)
 
