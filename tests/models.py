@@ -38,3 +38,10 @@ def tiny_encoder(path: Path, vocab: int = 50, hidden: int = 8, classes: int = 3,
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def quick_convert(target: str, model, out: Path, **kw):  # noqa: ANN001, ANN201
+    """mtconvert.convert to one real target with a short latency protocol, for backend tests."""
+    import mtconvert
+
+    return mtconvert.convert(model, targets=[target], out_dir=out, iterations=3, warmup=1, **kw)

@@ -3,7 +3,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import mtconvert
+from tests.models import quick_convert
 from mtconvert.backends.ncnn import (NcnnBackend, param_layer_types, patch_tanh_gelu,
                                      pow_layers)
 from mtconvert.backends.ncnn_rewrite import prepare
@@ -41,7 +41,7 @@ def _tiny_bert(random_biases: bool = False):
 
 
 def _run(model, out, **kw):
-    return mtconvert.convert(model, targets=["ncnn"], out_dir=out, iterations=3, warmup=1, **kw)
+    return quick_convert("ncnn", model, out, **kw)
 
 
 @pytest.mark.slow

@@ -3,15 +3,14 @@ import json
 
 import pytest
 
-import mtconvert
+from tests.models import quick_convert
 
 ONNX_FIXTURES = ["bert_encoder", "gpt_decoder", "vit_encoder", "bert_pruned", "bert_distilled",
                  "bert_lowrank", "bert_int8_dynamic", "bert_int8_qdq"]
 
 
 def _run(model, out, **kw):
-    return mtconvert.convert(model, targets=["onnx-mobile"], out_dir=out, iterations=3,
-                             warmup=1, **kw)
+    return quick_convert("onnx-mobile", model, out, **kw)
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """tflite with the real onnx2tf, TFLiteConverter and LiteRT interpreter."""
 import pytest
 
-import mtconvert
+from tests.models import quick_convert
 from mtconvert.backends.base import error_summary
 from mtconvert.backends.tflite import _layout_perm, shape_collisions, tflite_ops
 
@@ -15,7 +15,7 @@ PASSING = ["bert_encoder", "gpt_decoder", "vit_encoder", "bert_pruned", "bert_di
 
 
 def _run(model, out, **kw):
-    return mtconvert.convert(model, targets=["tflite"], out_dir=out, iterations=3, warmup=1, **kw)
+    return quick_convert("tflite", model, out, **kw)
 
 
 @pytest.mark.slow
