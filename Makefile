@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -c constraints.txt -e '.[all,dev]'
+	# onnx2torch (coreml from ONNX) declares torchvision, whose registry wheels need CUDA torch
+	# and, broken, break transformers' imports; mtconvert does without it (see onnx_bridge.py)
+	$(PY) -m pip install -q -c constraints.txt --no-deps onnx2torch
 	touch $(STAMP)
 
 demo: setup

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Report", "__version__", "convert", "validate", "MtConvertError"]
+__all__ = ["Report", "__version__", "convert", "validate", "verify", "MtConvertError"]
 
 if TYPE_CHECKING:
     from mtconvert.errors import MtConvertError
@@ -28,7 +28,9 @@ def convert(model: Any, targets: list[str] | tuple[str, ...] | str | None = None
     Options: precision ("fp32" | "fp16" | "int8"), input_shapes ({name: (1, 128)} or
     {name: "1x128"}), inputs (.npz path or {name: array}), threads, warmup, iterations, seed,
     atol / rtol / min_cosine (a float, or {output: float}), timeout (seconds per step),
-    calibration (.npz), extra ({backend option: value}), progress (callable taking a str).
+    calibration (.npz), extra ({backend option: value}, e.g. {"bundle": "golden/"} writes a
+    golden bundle per target, {"coreml_target": "iOS17", "palettize": 4}), progress (callable
+    taking a str).
     Returns a Report; a target that fails or errors is in the report, not raised.
     Raises MtConvertError subclasses for bad input (unreadable model, unknown target...).
     """
@@ -38,11 +40,19 @@ def convert(model: Any, targets: list[str] | tuple[str, ...] | str | None = None
 
 
 def validate(source: Any, artifacts: list[Any], **options: Any) -> Report:
-    """Check artifacts built elsewhere (.tflite, .ort, .onnx) against ``source`` without
+    """Check artifacts built elsewhere (.tflite, .ort, .onnx, .mlpackage) against ``source`` without
     converting. Same options (but targets/out_dir) and Report as ``convert``."""
     from mtconvert.api import validate as _validate
 
     return _validate(source, artifacts, **options)
+
+
+def verify(bundle_dir: Any, **options: Any) -> Report:
+    """Re-check the artifacts of golden bundles (``--bundle``) against the inputs, reference
+    outputs and tolerances stored with them: no source model or converter needed."""
+    from mtconvert.api import verify as _verify
+
+    return _verify(bundle_dir, **options)
 
 
 def __getattr__(name: str) -> Any:

@@ -34,6 +34,15 @@ def validate(source: Any, artifacts: list[Any], **options: Any) -> Report:
                         progress=progress)
 
 
+def verify(bundle_dir: Any, **options: Any) -> Report:
+    from mtconvert.bundle import run_verify
+
+    progress = options.pop("progress", None)
+    registry = options.pop("registry", None)
+    opts = build_options(None, ".", **options)
+    return run_verify(Path(bundle_dir), opts, registry=registry, progress=progress)
+
+
 def build_options(targets: Any, out_dir: Any, **options: Any) -> ConvertOptions:
     known = set(_SIMPLE) | {"input_shapes", "atol", "rtol", "min_cosine", "timeout", "calibration"}
     unknown = sorted(set(options) - known)

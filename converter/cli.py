@@ -17,6 +17,8 @@ from mtconvert import __version__
 from mtconvert.errors import EXIT_INTERNAL, EXIT_USAGE, MtConvertError, UsageError
 
 PRECISION_CHOICES = ("fp32", "fp16", "int8")
+# mtconvert.backends.coreml.backend.DEPLOYMENT_TARGETS (not imported: start-up stays light)
+COREML_TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18", "macOS12", "macOS13", "macOS14", "macOS15")
 
 
 class DefaultGroup(click.Group):
@@ -35,6 +37,8 @@ def cli() -> None:
 
     \b
     mtconvert MODEL --to onnx-mobile,tflite [--out DIR] [--report-json PATH]
+    mtconvert validate SOURCE ARTIFACT...
+    mtconvert verify BUNDLE_DIR
     mtconvert backends
 
     Exit codes: 0 every target passed, 1 a check failed, 2 usage error or unreadable model,
@@ -111,11 +115,19 @@ def shared_options(f: Any) -> Any:
               help="Name the first diverging operator even when numerics pass (bisection).")
 @click.option("--keep-intermediate", is_flag=True,
               help="ncnn: also keep pnnx's intermediate files (in <model>.ncnn-intermediate/).")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
+              help="Write a golden bundle per target here (artifact, inputs, reference outputs, "
+                   "tolerances, tool versions) for `mtconvert verify`.")
+@click.option("--coreml-target", type=click.Choice(COREML_TARGETS), default=None,
+              help="coreml: minimum deployment target (default iOS16).")
+@click.option("--palettize", type=click.Choice(("1", "2", "3", "4", "6", "8")), default=None,
+              metavar="BITS", help="coreml: palettize the weights to 2^BITS k-means clusters.")
 @shared_options
 def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
                 calibration: Path | None, int8_scheme: str | None, jobs: int | None,
                 no_cache: bool, seq_lens: str | None, batch_sizes: str | None,
-                localize: bool, keep_intermediate: bool, **shared: Any) -> int:
+                localize: bool, keep_intermediate: bool, bundle_dir: Path | None,
+                coreml_target: str | None, palettize: str | None, **shared: Any) -> int:
     """Convert MODEL (.onnx or .pt2) to each target and validate every artifact."""
     from mtconvert import api
 
@@ -127,6 +139,12 @@ def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
         options["extra"]["int8_scheme"] = int8_scheme
     if keep_intermediate:
         options["extra"]["keep_intermediate"] = True
+    if bundle_dir:
+        options["extra"]["bundle"] = str(bundle_dir)
+    if coreml_target:
+        options["extra"]["coreml_target"] = coreml_target
+    if palettize:
+        options["extra"]["palettize"] = int(palettize)
     report = api.convert(model, targets, out_dir, None, progress=_progress(shared), **options)
     return _finish(report, shared["report_json"])
 
@@ -136,11 +154,34 @@ def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @shared_options
 def validate_cmd(source: Path, artifacts: tuple[Path, ...], **shared: Any) -> int:
-    """Check ARTIFACTS built elsewhere (.tflite, .ort, .onnx) against SOURCE, without
-    converting: the release gate. Same checks, report and exit codes as a conversion."""
+    """Check ARTIFACTS built elsewhere (.tflite, .ort, .onnx, .mlpackage) against SOURCE,
+    without converting: the release gate. Same checks, report and exit codes as a conversion."""
     from mtconvert import api
 
     report = api.validate(source, list(artifacts), progress=_progress(shared), **_options(shared))
+    return _finish(report, shared["report_json"])
+
+
+@cli.command("verify")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--threads", type=int, default=None, help="Threads for the runtime.")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--iterations", type=int, default=20, show_default=True, help="Timed runs.")
+@click.option("--timeout", type=float, default=900.0, show_default=True,
+              help="Seconds allowed per validation run.")
+@click.option("--report-json", type=click.Path(path_type=Path),
+              help="Write the JSON report here.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines, only the report.")
+@click.option("--verbose", "-v", is_flag=True, help="Progress lines on stderr.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def verify_cmd(bundle_dir: Path, threads: int | None, warmup: int, iterations: int,
+               timeout: float, **shared: Any) -> int:
+    """Re-check the artifacts of golden bundles (written by --bundle) against their stored
+    inputs, reference outputs and tolerances, e.g. on a macOS CI worker. No source needed."""
+    from mtconvert import api
+
+    report = api.verify(bundle_dir, threads=threads, warmup=warmup, iterations=iterations,
+                        timeout=timeout, progress=_progress(shared))
     return _finish(report, shared["report_json"])
 
 

@@ -54,7 +54,9 @@ def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
         sweep = [(f, open_reference(src, f, once).outputs) for f in sweep_feeds]
         clock.lap("reference_s")
         ctx = RunContext(registry, src, feeds, reference.outputs, opts, say,
-                         ConversionCache(default_root() if opts.cache else None), sweep=sweep)
+                         ConversionCache(default_root() if opts.cache else None), sweep=sweep,
+                         reference_info={"runtime": reference.runtime,
+                                         "version": reference.version})
         reports = run_targets(ctx, names)
     return Report(source=_source_info(loaded, feeds, values),
                   reference=ReferenceInfo(reference.runtime, reference.version,

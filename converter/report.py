@@ -99,6 +99,7 @@ class TargetReport:
     sweep: tuple[dict[str, Any], ...] = ()
     # first-divergence localization: {method, probes, first_divergence {node, op_type, ...}}
     diagnostics: dict[str, Any] | None = None
+    latency_unavailable: str | None = None  # why ``latency`` is absent although the target ran
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -125,7 +126,8 @@ class TargetReport:
                    findings=tuple(d.get("findings", ())), log=d.get("log"),
                    timings=dict(d.get("timings", {})),
                    input_shapes=dict(d.get("input_shapes", {})),
-                   sweep=tuple(d.get("sweep", ())), diagnostics=d.get("diagnostics"))
+                   sweep=tuple(d.get("sweep", ())), diagnostics=d.get("diagnostics"),
+                   latency_unavailable=d.get("latency_unavailable"))
 
 
 @dataclass(frozen=True)

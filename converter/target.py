@@ -42,6 +42,7 @@ class RunContext:
     report_name: str | None = None  # validate mode: a name per artifact file
     # dynamic-shape sweep: (feeds, reference outputs) at every extra shape
     sweep: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = field(default_factory=list)
+    reference_info: dict[str, Any] | None = None  # {runtime, version}, for golden bundles
     # conversions may overlap; timed validation runs never do, or latency figures would lie
     validate_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -111,7 +112,8 @@ def _convert_and_validate(ctx: RunContext, backend: Backend, staging: Path,
         artifact, conversion = _convert(ctx, backend, staging, routes[0])
         clock.lap("convert_s")
         artifact = stg.commit(artifact, staging, out_dir)
-        return check_artifact(ctx, backend, artifact, conversion, clock)
+        report = check_artifact(ctx, backend, artifact, conversion, clock)
+        return _bundled(ctx, artifact, report, out_dir)
     return _first_passing_route(ctx, backend, routes, staging, out_dir)
 
 
@@ -135,23 +137,38 @@ def _first_passing_route(ctx: RunContext, backend: Backend, routes: list[str], s
         clock.lap("convert_s")
         report = check_artifact(ctx, backend, artifact, conversion, clock)
         if report.status == "passed":
-            return _commit_route(report, artifact, conversion, area, out_dir, route, rejected)
+            return _commit_route(ctx, report, artifact, conversion, area, out_dir, route,
+                                 rejected)
         rejected.append(f"route {route} rejected: {report.status}: {report.reason}")
         first = first or (report, artifact, conversion, area, route)
     if first is None:
         raise ConversionError("; ".join(rejected), target=backend.name)
     report, artifact, conversion, area, route = first
     others = [r for r in rejected if not r.startswith(f"route {route} ")]
-    return _commit_route(report, artifact, conversion, area, out_dir, route, others)
+    return _commit_route(ctx, report, artifact, conversion, area, out_dir, route, others)
 
 
-def _commit_route(report: TargetReport, artifact: Artifact, conversion: Conversion, area: Path,
-                  out_dir: Path, route: str, rejected: list[str]) -> TargetReport:
+def _commit_route(ctx: RunContext, report: TargetReport, artifact: Artifact,
+                  conversion: Conversion, area: Path, out_dir: Path, route: str,
+                  rejected: list[str]) -> TargetReport:
     committed = stg.commit(artifact, area, out_dir)
     steps = (*rejected, f"route {route}: chosen ({report.status})", *conversion.steps)
-    return replace(report, artifacts=stg.file_entries(committed),
-                   log=str(committed.log_path) if committed.log_path else None,
-                   conversion=replace(conversion, steps=steps))
+    report = replace(report, artifacts=stg.file_entries(committed),
+                     log=str(committed.log_path) if committed.log_path else None,
+                     conversion=replace(conversion, steps=steps))
+    return _bundled(ctx, committed, report, out_dir)
+
+
+def _bundled(ctx: RunContext, artifact: Artifact, report: TargetReport,
+             out_dir: Path) -> TargetReport:
+    """--bundle: write the golden bundle of a validated artifact (not of one that errored)."""
+    if not ctx.opts.extra.get("bundle") or report.numerics is None:
+        return report
+    from mtconvert import bundle
+
+    where = bundle.write(ctx, artifact, report, out_dir)
+    return replace(report, conversion=replace(
+        report.conversion, steps=(*report.conversion.steps, f"golden bundle: {where}")))
 
 
 def _move_log(area: Path, staging: Path) -> None:
@@ -187,17 +204,18 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
                             **base)
     except StepError as exc:  # the artifact is finished and kept; running it failed
         return TargetReport(status="error", reason=exc.reason, **base)
-    numerics = numerics_of(ctx.ref_out, result.outputs, opts, artifact.precision, result.runtime)
+    numerics = numerics_of(ctx.ref_out, result.outputs, opts, profile_of(artifact),
+                           result.runtime)
     if "fp32_variant" in artifact.meta:
         numerics = _with_fp32_change(ctx, backend, artifact, numerics, result.outputs)
     sweep = _sweep(ctx, backend, artifact)
     clock.lap("validate_s")
-    diagnostics = None
+    diagnostics = dict(result.notes) if result.notes else None
     if (opts.localize or not numerics.passed) and conversion is not None:
         from mtconvert.localize import localize
 
         ctx.say(f"{name}: localizing the first divergence")
-        diagnostics = localize(ctx, backend, artifact.precision)
+        diagnostics = (diagnostics or {}) | localize(ctx, backend, artifact.precision)
         clock.lap("localize_s")
     bad = [f"shape {format_shapes(e['input_shapes'])}: {e['reason']}" for e in sweep
            if e["status"] in ("failed", "error")]
@@ -205,6 +223,7 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
     return TargetReport(status="failed" if reasons else "passed",
                         reason="; ".join(reasons) or None, sweep=sweep, diagnostics=diagnostics,
                         numerics=numerics, latency=latency_of(result.latency, opts.threads),
+                        latency_unavailable=result.latency_unavailable,
                         memory=Memory(round(result.peak_rss_mb, 1),
                                       round(result.baseline_rss_mb, 1)), **base)
 
@@ -220,7 +239,7 @@ def _sweep(ctx: RunContext, backend: Backend, artifact: Artifact) -> tuple[dict[
         if not type(backend).fixed_shapes:
             try:
                 result = _session(ctx, backend, artifact.to_dict(), 0, 1, feeds)
-                n = numerics_of(ref_out, result.outputs, ctx.opts, artifact.precision,
+                n = numerics_of(ref_out, result.outputs, ctx.opts, profile_of(artifact),
                                 result.runtime)
                 entry |= {"status": "passed" if n.passed else "failed", "worst": n.worst,
                           "reason": None if n.passed else _numerics_reason(n)}
@@ -228,6 +247,12 @@ def _sweep(ctx: RunContext, backend: Backend, artifact: Artifact) -> tuple[dict[
                 entry |= {"status": "error", "reason": exc.reason}
         entries.append(entry)
     return tuple(entries)
+
+
+def profile_of(artifact: Artifact) -> str:
+    """The tolerance profile: the precision's, unless the backend names another (weights
+    compressed by palettization are judged like int8 weights, whatever the compute precision)."""
+    return artifact.meta.get("tolerance_profile", artifact.precision)
 
 
 def _session(ctx: RunContext, backend: Backend, artifact: dict[str, Any], warmup: int,
@@ -269,7 +294,9 @@ def _numerics_reason(n: Numerics) -> str:
     return "numerics: " + "; ".join(bad)
 
 
-def latency_of(d: dict[str, Any], threads: int) -> Latency:
+def latency_of(d: dict[str, Any], threads: int) -> Latency | None:
+    if not d:
+        return None
     return Latency(**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()},
                    threads=threads)
 

@@ -26,6 +26,8 @@ class SessionResult:
     peak_rss_mb: float
     baseline_rss_mb: float
     runtime: str
+    latency_unavailable: str | None = None  # why latency was not measured (latency is {})
+    notes: dict[str, Any] | None = None  # the session's own findings (first non-finite op...)
 
 
 def _rss_mb() -> float:
@@ -58,13 +60,16 @@ def _child(job_path: Path) -> None:
         return
     with session_cm as session:
         outputs = session.run(feeds)
-        stats = measure(lambda: session.run(feeds), warmup=job["warmup"],
-                        iterations=job["iterations"])
+        notes = getattr(session, "notes", None) or None
+        no_latency = getattr(session, "latency_unavailable", None)
+        stats = None if no_latency else measure(lambda: session.run(feeds),
+                                                warmup=job["warmup"], iterations=job["iterations"])
         runtime = getattr(session, "runtime", cls.name)
     np.savez(job["outputs"], **outputs)
     Path(job["result"]).write_text(json.dumps({
-        "latency": stats.to_dict(), "peak_rss_mb": _peak_rss_mb(),
-        "baseline_rss_mb": baseline, "runtime": runtime}))
+        "latency": stats.to_dict() if stats else {}, "latency_unavailable": no_latency,
+        "notes": notes, "peak_rss_mb": _peak_rss_mb(), "baseline_rss_mb": baseline,
+        "runtime": runtime}))
 
 
 def run_session(*, name: str, backend: str, artifact: dict[str, Any],
@@ -99,7 +104,8 @@ def run_session(*, name: str, backend: str, artifact: dict[str, Any],
         with np.load(t / "outputs.npz") as data:
             outputs = {k: data[k] for k in data.files}
     return SessionResult(outputs, result["latency"], result["peak_rss_mb"],
-                         result["baseline_rss_mb"], result["runtime"])
+                         result["baseline_rss_mb"], result["runtime"],
+                         result.get("latency_unavailable"), result.get("notes"))
 
 
 def _crash_reason(proc: subprocess.CompletedProcess) -> str:

@@ -101,8 +101,15 @@ def _details(t: TargetReport, console: Console) -> None:
         console.print(f"  first divergence: {first['op_type']} [cyan]{escape(first['node'])}[/]: "
                       f"max abs {_num(first.get('max_abs'), '.3g')}{where} "
                       f"[dim]({d['probes']} probes, {d['seconds']} s)[/]")
-    elif t.diagnostics:
+    elif t.diagnostics and "result" in t.diagnostics:
         console.print(f"  localization: {t.diagnostics.get('result')}")
+    nonfinite = (t.diagnostics or {}).get("first_nonfinite_op")
+    if nonfinite:
+        console.print(f"  first op producing {'inf' if nonfinite['inf'] else 'NaN'}: "
+                      f"{nonfinite['op_type']} [cyan]{escape(nonfinite['op'])}[/] "
+                      f"({nonfinite['dtype']})")
+    if t.latency_unavailable:
+        console.print(f"  [dim]latency not measured: {escape(t.latency_unavailable)}[/]")
     for f in t.findings:
         style = {"error": "red", "warning": "yellow"}.get(f["severity"], "dim")
         console.print(f"  [{style}]{f['severity']}[/] {escape(f['message'])}")

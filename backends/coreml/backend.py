@@ -1,0 +1,302 @@
+"""Core ML target: an ML Program ``<model>.mlpackage`` from PyTorch or ONNX sources.
+
+Routes: ``torch.export`` (PyTorch sources: the module is exported here at the validation
+shapes) and ``onnx2torch`` (ONNX sources, or PyTorch sources whose export fails). coremltools
+converts in a child process. Core ML itself runs only on Apple platforms: elsewhere the saved
+program is executed by mtconvert's NumPy MIL interpreter (runtime ``mil-reference``); on macOS
+``MLModel.predict`` is used and the interpreter's agreement with it is reported beside.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mtconvert import deps
+from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
+                                     TargetOptions, TensorSpec, expect_files, format_shapes,
+                                     python_cmd, run_tool)
+from mtconvert.errors import ConversionError, ModelLoadError, RuntimeUnavailable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+TOOLS = ["coremltools", "torch", "onnx2torch", "onnxsim"]
+DEPLOYMENT_TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18", "macOS12", "macOS13", "macOS14",
+                      "macOS15")
+DEFAULT_TARGET = "iOS16"
+PALETTE_BITS = (1, 2, 3, 4, 6, 8)
+NO_LATENCY = ("Core ML runs only on Apple platforms; the mil-reference interpreter's time says "
+              "nothing about a device")
+
+
+class CoremlBackend(Backend):
+    name = "coreml"
+    aliases = ("mlpackage", "core-ml")
+    extra = "coreml"
+    description = "Core ML ML Program (.mlpackage) via torch.export + coremltools"
+    precisions = ("fp32", "fp16", "int8")
+    fixed_shapes = True
+    convert_requires = {"coremltools": "coremltools", "torch": "torch"}
+    run_requires = {"coremltools": "coremltools"}  # its protobuf classes and blob reader
+    artifact_suffixes = (".mlpackage",)
+
+    def routes(self, source: PreparedSource) -> list[str]:
+        if source.torch_module is not None:
+            return ["torch.export", "onnx2torch"] if _has_onnx2torch() else ["torch.export"]
+        return ["onnx2torch"]
+
+    def convert(self, source: PreparedSource, out_dir: Path, opts: TargetOptions) -> Artifact:
+        settings = _settings(opts)
+        log = out_dir / f"{source.name}.{self.name}.log"
+        work = source.work_dir / self.name / (opts.route or "default")
+        work.mkdir(parents=True, exist_ok=True)
+        shapes = {s.name: list(source.input_shapes[s.name]) for s in source.inputs}
+        steps: list[str] = []
+        if opts.route == "torch.export":
+            kind, model = "pt2", _export_module(source, shapes, work / "program.pt2")
+            steps.append(f"torch.export of the PyTorch module at {format_shapes(shapes)}")
+        else:
+            kind, model = "onnx", self._fixed_onnx(source, shapes, work, log, opts, steps)
+        suffix = "" if opts.precision == "fp32" else f".{opts.precision}"
+        suffix += f".palettized{settings['palettize']}" if settings["palettize"] else ""
+        out = out_dir / f"{source.name}{suffix}.mlpackage"
+        twin = work / f"{source.name}.fp32-twin.mlpackage"
+        compressed = opts.precision != "fp32" or settings["palettize"]
+        job = {"kind": kind, "model": str(model), "out": str(out),
+               "input_order": [s.name for s in source.inputs],
+               "input_shapes": [shapes[s.name] for s in source.inputs],
+               "input_dtypes": [s.dtype for s in source.inputs],
+               "output_names": [s.name for s in source.outputs], "precision": opts.precision,
+               "fp32_twin": str(twin) if compressed else None} | settings
+        result = self._run_child(job, work, log, opts.timeout_s)
+        expect_files([out / "Manifest.json"], target=self.name, step="coremltools", log_path=log)
+        steps += result["steps"]
+        meta: dict[str, Any] = {"inputs": result["inputs"], "outputs": result["outputs"],
+                                "input_shapes": shapes, "deployment_target":
+                                    settings["deployment_target"]}
+        if settings["palettize"]:  # lossy weights: judged like int8 weights
+            meta["tolerance_profile"] = "int8"
+            steps.append("tolerance profile int8 (palettized weights), compute "
+                         f"{opts.precision}")
+        if compressed:
+            meta["fp32_variant"] = Artifact(target=self.name, primary=twin, files=(twin,),
+                                            meta=dict(meta)).to_dict()
+        return Artifact(target=self.name, primary=out, files=(out,), precision=opts.precision,
+                        steps=tuple(steps), tool_versions=deps.versions(TOOLS), log_path=log,
+                        meta=meta)
+
+    def _fixed_onnx(self, source: PreparedSource, shapes: dict[str, list[int]], work: Path,
+                    log: Path, opts: TargetOptions, steps: list[str]) -> Path:
+        from mtconvert.backends.onnx_tools import run_onnx_tool
+
+        if not _has_onnx2torch():
+            raise ConversionError("ONNX sources need onnx2torch: pip install --no-deps "
+                                  "onnx2torch (it needs torchvision only for NMS/RoiAlign)",
+                                  target=self.name, step="onnx2torch")
+        fixed = work / f"{source.name}.fixed.onnx"
+        info = run_onnx_tool("fix-shapes", source.onnx_path, fixed, shapes, step="fix-shapes",
+                             log=log, timeout=opts.timeout_s, target=self.name)
+        steps.append(f"fix shapes: {format_shapes(shapes)}; onnxsim {info['nodes_before']} -> "
+                     f"{info['nodes_after']} nodes [{info['seconds']:.1f} s]")
+        return fixed
+
+    def _run_child(self, job: dict[str, Any], work: Path, log: Path,
+                   timeout: float | None) -> dict[str, Any]:
+        job_path = work / "coreml_job.json"
+        job_path.write_text(json.dumps(job))
+        out = run_tool(python_cmd("-m", "mtconvert.backends.coreml.convert", str(job_path)),
+                       target=self.name, step="coremltools", log_path=log, timeout_s=timeout,
+                       env={"TQDM_DISABLE": "1"})
+        for line in reversed(out.splitlines()):
+            if line.startswith("MTCONVERT-RESULT "):
+                return json.loads(line.split(" ", 1)[1])
+        raise ConversionError("converter printed no result", target=self.name,
+                              step="coremltools", log_path=log)
+
+    def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
+        """An .mlpackage built elsewhere: features mapped by name, else by position."""
+        from mtconvert.backends.coreml.program import load
+
+        program = load(path)
+        ins = _match([v.name for v in program.inputs], [s.name for s in source.inputs], "input")
+        outs = _match(program.outputs, [s.name for s in source.outputs], "output")
+        shapes = {src: list(v.shape) for v, src in zip(program.inputs, ins, strict=True)}
+        return Artifact(target=self.name, primary=path, files=(path,), precision=opts.precision,
+                        steps=("validated as built elsewhere",),
+                        tool_versions=deps.versions(["coremltools"]),
+                        meta={"inputs": [v.name for v in program.inputs],
+                              "outputs": program.outputs, "source_inputs": ins,
+                              "source_outputs": outs, "input_shapes": shapes})
+
+    def lint(self, artifact: Artifact) -> list[Finding]:
+        from mtconvert.backends.coreml import ops as kernels
+        from mtconvert.backends.coreml.program import load
+
+        program = load(artifact.primary)
+        counts = Counter(op.type for op in program.ops)
+        findings = [Finding("info", "coreml-ops", f"{sum(counts.values())} MIL operations "
+                            f"(opset {program.opset}): " + ", ".join(
+                                f"{op}x{n}" for op, n in counts.most_common()))]
+        missing = kernels.missing(list(counts))
+        if missing:
+            findings.append(Finding("warning", "coreml-uninterpretable",
+                                    "the mil-reference interpreter lacks MIL ops "
+                                    f"{', '.join(missing)}: numerics cannot be checked off macOS"))
+        return findings
+
+    def open(self, artifact: Artifact, threads: int) -> Session:
+        if sys.platform == "darwin" and _has_coreml_runtime():
+            return CoremlRuntimeSession(artifact, threads)
+        return MilSession(artifact)
+
+
+def _settings(opts: TargetOptions) -> dict[str, Any]:
+    target = opts.extra.get("coreml_target") or DEFAULT_TARGET
+    if target not in DEPLOYMENT_TARGETS:
+        raise ConversionError(f"minimum deployment target must be one of "
+                              f"{', '.join(DEPLOYMENT_TARGETS)}, not {target!r}",
+                              target="coreml", step="options")
+    bits = opts.extra.get("palettize")
+    if bits is not None and int(bits) not in PALETTE_BITS:
+        raise ConversionError(f"--palettize takes {', '.join(map(str, PALETTE_BITS))} bits, "
+                              f"not {bits}", target="coreml", step="options")
+    if bits and opts.precision == "int8":
+        raise ConversionError("choose int8 linear quantization or palettization, not both",
+                              target="coreml", step="options")
+    return {"deployment_target": target, "palettize": int(bits) if bits else None}
+
+
+def _export_module(source: PreparedSource, shapes: dict[str, list[int]], path: Path) -> Path:
+    """torch.export of the in-memory module (it lives in this process), saved for the child."""
+    import torch
+
+    args = tuple((torch.ones if "mask" in s.name.lower() else torch.zeros)(
+        shapes[s.name], dtype=getattr(torch, s.dtype)) for s in source.inputs)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(source.torch_module, args, strict=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"torch.export failed: {first}", target="coreml",
+                              step="torch.export") from None
+    torch.export.save(program, str(path))
+    return path
+
+
+def _match(names: list[str], source_names: list[str], what: str) -> list[str]:
+    if len(names) != len(source_names):
+        raise ModelLoadError(f"the .mlpackage has {len(names)} {what}s, the source "
+                             f"{len(source_names)}")
+    return list(names) if set(names) == set(source_names) else list(source_names)
+
+
+def _has_onnx2torch() -> bool:
+    return not deps.missing_modules({"onnx2torch": "onnx2torch"})
+
+
+def _has_coreml_runtime() -> bool:
+    """coremltools ships its Core ML bindings (libcoremlpython) on macOS only."""
+    import importlib.util
+
+    return importlib.util.find_spec("coremltools.libcoremlpython") is not None
+
+
+# --- sessions -------------------------------------------------------------------------------
+
+class _Features:
+    """Source names <-> the package's feature names, and the dtypes the package takes."""
+
+    def __init__(self, artifact: Artifact):
+        meta = artifact.meta
+        self.inputs = dict(zip(meta.get("source_inputs", meta["inputs"]), meta["inputs"],
+                               strict=True))
+        self.outputs = dict(zip(meta["outputs"], meta.get("source_outputs", meta["outputs"]),
+                                strict=True))
+
+    def feeds(self, feeds: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[str, Any]:
+        return {ml: feeds[src].astype(dtypes[ml], copy=False) for src, ml in self.inputs.items()}
+
+    def results(self, out: dict[str, Any]) -> dict[str, np.ndarray]:
+        import numpy as np
+
+        return {src: np.asarray(out[ml]) for ml, src in self.outputs.items()}
+
+
+class MilSession(Session):
+    runtime = "mil-reference"
+    latency_unavailable = NO_LATENCY
+    notes: dict[str, Any] = {}  # noqa: RUF012 - replaced, never mutated
+
+    def __init__(self, artifact: Artifact):
+        from mtconvert.backends.coreml.interp import MilInterpreter, UnsupportedOps
+
+        try:
+            self._interp = MilInterpreter.open(artifact.primary)
+        except UnsupportedOps as exc:
+            raise RuntimeUnavailable(f"the mil-reference interpreter lacks MIL ops "
+                                     f"{', '.join(exc.op_types)}; Core ML itself runs only on "
+                                     "macOS", target="coreml", step="open") from None
+        self._features = _Features(artifact)
+        program = self._interp.program
+        self._dtypes = {v.name: v.dtype for v in program.inputs}
+        self.inputs = [TensorSpec(src, tuple(v.shape), v.dtype) for src, v in
+                       zip(self._features.inputs, program.inputs, strict=True)]
+        self.outputs = [TensorSpec(src, (), "") for src in self._features.outputs.values()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import numpy as np
+
+        out = self._interp.run(self._features.feeds(feeds, self._dtypes), watch=True)
+        bad = [k for k, v in out.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        if bad and self._interp.first_nonfinite:  # an inf that softmax absorbs is no news
+            self.notes = {"first_nonfinite_op": self._interp.first_nonfinite}
+        return self._features.results(out)
+
+
+class CoremlRuntimeSession(Session):
+    """macOS: Core ML's own runtime (``MLModel.predict``); the interpreter runs beside it once
+    so the report shows how far the two agree. Not exercised on the Linux CI machines."""
+
+    runtime = "coreml"
+
+    def __init__(self, artifact: Artifact, threads: int):
+        from mtconvert.backends.coreml._ct import coremltools
+
+        ct = coremltools()
+        self._model = ct.models.MLModel(str(artifact.primary))
+        self._features = _Features(artifact)
+        spec = self._model.get_spec()
+        self._dtypes = {f.name: _feature_dtype(f) for f in spec.description.input}
+        self._artifact = artifact
+        self.inputs = []
+        self.outputs = []
+        self._beside: dict[str, Any] | None = None
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self._features.results(self._model.predict(self._features.feeds(feeds,
+                                                                               self._dtypes)))
+        if self._beside is None:
+            self._beside = _interpreter_beside(self._artifact, feeds, out)
+            self.runtime = f"coreml (mil-reference beside: {self._beside['summary']})"
+        return out
+
+
+def _feature_dtype(feature: Any) -> str:
+    codes = {65568: "float32", 65552: "float16", 131104: "int32", 65600: "float64"}
+    return codes.get(feature.type.multiArrayType.dataType, "float32")
+
+
+def _interpreter_beside(artifact: Artifact, feeds: dict[str, np.ndarray],
+                        coreml_out: dict[str, np.ndarray]) -> dict[str, Any]:
+    import numpy as np
+
+    try:
+        mine = MilSession(artifact).run(feeds)
+    except RuntimeUnavailable as exc:
+        return {"summary": exc.reason}
+    worst = max(float(np.max(np.abs(mine[k].astype(np.float64) - coreml_out[k])))
+                for k in coreml_out)
+    return {"summary": f"max abs difference {worst:.3g}", "max_abs": worst}
