@@ -292,6 +292,33 @@ def format_shapes(shapes: dict[str, Any]) -> str:
     return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
 
 
+RESULT_PREFIX = "MTCONVERT-RESULT "
+
+
+def tool_result(output: str, *, target: str, step: str, log_path: Path | None) -> dict[str, Any]:
+    """The JSON a child tool printed on its last ``MTCONVERT-RESULT {json}`` line."""
+    import json
+
+    for line in reversed(output.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    raise ConversionError("converter printed no result", target=target, step=step,
+                          log_path=log_path)
+
+
+def run_job(module: str, job: dict[str, Any], job_path: Path, *, target: str, step: str,
+            log_path: Path, timeout_s: float | None,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write ``job`` as JSON, run ``python -m module JOB`` as an untrusted tool and return the
+    result it printed."""
+    import json
+
+    job_path.write_text(json.dumps(job))
+    out = run_tool(python_cmd("-m", module, str(job_path)), target=target, step=step,
+                   log_path=log_path, timeout_s=timeout_s, env=env)
+    return tool_result(out, target=target, step=step, log_path=log_path)
+
+
 def python_cmd(*args: str) -> list[str]:
     """A command line that runs this interpreter (the tools are installed beside mtconvert)."""
     return [sys.executable, *args]

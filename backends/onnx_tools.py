@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mtconvert.backends.base import python_cmd, run_tool
-from mtconvert.errors import ConversionError
+from mtconvert.backends.base import python_cmd, run_tool, tool_result
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
                  "QLinearMatMul", "QLinearConv", "ConvInteger", "DynamicQuantizeMatMul"}
@@ -96,10 +95,8 @@ def run_onnx_tool(cmd: str, src: Path, dst: Path, *args: Any, step: str, log: Pa
     out = run_tool(python_cmd("-m", "mtconvert.backends.onnx_tools", cmd, str(src), str(dst),
                               *extra),
                    target=target, step=step, log_path=log, timeout_s=timeout)
-    for line in reversed(out.splitlines()):
-        if line.startswith("MTCONVERT-RESULT "):
-            return json.loads(line.split(" ", 1)[1]) | {"seconds": time.perf_counter() - t0}
-    raise ConversionError("tool printed no result", target=target, step=step, log_path=log)
+    return tool_result(out, target=target, step=step, log_path=log) | {
+        "seconds": time.perf_counter() - t0}
 
 
 def ncnn_prepare(src: str, dst: str, shapes: dict[str, list[int]]) -> dict:

@@ -7,7 +7,6 @@ fail the target unless ``allow_flex`` is set.
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from mtconvert import deps
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
                                      TargetOptions, TensorSpec, expect_files, format_shapes,
-                                     python_cmd, run_tool)
+                                     run_job)
 from mtconvert.backends.onnx_tools import run_onnx_tool
 from mtconvert.errors import ConversionError, RuntimeFailure, RuntimeUnavailable
 
@@ -119,16 +118,9 @@ class TfliteBackend(Backend):
 
     def _run_child(self, job: dict[str, Any], work: Path, log: Path,
                    timeout: float | None) -> dict[str, Any]:
-        job_path = work / "tflite_job.json"
-        job_path.write_text(json.dumps(job))
-        out = run_tool(python_cmd("-m", "mtconvert.backends.tflite_convert", str(job_path)),
+        return run_job("mtconvert.backends.tflite_convert", job, work / "tflite_job.json",
                        target=self.name, step="onnx2tf", log_path=log, timeout_s=timeout,
                        env={"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1"})
-        for line in reversed(out.splitlines()):
-            if line.startswith("MTCONVERT-RESULT "):
-                return json.loads(line.split(" ", 1)[1])
-        raise ConversionError("converter printed no result", target=self.name, step="onnx2tf",
-                              log_path=log)
 
     def lint(self, artifact: Artifact) -> list[Finding]:
         ops = tflite_ops(artifact.primary)

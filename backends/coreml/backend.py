@@ -8,7 +8,6 @@ program is executed by mtconvert's NumPy MIL interpreter (runtime ``mil-referenc
 """
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from mtconvert import deps
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
                                      TargetOptions, TensorSpec, expect_files, format_shapes,
-                                     python_cmd, run_tool)
+                                     run_job)
 from mtconvert.errors import ConversionError, ModelLoadError, RuntimeUnavailable
 
 if TYPE_CHECKING:
@@ -105,16 +104,9 @@ class CoremlBackend(Backend):
 
     def _run_child(self, job: dict[str, Any], work: Path, log: Path,
                    timeout: float | None) -> dict[str, Any]:
-        job_path = work / "coreml_job.json"
-        job_path.write_text(json.dumps(job))
-        out = run_tool(python_cmd("-m", "mtconvert.backends.coreml.convert", str(job_path)),
+        return run_job("mtconvert.backends.coreml.convert", job, work / "coreml_job.json",
                        target=self.name, step="coremltools", log_path=log, timeout_s=timeout,
                        env={"TQDM_DISABLE": "1"})
-        for line in reversed(out.splitlines()):
-            if line.startswith("MTCONVERT-RESULT "):
-                return json.loads(line.split(" ", 1)[1])
-        raise ConversionError("converter printed no result", target=self.name,
-                              step="coremltools", log_path=log)
 
     def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
         """An .mlpackage built elsewhere: features mapped by name, else by position."""
