@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.machinery
 import importlib.util
+import sys
 
 from mtconvert.errors import BackendUnavailableError
 
 
 def module_present(module: str) -> bool:
+    """Installed, judged from the import path. A None entry in sys.modules (how the coreml
+    backend hides tensorflow from coremltools, for a moment, in whatever thread) is not
+    "missing": find_spec would say so, so top-level names are looked up on sys.path."""
     try:
+        if "." not in module and sys.modules.get(module, 0) is None:
+            return importlib.machinery.PathFinder.find_spec(module) is not None
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False

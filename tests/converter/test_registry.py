@@ -40,3 +40,17 @@ def test_entry_point_name_must_match_class_name():
     reg.add(BackendEntry("wrong", f"{FakeBackend.__module__}:FakeBackend"))
     assert reg.available() == []
     assert "declares name" in reg.entries["wrong"].error
+
+
+def test_a_module_hidden_in_sys_modules_is_still_installed(monkeypatch):
+    """The coreml backend hides tensorflow from coremltools (sys.modules entry None) for a
+    moment; another target's availability check in a parallel thread must not call it
+    missing (seen: tflite 'needs tensorflow' in a run with coreml)."""
+    import sys
+
+    from mtconvert import deps
+
+    monkeypatch.setitem(sys.modules, "json", None)
+    assert deps.module_present("json")
+    monkeypatch.setitem(sys.modules, "surely_not_installed_mod", None)
+    assert not deps.module_present("surely_not_installed_mod")
