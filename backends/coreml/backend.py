@@ -9,7 +9,6 @@ program is executed by mtconvert's NumPy MIL interpreter (runtime ``mil-referenc
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,12 +124,11 @@ class CoremlBackend(Backend):
 
     def lint(self, artifact: Artifact) -> list[Finding]:
         from mtconvert.backends.coreml import ops as kernels
-        from mtconvert.backends.coreml.program import load
+        from mtconvert.backends.coreml.program import op_counts
 
-        program = load(artifact.primary)
-        counts = Counter(op.type for op in program.ops)
+        opset, counts = op_counts(artifact.primary)
         findings = [Finding("info", "coreml-ops", f"{sum(counts.values())} MIL operations "
-                            f"(opset {program.opset}): " + ", ".join(
+                            f"(opset {opset}): " + ", ".join(
                                 f"{op}x{n}" for op, n in counts.most_common()))]
         missing = kernels.missing(list(counts))
         if missing:

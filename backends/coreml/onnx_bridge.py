@@ -16,9 +16,6 @@ import sys
 import types
 from typing import Any
 
-MENDS = ("GreaterOrEqual-16", "LessOrEqual-16", "Flatten")
-
-
 def shim_torchvision() -> bool:
     """onnx2torch imports torchvision for its NMS and RoiAlign converters only. No CPU build of
     torchvision exists for torch 2.13 here (the registry's wheels need CUDA torch, and a broken

@@ -7,6 +7,7 @@ ships. coremltools supplies only the protobuf classes and the blob-file reader.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,11 @@ DTYPES = {1: "bool", 10: "float16", 11: "float32", 12: "float64", 21: "int8", 22
           23: "int32", 24: "int64", 25: "int8", 31: "uint8", 32: "uint16", 33: "uint32",
           34: "uint64", 35: "uint8", 36: "uint8", 37: "uint8", 38: "uint8", 39: "uint8"}
 SUB_BYTE_BITS = {25: 4, 35: 4, 36: 2, 37: 1, 38: 6, 39: 3}
-_BLOB_READ = {1: "read_uint1_data", 36: "read_uint2_data", 39: "read_uint3_data",
+_BLOB_READ = {37: "read_uint1_data", 36: "read_uint2_data", 39: "read_uint3_data",
               35: "read_uint4_data", 38: "read_uint6_data", 31: "read_uint8_data",
               25: "read_int4_data", 21: "read_int8_data", 32: "read_uint16_data",
               22: "read_int16_data", 10: "read_fp16_data", 11: "read_float_data",
               23: "read_int32_data", 33: "read_uint32_data"}
-_BLOB_READ[37] = _BLOB_READ.pop(1)
 
 
 @dataclass(frozen=True)
@@ -89,18 +89,30 @@ def load_spec(package: Path) -> Any:
     return spec
 
 
-def load(package: Path) -> Program:
-    spec = load_spec(package)
+def op_counts(package: Path) -> tuple[str, Counter[str]]:
+    """The main function's opset and operation histogram, from the protobuf alone (no weights
+    read): what the lint needs."""
+    block, opset = _main_block(load_spec(package), package)
+    return opset, Counter(op.type for op in block.operations)
+
+
+def _main_block(spec: Any, package: Path) -> tuple[Any, str]:
     if spec.WhichOneof("Type") != "mlProgram":
         raise ModelLoadError(f"{package.name} holds a {spec.WhichOneof('Type')} model, not an "
                              "ML Program")
-    weights = _Weights(model_path(package).parent / "weights")
     functions = spec.mlProgram.functions
     if "main" not in functions:
         raise ModelLoadError(f"{package.name}: the ML Program has no 'main' function")
     fn = functions["main"]
     opset = fn.opset or next(iter(fn.block_specializations))
-    block = fn.block_specializations[opset]
+    return fn.block_specializations[opset], opset
+
+
+def load(package: Path) -> Program:
+    spec = load_spec(package)
+    block, opset = _main_block(spec, package)
+    fn = spec.mlProgram.functions["main"]
+    weights = _Weights(model_path(package).parent / "weights")
     return Program(opset=opset, inputs=[_var(v) for v in fn.inputs],
                    outputs=list(block.outputs), ops=[_op(o, weights) for o in block.operations],
                    spec_version=spec.specificationVersion,
