@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mtconvert import deps
-from mtconvert.errors import ConversionError, UsageError
+from mtconvert.errors import ConversionError, ModelLoadError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -285,6 +285,15 @@ def _append_log(log_path: Path, cmd: list[str], output: str) -> None:
 def import_path(cls: type) -> str:
     """``module:QualName`` of a class: how the worker and the registry name a backend."""
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def match_names(names: list[str], source_names: list[str], what: str, kind: str) -> list[str]:
+    """The source name of each of an adopted artifact's ``names`` (inputs or outputs): the
+    names themselves when they are the source's, else the source's in order."""
+    if len(names) != len(source_names):
+        raise ModelLoadError(f"the {kind} has {len(names)} {what}s, the source "
+                             f"{len(source_names)}")
+    return list(names) if set(names) == set(source_names) else list(source_names)
 
 
 def format_shapes(shapes: dict[str, Any]) -> str:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from mtconvert import deps
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
                                      TargetOptions, TensorSpec, expect_files, format_shapes,
-                                     run_tool)
+                                     match_names, run_tool)
 from mtconvert.backends.onnx_tools import run_onnx_tool
-from mtconvert.errors import ConversionError, RuntimeFailure
+from mtconvert.errors import ConversionError, ModelLoadError, RuntimeFailure
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,6 +44,39 @@ class NcnnBackend(Backend):
     fixed_shapes = True
     convert_requires = {"pnnx": "pnnx", "ncnn": "ncnn", "onnxsim": "onnxsim"}
     run_requires = {"ncnn": "ncnn"}
+    artifact_suffixes = (".param",)
+
+    def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
+        """A .param (+ .bin beside it) built elsewhere. Inputs map by name, else in order; an
+        input only Embed layers read is fed as int32, any other as float32 (a mask made float
+        by a legalization like mtconvert's keeps its 0/1 values). Fixed shapes come from the
+        Input layers' shape parameters, which mtconvert writes and pnnx does not."""
+        binf = path.with_suffix(".bin")
+        if not binf.is_file():
+            raise ModelLoadError(f"{path.name} needs its weights {binf.name} beside it")
+        try:
+            ins, outs = param_io(path)
+        except (ValueError, IndexError):
+            raise ModelLoadError(f"{path.name} is not an ncnn .param file") from None
+        names = match_names([i["blob"] for i in ins], [s.name for s in source.inputs], "input",
+                            ".param")
+        out_names = match_names(outs, [s.name for s in source.outputs], "output", ".param")
+        ranks = {s.name: s.shape for s in source.outputs}
+        steps = ["validated as built elsewhere"]
+        if names != [i["blob"] for i in ins]:
+            steps.append("inputs mapped by position: " + ", ".join(
+                f"{i['blob']}={n}" for i, n in zip(ins, names, strict=True)))
+        fixed = {n: i["shape"] for i, n in zip(ins, names, strict=True) if i["shape"]}
+        undeclared = [n for n in names if n not in fixed]
+        return Artifact(target=self.name, primary=path, files=(path, binf),
+                        precision=opts.precision, steps=tuple(steps),
+                        tool_versions=deps.versions(["ncnn"]),
+                        meta={"inputs": [[i["blob"], n, "int32" if i["int"] else "float32"]
+                                         for i, n in zip(ins, names, strict=True)],
+                              "outputs": [[b, n, [None] * len(ranks[n])]
+                                          for b, n in zip(outs, out_names, strict=True)],
+                              "input_shapes": fixed, "undeclared_shapes": undeclared,
+                              "mode": "phone-fp16" if opts.precision == "fp16" else "exact"})
 
     def routes(self, source: PreparedSource) -> list[str]:
         """TorchScript first for PyTorch sources (pnnx's native input), then the legalized
@@ -125,6 +158,7 @@ class NcnnBackend(Backend):
                  target=self.name, step="pnnx", log_path=log, timeout_s=opts.timeout_s, cwd=work)
         param, binf = work / "model.ncnn.param", work / "model.ncnn.bin"
         expect_files([param, binf], target=self.name, step="pnnx", log_path=log)
+        declare_input_shapes(param, [shapes[s.name] for s in source.inputs])
         steps = [f"pnnx inputshape={spec} fp16={int(fp16)} (its side files stay in a temp folder)"]
         if info["tanh_gelu"]:
             n = patch_tanh_gelu(param)
@@ -147,6 +181,11 @@ class NcnnBackend(Backend):
         if unknown:
             findings.append(Finding("error", "ncnn-unknown-layers",
                                     f"layers the installed ncnn cannot create: {', '.join(unknown)}"))
+        if artifact.meta.get("undeclared_shapes"):
+            findings.append(Finding("warning", "ncnn-shapes-undeclared", (
+                "the .param does not declare the input shapes it was converted at (pnnx bakes "
+                "them into Reshape layers); it ran at the requested shapes, and at other shapes "
+                "than its own it computes wrong numbers: give --input-shape")))
         if pow_layers(artifact.primary):
             findings.append(Finding("warning", "ncnn-pow",
                                     "BinaryOp pow layers: ncnn's pow returns garbage for negative "
@@ -188,9 +227,7 @@ def _batch_one(source: PreparedSource) -> tuple[dict[str, list[int]], int]:
 
 
 def param_layer_types(param: Path) -> list[str]:
-    lines = param.read_text().splitlines()
-    count = int(lines[1].split()[0])
-    return [ln.split()[0] for ln in lines[2:2 + count] if ln.strip()]
+    return [kind for kind, *_ in _layers(param)]
 
 
 def unknown_layers(param: Path) -> list[str]:
@@ -199,6 +236,54 @@ def unknown_layers(param: Path) -> list[str]:
     import ncnn
 
     return sorted({t for t in param_layer_types(param) if ncnn.layer_to_index(t) < 0})
+
+
+def _layers(param: Path) -> list[tuple[str, list[str], list[str], list[str]]]:
+    """(type, bottoms, tops, params) per layer line of a .param."""
+    lines = param.read_text().splitlines()
+    if lines[0].strip() != "7767517":
+        raise ValueError("no ncnn magic number")
+    out = []
+    for ln in lines[2:2 + int(lines[1].split()[0])]:
+        f = ln.split()
+        nb, nt = int(f[2]), int(f[3])
+        out.append((f[0], f[4:4 + nb], f[4 + nb:4 + nb + nt], f[4 + nb + nt:]))
+    return out
+
+
+_SHAPE_KEYS = ("2", "11", "1", "0")  # c, d, h, w: ncnn's Input parameters, outermost first
+
+
+def param_io(param: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The Input layers in order ({blob, shape or None, int}) and the output blobs (made by a
+    layer, read by none) in order. ``int``: every reader is an Embed layer."""
+    layers = _layers(param)
+    read = {b for _, bottoms, _, _ in layers for b in bottoms}
+    ins = []
+    for kind, _, tops, params in layers:
+        if kind != "Input":
+            continue
+        readers = [k for k, bottoms, _, _ in layers if tops[0] in bottoms]
+        kv = dict(p.split("=", 1) for p in params if "=" in p)
+        dims = [int(kv[k]) for k in _SHAPE_KEYS if int(kv.get(k, 0)) > 0]
+        ins.append({"blob": tops[0], "shape": [1, *dims] if dims else None,
+                    "int": bool(readers) and all(k == "Embed" for k in readers)})
+    outs = [t for kind, _, tops, _ in layers for t in tops
+            if kind != "Input" and t not in read]
+    return ins, outs
+
+
+def declare_input_shapes(param: Path, shapes: list[list[int]]) -> None:
+    """Write each Input layer's batch-1 shape as its w/h/d/c parameters (ncnn reads and
+    ignores them at run time): ``mtconvert validate`` then knows the shapes it was made for."""
+    lines, k = param.read_text().splitlines(), 0
+    for i, ln in enumerate(lines):
+        if ln.startswith("Input ") and k < len(shapes) and "=" not in ln:
+            dims = list(shapes[k][1:])
+            keys = {1: ("0",), 2: ("1", "0"), 3: ("2", "1", "0")}.get(len(dims), _SHAPE_KEYS)
+            lines[i] = ln + "".join(f" {key}={d}" for key, d in zip(keys, dims, strict=True))
+            k += 1
+    param.write_text("\n".join(lines) + "\n")
 
 
 def pow_layers(param: Path) -> int:
@@ -266,6 +351,9 @@ class NcnnSession(Session):
                 raise RuntimeFailure(f"ncnn extract({blob}) returned {ret}", target="ncnn",
                                      step="run")
             value = np.array(mat.numpy(batch_index=0))
+            if None in shape:  # adopted: only the rank is known; pnnx may drop the batch axis
+                out[name] = value.reshape((1,) * (len(shape) - value.ndim) + value.shape)
+                continue
             if value.size != int(np.prod(shape)):
                 raise RuntimeFailure(f"ncnn returned {value.size} values for {name}, the source "
                                      f"{int(np.prod(shape))} {tuple(shape)}: the converted graph "

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from mtconvert import staging as stg
-from mtconvert.backends.base import (Artifact, Backend, PreparedSource, format_shapes,
-                                     import_path)
+from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource,
+                                     format_shapes, import_path)
 from mtconvert.cache import ConversionCache
 from mtconvert.errors import (BackendUnavailableError, ConversionError, MtConvertError,
                               RuntimeUnavailable, StepError, UsageError)
@@ -182,6 +182,8 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
     name, opts = backend.name, ctx.opts
     clock = clock or Clock()
     findings = backend.lint(artifact)
+    if conversion is None and artifact.steps:  # adopted: how it was mapped
+        findings.append(Finding("info", "adopted", "; ".join(artifact.steps)))
     clock.lap("lint_s")
     base: dict[str, Any] = dict(
         name=ctx.report_name or name, precision=artifact.precision,

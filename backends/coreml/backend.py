@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from mtconvert import deps
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
                                      TargetOptions, TensorSpec, expect_files, format_shapes,
-                                     run_job)
-from mtconvert.errors import ConversionError, ModelLoadError, RuntimeUnavailable
+                                     match_names, run_job)
+from mtconvert.errors import ConversionError, RuntimeUnavailable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -112,8 +112,10 @@ class CoremlBackend(Backend):
         from mtconvert.backends.coreml.program import load
 
         program = load(path)
-        ins = _match([v.name for v in program.inputs], [s.name for s in source.inputs], "input")
-        outs = _match(program.outputs, [s.name for s in source.outputs], "output")
+        ins = match_names([v.name for v in program.inputs], [s.name for s in source.inputs],
+                          "input", ".mlpackage")
+        outs = match_names(program.outputs, [s.name for s in source.outputs], "output",
+                           ".mlpackage")
         shapes = {src: list(v.shape) for v, src in zip(program.inputs, ins, strict=True)}
         return Artifact(target=self.name, primary=path, files=(path,), precision=opts.precision,
                         steps=("validated as built elsewhere",),
@@ -174,13 +176,6 @@ def _export_module(source: PreparedSource, shapes: dict[str, list[int]], path: P
                               step="torch.export") from None
     torch.export.save(program, str(path))
     return path
-
-
-def _match(names: list[str], source_names: list[str], what: str) -> list[str]:
-    if len(names) != len(source_names):
-        raise ModelLoadError(f"the .mlpackage has {len(names)} {what}s, the source "
-                             f"{len(source_names)}")
-    return list(names) if set(names) == set(source_names) else list(source_names)
 
 
 def _has_onnx2torch() -> bool:

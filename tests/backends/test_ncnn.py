@@ -1,11 +1,16 @@
 """ncnn with the real pnnx and ncnn: legalization, routes, exact and phone-fp16 modes."""
+import re
+import shutil
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+import mtconvert
+from mtconvert.errors import UsageError
 from tests.models import quick_convert
-from mtconvert.backends.ncnn import (NcnnBackend, param_layer_types, patch_tanh_gelu,
-                                     pow_layers)
+from mtconvert.backends.ncnn import (NcnnBackend, declare_input_shapes, param_io,
+                                     param_layer_types, patch_tanh_gelu, pow_layers)
 from mtconvert.backends.ncnn_rewrite import prepare
 
 pytestmark = pytest.mark.skipif(not NcnnBackend.availability().can_convert,
@@ -189,3 +194,54 @@ def test_param_helpers(tmp_path):
     assert pow_layers(param) == 1
     assert patch_tanh_gelu(param) == 1
     assert "GELU gelu_0 1 1 in0 a 0=1" in param.read_text()
+
+
+@pytest.mark.parametrize("shapes", [[[1, 12], [1, 12]], [[1, 3, 32, 32], [1, 7]],
+                                    [[1, 2, 3, 4, 5], [1, 1, 9]]])
+def test_declared_input_shapes_round_trip(tmp_path, shapes):
+    param = tmp_path / "m.param"
+    param.write_text("7767517\n5 5\nInput in0 0 1 in0\nInput in1 0 1 in1\n"
+                     "Embed embed_0 1 1 in0 a 0=4 1=10 2=0 3=40\n"
+                     "BinaryOp add_1 2 1 a in1 b 0=0\nSplit split_2 1 2 b out0 out1\n")
+    assert [i["shape"] for i in param_io(param)[0]] == [None, None]
+    declare_input_shapes(param, shapes)
+    ins, outs = param_io(param)
+    assert [i["shape"] for i in ins] == shapes
+    assert [i["int"] for i in ins] == [True, False] and outs == ["out0", "out1"]
+
+
+@pytest.fixture(scope="module")
+def built_ncnn(fixtures_dir, tmp_path_factory):
+    """The distilled BERT fixture as .param/.bin at 1x12 (mtconvert validate's input)."""
+    out = tmp_path_factory.mktemp("ncnn-built")
+    src = fixtures_dir / "bert_distilled.onnx"
+    assert _run(src, out, input_shapes={"input_ids": "1x12"}).ok
+    return src, out
+
+
+def test_validate_param_uses_its_declared_shapes(built_ncnn):
+    src, out = built_ncnn
+    report = mtconvert.validate(src, [out / "bert_distilled.ncnn.param"], iterations=1)
+    t = report.targets["ncnn"]
+    assert t.status == "passed", t.reason
+    assert t.input_shapes == {"input_ids": [1, 12], "attention_mask": [1, 12]}
+    assert t.numerics.runtime == "ncnn (exact fp32)"
+    with pytest.raises(UsageError, match="fixed to"):
+        mtconvert.validate(src, [out / "bert_distilled.ncnn.param"],
+                           input_shapes={"input_ids": "1x5"})
+
+
+def test_validate_param_without_shapes_is_flagged(built_ncnn, tmp_path):
+    """A pnnx-built .param does not record its shapes: run at the requested ones, warned; at a
+    shape other than its own the numbers are wrong (ncnn baked the old one into Reshapes)."""
+    src, out = built_ncnn
+    param = tmp_path / "bare.param"
+    param.write_text(re.sub(r"(Input\s+\S+\s+0 1 \S+)( \d+=\d+)+", r"\1",
+                            (out / "bert_distilled.ncnn.param").read_text()))
+    shutil.copy(out / "bert_distilled.ncnn.bin", tmp_path / "bare.bin")
+    same = mtconvert.validate(src, [param], iterations=1, input_shapes={"input_ids": "1x12"})
+    t = same.targets["ncnn"]
+    assert t.status == "passed", t.reason
+    assert "ncnn-shapes-undeclared" in [f["code"] for f in t.findings]
+    other = mtconvert.validate(src, [param], iterations=1, input_shapes={"input_ids": "1x5"})
+    assert other.targets["ncnn"].status in ("failed", "error") and other.exit_code != 0

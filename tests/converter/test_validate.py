@@ -55,8 +55,15 @@ def test_bad_requests(built, tmp_path):
     with pytest.raises(ModelLoadError, match="artifact not found"):
         mtconvert.validate(src, [tmp_path / "nope.tflite"])
     (tmp_path / "m.param").write_text("7767517")
-    with pytest.raises(UsageError, match="no target validates .param"):
+    with pytest.raises(ModelLoadError, match="needs its weights m.bin beside it"):
         mtconvert.validate(src, [tmp_path / "m.param"])
+    (tmp_path / "m.bin").write_bytes(b"")
+    (tmp_path / "m.param").write_text("not a param file\n")
+    with pytest.raises(ModelLoadError, match="m.param is not an ncnn .param file"):
+        mtconvert.validate(src, [tmp_path / "m.param"])
+    (tmp_path / "m.xyz").write_text("")
+    with pytest.raises(UsageError, match="no target validates .xyz"):
+        mtconvert.validate(src, [tmp_path / "m.xyz"])
 
 
 def test_cli_validate_exit_codes(built, tmp_path):
