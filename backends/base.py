@@ -144,6 +144,13 @@ class Session(ABC):
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+        """Every floating-point tensor the runtime computes for ``feeds``, in execution order,
+        as (tensor name, op type, value) in the runtime's own names and layout (first localization
+        and the first non-finite op). Only where ``Backend.addressable_intermediates``; a runtime
+        that runs one item at a time (ncnn) may compute batch item 0 only."""
+        raise NotImplementedError(f"{type(self).__name__} cannot address intermediate tensors")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the runtime's resources."""
 
@@ -168,6 +175,7 @@ class Backend(ABC):
     run_requires: ClassVar[dict[str, str]] = {}
     artifact_suffixes: ClassVar[tuple[str, ...]] = ()  # files `mtconvert validate` maps here
     fixed_shapes: ClassVar[bool] = False  # artifacts run only at the shapes they were made for
+    addressable_intermediates: ClassVar[bool] = False  # its Session implements intermediates()
 
     @classmethod
     def availability(cls) -> Availability:

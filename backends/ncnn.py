@@ -45,6 +45,7 @@ class NcnnBackend(Backend):
     convert_requires = {"pnnx": "pnnx", "ncnn": "ncnn", "onnxsim": "onnxsim"}
     run_requires = {"ncnn": "ncnn"}
     artifact_suffixes = (".param",)
+    addressable_intermediates = True
 
     def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
         """A .param (+ .bin beside it) built elsewhere. Inputs map by name, else in order; an
@@ -238,8 +239,8 @@ def unknown_layers(param: Path) -> list[str]:
     return sorted({t for t in param_layer_types(param) if ncnn.layer_to_index(t) < 0})
 
 
-def _layers(param: Path) -> list[tuple[str, list[str], list[str], list[str]]]:
-    """(type, bottoms, tops, params) per layer line of a .param."""
+def _layers(param: Path) -> list[tuple[str, str, list[str], list[str], list[str]]]:
+    """(type, name, bottoms, tops, params) per layer line of a .param."""
     lines = param.read_text().splitlines()
     if lines[0].strip() != "7767517":
         raise ValueError("no ncnn magic number")
@@ -247,7 +248,7 @@ def _layers(param: Path) -> list[tuple[str, list[str], list[str], list[str]]]:
     for ln in lines[2:2 + int(lines[1].split()[0])]:
         f = ln.split()
         nb, nt = int(f[2]), int(f[3])
-        out.append((f[0], f[4:4 + nb], f[4 + nb:4 + nb + nt], f[4 + nb + nt:]))
+        out.append((f[0], f[1], f[4:4 + nb], f[4 + nb:4 + nb + nt], f[4 + nb + nt:]))
     return out
 
 
@@ -258,17 +259,17 @@ def param_io(param: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The Input layers in order ({blob, shape or None, int}) and the output blobs (made by a
     layer, read by none) in order. ``int``: every reader is an Embed layer."""
     layers = _layers(param)
-    read = {b for _, bottoms, _, _ in layers for b in bottoms}
+    read = {b for _, _, bottoms, _, _ in layers for b in bottoms}
     ins = []
-    for kind, _, tops, params in layers:
+    for kind, _, _, tops, params in layers:
         if kind != "Input":
             continue
-        readers = [k for k, bottoms, _, _ in layers if tops[0] in bottoms]
+        readers = [k for k, _, bottoms, _, _ in layers if tops[0] in bottoms]
         kv = dict(p.split("=", 1) for p in params if "=" in p)
         dims = [int(kv[k]) for k in _SHAPE_KEYS if int(kv.get(k, 0)) > 0]
         ins.append({"blob": tops[0], "shape": [1, *dims] if dims else None,
                     "int": bool(readers) and all(k == "Embed" for k in readers)})
-    outs = [t for kind, _, tops, _ in layers for t in tops
+    outs = [t for kind, _, _, tops, _ in layers for t in tops
             if kind != "Input" and t not in read]
     return ins, outs
 
@@ -320,7 +321,7 @@ class NcnnSession(Session):
         binf = artifact.primary.with_suffix(".bin")
         if net.load_param(str(artifact.primary)) != 0 or net.load_model(str(binf)) != 0:
             raise RuntimeFailure("ncnn could not load the model", target="ncnn", step="open")
-        self._net = net
+        self._net, self._param = net, artifact.primary
         self._inputs = artifact.meta["inputs"]
         self._outputs = artifact.meta["outputs"]
         self.inputs = [TensorSpec(n, (), d) for _, n, d in self._inputs]
@@ -335,7 +336,7 @@ class NcnnSession(Session):
         return {name: np.concatenate([it[name] for it in items], axis=0)
                 for _, name, _ in self._outputs}
 
-    def _run_one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _extractor(self, feeds: dict[str, np.ndarray]) -> Any:
         import numpy as np
 
         ex = self._net.create_extractor()
@@ -344,6 +345,27 @@ class NcnnSession(Session):
                                          else np.float32)
             # clone(): a Mat built on a numpy array shares its memory (as pnnx's own runner does)
             ex.input(blob, self._ncnn.Mat(value, batch_index=0).clone())
+        return ex
+
+    def intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+        """Every layer's output blobs for batch item 0, in .param order (light mode off keeps
+        them; ncnn hands them back as fp32 without packing, batch axis dropped)."""
+        import numpy as np
+
+        ex = self._extractor({k: v[:1] for k, v in feeds.items()})
+        ex.set_light_mode(False)
+        found = []
+        for kind, name, _, tops, _ in _layers(self._param):
+            for blob in tops if kind != "Input" else ():
+                ret, mat = ex.extract(blob)
+                if ret == 0:
+                    found.append((f"{name}:{blob}", kind, np.array(mat.numpy()).copy()))
+        return found
+
+    def _run_one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import numpy as np
+
+        ex = self._extractor(feeds)
         out = {}
         for blob, name, shape in self._outputs:
             ret, mat = ex.extract(blob)

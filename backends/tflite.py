@@ -38,6 +38,7 @@ class TfliteBackend(Backend):
                         "sng4onnx": "sng4onnx"}
     run_requires = {"ai_edge_litert": "ai-edge-litert"}
     artifact_suffixes = (".tflite",)
+    addressable_intermediates = True
 
     def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
         """A .tflite built elsewhere: its I/O map and fixed input shapes from the flatbuffer."""
@@ -258,7 +259,8 @@ class TfliteSession(Session):
                                      target="tflite", step="open")
         from ai_edge_litert.interpreter import Interpreter
 
-        self._interp = Interpreter(model_path=str(artifact.primary), num_threads=threads)
+        self._path, self._threads = str(artifact.primary), threads
+        self._interp = Interpreter(model_path=self._path, num_threads=threads)
         self._interp.allocate_tensors()
         delegated = any(d.get("op_name") == "DELEGATE" for d in self._interp._get_ops_details())
         self.runtime = f"ai-edge-litert{'+xnnpack' if delegated else ''}"
@@ -272,11 +274,40 @@ class TfliteSession(Session):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import numpy as np
 
-        for (index, name), spec in zip(self._inputs, self.inputs, strict=True):
-            self._interp.set_tensor(index, np.ascontiguousarray(feeds[name], dtype=spec.dtype))
-        self._interp.invoke()
+        self._invoke(self._interp, feeds)
         out = {}
         for index, name, perm in self._outputs:
             value = self._interp.get_tensor(index)
             out[name] = np.transpose(value, perm) if perm else value
         return out
+
+    def _invoke(self, interp: Any, feeds: dict[str, np.ndarray]) -> None:
+        import numpy as np
+
+        for (index, name), spec in zip(self._inputs, self.inputs, strict=True):
+            interp.set_tensor(index, np.ascontiguousarray(feeds[name], dtype=spec.dtype))
+        interp.invoke()
+
+    def intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+        """Every op's float outputs, from a second interpreter that keeps all tensors and runs
+        the builtin kernels (XNNPACK would hide the tensors inside its partitions)."""
+        import warnings
+
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        with warnings.catch_warnings():  # "intended for debugging purposes only": it is
+            warnings.simplefilter("ignore")
+            interp = Interpreter(model_path=self._path, num_threads=self._threads,
+                                 experimental_preserve_all_tensors=True,
+                                 experimental_op_resolver_type=(
+                                     OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+        interp.allocate_tensors()
+        self._invoke(interp, feeds)
+        names = {t["index"]: t["name"] for t in interp.get_tensor_details()}
+        found = []
+        for op in interp._get_ops_details():
+            for index in op["outputs"]:
+                value = interp.get_tensor(index) if index >= 0 else None
+                if value is not None and value.dtype.kind == "f":
+                    found.append((names[index], op["op_name"], value.copy()))
+        return found

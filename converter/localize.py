@@ -1,15 +1,18 @@
 """First-divergence localization: which operator of the source graph is the first whose output
 the target computes wrongly?
 
-Bisection over the source graph's float tensors in topological order: a probe cuts the graph at
-one tensor (onnx.utils.Extractor), converts that subgraph with the same backend, runs it in
-the isolated worker and compares it with ONNX Runtime on the same subgraph and inputs, under
-the run's tolerance profile. It assumes that once a value diverges, later ones do too (true of
-a broken layer feeding the rest); each probe is a full conversion, so it runs only on a
-numerics failure or with --localize, and stops after MAX_PROBES.
+Where the target's intermediate tensors are addressable (``Backend.addressable_intermediates``),
+one run of each side is matched by value (mtconvert.trace): seconds, and no re-conversion, so it
+works on artifacts built elsewhere too. Otherwise, bisection over the source graph's float
+tensors in topological order: a probe cuts the graph at one tensor (onnx.utils.Extractor),
+converts that subgraph with the same backend, runs it in the isolated worker and compares it
+with ONNX Runtime on the same subgraph and inputs, under the run's tolerance profile. It assumes
+that once a value diverges, later ones do too (true of a broken layer feeding the rest); each
+probe is a full conversion, so it stops after MAX_PROBES.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import replace
@@ -18,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mtconvert.backends.base import Backend, import_path
-from mtconvert.errors import MtConvertError
+from mtconvert.backends.base import Artifact, Backend, import_path
+from mtconvert.errors import MtConvertError, RuntimeUnavailable
 from mtconvert.validators import compare
 
 if TYPE_CHECKING:
@@ -40,7 +43,49 @@ def candidates(model: Any) -> list[tuple[str, str, str]]:
             and n.op_type not in ("Constant", "Identity")]
 
 
-def localize(ctx: RunContext, backend: Backend, precision: str) -> dict[str, Any]:
+def localize(ctx: RunContext, backend: Backend, artifact: Artifact, profile: str, *,
+             converted: bool, nonfinite_outputs: bool = False) -> dict[str, Any]:
+    """Diagnostics for the report: by intermediate tensors where the target has them, else by
+    bisection (which re-converts, so needs a conversion run)."""
+    if not Path(ctx.src.onnx_path).is_file():  # verify mode: a bundle carries no source graph
+        return {"result": "not localized: no source graph to compare intermediate tensors with"}
+    why_not = "the target's intermediate tensors are not addressable"
+    if type(backend).addressable_intermediates:
+        try:
+            return by_intermediates(ctx, backend, artifact, profile, nonfinite_outputs)
+        except (MtConvertError, OSError, ValueError) as exc:
+            why_not = f"intermediate tensors unavailable: {exc}"
+    if not converted:
+        return {"result": f"not localized: {why_not}, and bisection needs a conversion run"}
+    return bisect(ctx, backend, artifact.precision) | {"why_bisection": why_not}
+
+
+def by_intermediates(ctx: RunContext, backend: Backend, artifact: Artifact, profile: str,
+                     nonfinite_outputs: bool) -> dict[str, Any]:
+    from mtconvert import trace
+    from mtconvert.worker import run_session
+
+    with tempfile.TemporaryDirectory(prefix="mtconvert-trace-") as tmp:
+        folder = Path(tmp)
+        run_session(name=backend.name, backend=import_path(type(backend)),
+                    artifact=artifact.to_dict(), feeds=ctx.target_feeds, threads=ctx.opts.threads,
+                    warmup=0, iterations=1, timeout_s=ctx.opts.timeout_s, intermediates=folder)
+        index = json.loads((folder / "index.json").read_text())
+        if "unavailable" in index:
+            raise RuntimeUnavailable(index["unavailable"], target=backend.name)
+        with np.load(folder / "tensors.npz") as data:
+            target = [trace.Tensor(n, n, t, data[f"t{i}"])
+                      for i, (n, t) in enumerate(index["tensors"])]
+    result = trace.localize(ctx.src.onnx_path, ctx.feeds, target,
+                            lambda name: ctx.opts.tolerances.resolve(profile, name),
+                            ctx.opts.threads)
+    if index.get("truncated"):
+        result["note"] = "the target's tensors exceeded the dump limit; later ones not compared"
+    nonfinite = trace.first_nonfinite(target) if nonfinite_outputs else None
+    return result | ({"first_nonfinite_op": nonfinite} if nonfinite else {})
+
+
+def bisect(ctx: RunContext, backend: Backend, precision: str) -> dict[str, Any]:
     import onnx
 
     t0 = time.perf_counter()

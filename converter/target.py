@@ -213,11 +213,14 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
     sweep = _sweep(ctx, backend, artifact)
     clock.lap("validate_s")
     diagnostics = dict(result.notes) if result.notes else None
-    if (opts.localize or not numerics.passed) and conversion is not None:
+    if opts.localize or not numerics.passed:
         from mtconvert.localize import localize
 
         ctx.say(f"{name}: localizing the first divergence")
-        diagnostics = (diagnostics or {}) | localize(ctx, backend, artifact.precision)
+        diagnostics = (diagnostics or {}) | localize(
+            ctx, backend, artifact, profile_of(artifact), converted=conversion is not None,
+            nonfinite_outputs=not all(np.isfinite(v).all() for v in result.outputs.values()
+                                      if v.dtype.kind == "f"))
         clock.lap("localize_s")
     bad = [f"shape {format_shapes(e['input_shapes'])}: {e['reason']}" for e in sweep
            if e["status"] in ("failed", "error")]

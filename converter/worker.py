@@ -59,6 +59,9 @@ def _child(job_path: Path) -> None:
         Path(job["result"]).write_text(json.dumps({"unavailable": exc.reason}))
         return
     with session_cm as session:
+        if job.get("intermediates"):
+            _dump_intermediates(session, feeds, Path(job["intermediates"]))
+            return
         outputs = session.run(feeds)
         notes = getattr(session, "notes", None) or None
         no_latency = getattr(session, "latency_unavailable", None)
@@ -72,10 +75,34 @@ def _child(job_path: Path) -> None:
         "runtime": runtime}))
 
 
+MAX_DUMP_BYTES = 2 * 2**30  # intermediate tensors kept for localization, at most
+
+
+def _dump_intermediates(session: Any, feeds: dict[str, np.ndarray], folder: Path) -> None:
+    """The session's intermediate tensors as folder/tensors.npz (t0, t1, ...) and their
+    (name, op type) in folder/index.json, up to MAX_DUMP_BYTES."""
+    try:
+        found = session.intermediates(feeds)
+    except NotImplementedError as exc:
+        (folder / "index.json").write_text(json.dumps({"unavailable": str(exc)}))
+        return
+    kept, total = [], 0
+    for name, op_type, value in found:
+        total += value.nbytes
+        if total > MAX_DUMP_BYTES:
+            break
+        kept.append((name, op_type, value))
+    np.savez(folder / "tensors.npz", **{f"t{i}": v for i, (_, _, v) in enumerate(kept)})
+    (folder / "index.json").write_text(json.dumps({
+        "tensors": [[n, t] for n, t, _ in kept], "truncated": len(kept) < len(found)}))
+
+
 def run_session(*, name: str, backend: str, artifact: dict[str, Any],
                 feeds: dict[str, np.ndarray], threads: int, warmup: int, iterations: int,
-                timeout_s: float | None) -> SessionResult:
-    """Open the artifact and run it in a child; raise RuntimeFailure on crash or time-out."""
+                timeout_s: float | None, intermediates: Path | None = None) -> SessionResult:
+    """Open the artifact and run it in a child; raise RuntimeFailure on crash or time-out.
+    With ``intermediates`` (a folder), the child only writes the session's intermediate
+    tensors there (see _dump_intermediates) and the result has no outputs."""
     from mtconvert.backends.base import tail
     from mtconvert.errors import RuntimeFailure, RuntimeUnavailable
 
@@ -85,7 +112,8 @@ def run_session(*, name: str, backend: str, artifact: dict[str, Any],
         job = {"name": name, "backend": backend, "artifact": artifact,
                "feeds": str(t / "feeds.npz"), "threads": threads, "warmup": warmup,
                "iterations": iterations, "outputs": str(t / "outputs.npz"),
-               "result": str(t / "result.json")}
+               "result": str(t / "result.json"),
+               "intermediates": str(intermediates) if intermediates else None}
         (t / "job.json").write_text(json.dumps(job))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
@@ -95,6 +123,8 @@ def run_session(*, name: str, backend: str, artifact: dict[str, Any],
         except subprocess.TimeoutExpired:
             raise RuntimeFailure(f"timed out after {timeout_s:g} s", target=name,
                                  step="run") from None
+        if intermediates and proc.returncode == 0 and (intermediates / "index.json").is_file():
+            return SessionResult({}, {}, 0.0, 0.0, name)
         if proc.returncode != 0 or not (t / "result.json").is_file():
             raise RuntimeFailure(_crash_reason(proc), target=name, step="run",
                                  stderr_tail=tail(proc.stderr))

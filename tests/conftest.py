@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from mtconvert.registry import Registry
-from tests.fake_backend import FakeBackend, FixedShapeFakeBackend, OtherFakeBackend
+from tests.fake_backend import (FakeBackend, FixedShapeFakeBackend, OtherFakeBackend,
+                                TracedFakeBackend)
 from tests.models import tiny_encoder
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -22,6 +23,7 @@ def fake_registry() -> Registry:
     reg.register(FakeBackend)
     reg.register(OtherFakeBackend)
     reg.register(FixedShapeFakeBackend)
+    reg.register(TracedFakeBackend)
     return reg
 
 

@@ -4,7 +4,9 @@ on purpose: noise (add this much to every output), crash (segfault in the runtim
 (SIGKILL, as the out-of-memory killer does), hang (sleep forever in the runtime),
 convert_error (raise ConversionError), lint_error (an error finding), batch_noise (add 1.0 to
 the outputs of batches larger than 1: a shape-dependent bug), noise_if_op (add 0.5 to the
-outputs when the model contains that op type: a broken op, for localization)."""
+outputs when the model contains that op type: a broken op, for localization), inf_if_op (the
+same with +inf). TracedFakeBackend ("fake-traced") also hands out intermediate tensors: every
+node's output by ONNX Runtime, with noise_if_op/inf_if_op applied from that op on.)"""
 from __future__ import annotations
 
 import os
@@ -68,20 +70,39 @@ class FakeSession(Session):
         so.intra_op_num_threads = threads
         self._sess = ort.InferenceSession(str(artifact.primary), so,
                                           providers=["CPUExecutionProvider"])
+        self._path = artifact.primary
         self._noise = float(artifact.meta.get("noise", 0.0))
         self._batch_noise = bool(artifact.meta.get("batch_noise"))
-        op = artifact.meta.get("noise_if_op")
-        if op:
+        self._broken = {op: extra for key, extra in (("noise_if_op", 0.5), ("inf_if_op", np.inf))
+                        if (op := artifact.meta.get(key))}
+        if self._broken:
             import onnx
 
             ops = {n.op_type for n in onnx.load(str(artifact.primary)).graph.node}
-            self._noise += 0.5 if op in ops else 0.0
+            self._noise += sum(extra for op, extra in self._broken.items() if op in ops)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self._sess.get_outputs()]
         outs = self._sess.run(names, feeds)
         noise = self._noise + (1.0 if self._batch_noise and outs[0].shape[0] > 1 else 0.0)
         return {n: o + np.asarray(noise, dtype=o.dtype) for n, o in zip(names, outs)}
+
+
+    def intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+        from mtconvert import trace
+
+        found, extra = trace.source_tensors(self._path, feeds), {}
+        for i, t in enumerate(found):
+            extra[i] = max([self._broken.get(t.op_type, 0.0)] +
+                           [extra[p] for p in t.parents])
+        return [(f"fake/{t.name}", t.op_type, t.value + np.float32(extra[i]))
+                for i, t in enumerate(found)]
+
+
+class TracedFakeBackend(FakeBackend):
+    name = "fake-traced"
+    aliases = ()
+    addressable_intermediates = True
 
 
 class OtherFakeBackend(FakeBackend):

@@ -45,3 +45,23 @@ def quick_convert(target: str, model, out: Path, **kw):  # noqa: ANN001, ANN201
     import mtconvert
 
     return mtconvert.convert(model, targets=[target], out_dir=out, iterations=3, warmup=1, **kw)
+
+
+
+def perturb(src: Path, dst: Path, op_type: str = "Add", scale: float = 0.05) -> str:
+    """Write ``src`` with N(0, scale) noise added to the middle float initializer that an
+    ``op_type`` node reads; return that node's name (where localization must point)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    found = [(n, x) for n in model.graph.node if n.op_type == op_type for x in n.input
+             if x in inits and inits[x].dims]
+    node, name = found[len(found) // 2]
+    value = numpy_helper.to_array(inits[name])
+    noise = np.random.default_rng(0).standard_normal(value.shape) * scale
+    inits[name].CopyFrom(numpy_helper.from_array((value + noise).astype(value.dtype), name))
+    onnx.save(model, str(dst))
+    return node.name or node.output[0]

@@ -73,12 +73,13 @@ def metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, float | None]:
         return {k: 0.0 for k in ("max_abs", "max_rel", "mean_abs", "rmse")} | {
             "cosine": 1.0, "snr_db": None}
     err = np.abs(o - r)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         rel = err / np.maximum(np.abs(r), np.finfo(np.float64).tiny)
     signal_power = float(np.sum(r * r))
     noise_power = float(np.sum(err * err))
-    snr = 10.0 * math.log10(signal_power / noise_power) if noise_power > 0 and signal_power > 0 \
-        else None  # None: exact match (or a zero reference), no finite SNR
+    ratio = signal_power / noise_power if noise_power > 0 else 0.0
+    snr = 10.0 * math.log10(ratio) if 0.0 < ratio < math.inf else None
+    # None: exact match, a zero reference, or a non-finite error: no finite SNR
     return {"max_abs": _f(err.max()), "max_rel": _f(rel.max()), "mean_abs": _f(err.mean()),
             "rmse": _f(math.sqrt(noise_power / r.size)), "cosine": _cosine(r, o),
             "snr_db": snr}

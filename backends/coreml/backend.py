@@ -40,6 +40,7 @@ class CoremlBackend(Backend):
     convert_requires = {"coremltools": "coremltools", "torch": "torch"}
     run_requires = {"coremltools": "coremltools"}  # its protobuf classes and blob reader
     artifact_suffixes = (".mlpackage",)
+    addressable_intermediates = True  # through the mil-reference interpreter
 
     def routes(self, source: PreparedSource) -> list[str]:
         if source.torch_module is not None:
@@ -239,6 +240,11 @@ class MilSession(Session):
         if bad and self._interp.first_nonfinite:  # an inf that softmax absorbs is no news
             self.notes = {"first_nonfinite_op": self._interp.first_nonfinite}
         return self._features.results(out)
+
+    def intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+        trace: list[tuple[str, str, np.ndarray]] = []
+        self._interp.run(self._features.feeds(feeds, self._dtypes), trace=trace)
+        return trace
 
 
 class CoremlRuntimeSession(Session):

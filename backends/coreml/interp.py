@@ -53,9 +53,11 @@ class MilInterpreter:
     def operation_count(self) -> int:
         return len(self._steps)
 
-    def run(self, feeds: dict[str, np.ndarray], *, watch: bool = False) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], *, watch: bool = False,
+            trace: list[tuple[str, str, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
         """Outputs by the program's output names. With ``watch``, the first operation whose
-        result holds NaN or Inf is recorded in ``self.first_nonfinite``."""
+        result holds NaN or Inf is recorded in ``self.first_nonfinite``; a ``trace`` list gets
+        every op's floating-point results as (variable, op type, value), in program order."""
         env: dict[str, Any] = dict(self.consts)
         for var in self.program.inputs:
             env[var.name] = np.asarray(feeds[var.name]).astype(var.dtype, copy=False)
@@ -64,6 +66,10 @@ class MilInterpreter:
             self._execute(op, env)
             if watch and self.first_nonfinite is None:
                 self._watch(op, env)
+            if trace is not None:
+                trace.extend((v.name, op.type, env[v.name]) for v in op.outputs
+                             if isinstance(env[v.name], np.ndarray)
+                             and env[v.name].dtype.kind == "f")
         return {name: env[name] for name in self.program.outputs}
 
     def _execute(self, op: Op, env: dict[str, Any]) -> None:

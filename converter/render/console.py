@@ -98,9 +98,13 @@ def _details(t: TargetReport, console: Console) -> None:
         where = "" if d.get("exact") else (f" [dim](after {escape(str(d.get('last_match')))}; "
                                            f"{d['unresolved_between']} operator(s) between "
                                            "could not be isolated)[/]")
+        how = (f"{d['probes']} probes" if "probes" in d else
+               f"{d.get('matched')}/{d.get('observable')} source tensors matched")
+        target = (f" [dim](target {first['target_op_type']} {escape(str(first['target']))})[/]"
+                  if first.get("target") else "")
         console.print(f"  first divergence: {first['op_type']} [cyan]{escape(first['node'])}[/]: "
-                      f"max abs {_num(first.get('max_abs'), '.3g')}{where} "
-                      f"[dim]({d['probes']} probes, {d['seconds']} s)[/]")
+                      f"max abs {_num(first.get('max_abs'), '.3g')}{target}{where} "
+                      f"[dim]({d.get('method')}: {how}, {d['seconds']} s)[/]")
     elif t.diagnostics and "result" in t.diagnostics:
         console.print(f"  localization: {t.diagnostics.get('result')}")
     nonfinite = (t.diagnostics or {}).get("first_nonfinite_op")

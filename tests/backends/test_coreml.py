@@ -113,6 +113,8 @@ def test_interpreter_reads_the_saved_weights(fixtures_dir, tmp_path):
     t = next(iter(report.targets.values()))
     assert t.status == "failed", (const.outputs[0].name, t.reason)
     assert t.numerics.runtime == "mil-reference"
+    # localized from the interpreter's tensors: the op reading the changed constant
+    assert t.diagnostics["first_divergence"]["target"] is not None
 
 
 def _tiny_package(tmp_path, build, compute="FLOAT32"):

@@ -8,7 +8,7 @@ import pytest
 
 import mtconvert
 from mtconvert.errors import UsageError
-from tests.models import quick_convert
+from tests.models import quick_convert, perturb
 from mtconvert.backends.ncnn import (NcnnBackend, declare_input_shapes, param_io,
                                      param_layer_types, patch_tanh_gelu, pow_layers)
 from mtconvert.backends.ncnn_rewrite import prepare
@@ -245,3 +245,17 @@ def test_validate_param_without_shapes_is_flagged(built_ncnn, tmp_path):
     assert "ncnn-shapes-undeclared" in [f["code"] for f in t.findings]
     other = mtconvert.validate(src, [param], iterations=1, input_shapes={"input_ids": "1x5"})
     assert other.targets["ncnn"].status in ("failed", "error") and other.exit_code != 0
+
+
+def test_validate_localizes_by_ncnn_blobs(built_ncnn, tmp_path):
+    """Source and artifact differ in one bias: the blobs name that Add, without converting."""
+    src, out = built_ncnn
+    node = perturb(src, tmp_path / "shifted.onnx")
+    t = mtconvert.validate(tmp_path / "shifted.onnx", [out / "bert_distilled.ncnn.param"],
+                           iterations=1).targets["ncnn"]
+    d = t.diagnostics
+    assert t.status == "failed" and d["method"] == "intermediate tensors matched by value"
+    # ncnn's Gemm holds MatMul+Add: the group is named at the Add, the MatMul before it
+    assert d["first_divergence"]["node"] == node and not d["exact"]
+    assert [n.rsplit("/", 1)[-1] for n in d["fused_before"]] == ["MatMul"]
+    assert d["first_divergence"]["max_abs"] > 1e-2

@@ -196,6 +196,28 @@ def test_localization_names_the_first_broken_operator(tiny_onnx, tmp_path, fake_
     assert t.diagnostics["last_match"] is not None and t.diagnostics["probes"] <= 12
 
 
+def test_localization_by_intermediate_tensors(tiny_onnx, tmp_path, fake_registry):
+    """A target whose intermediates are addressable: one traced run, no re-conversion."""
+    report = _convert(tiny_onnx, tmp_path, fake_registry, targets=("fake-traced",),
+                      extra={"fake-traced": {"noise_if_op": "Div"}})
+    t = report.targets["fake-traced"]
+    assert t.status == "failed"
+    d = t.diagnostics
+    assert d["method"] == "intermediate tensors matched by value" and "probes" not in d
+    first = d["first_divergence"]
+    assert first["op_type"] == "Div" and d["exact"] and first["target"].startswith("fake/")
+    assert first["max_abs"] == pytest.approx(0.5, rel=1e-3)
+
+
+def test_first_nonfinite_op_of_a_traced_target(tiny_onnx, tmp_path, fake_registry):
+    report = _convert(tiny_onnx, tmp_path, fake_registry, targets=("fake-traced",),
+                      extra={"fake-traced": {"inf_if_op": "Div"}})
+    t = report.targets["fake-traced"]
+    assert t.status == "failed" and "non-finite" in t.reason
+    op = t.diagnostics["first_nonfinite_op"]
+    assert op["op_type"] == "Div" and op["inf"] and op["op"].startswith("fake/")
+
+
 def test_localize_on_a_passing_run(tiny_onnx, tmp_path, fake_registry):
     t = _convert(tiny_onnx, tmp_path, fake_registry, localize=True).targets["fake"]
     assert t.status == "passed" and "every conclusive probe matches" in t.diagnostics["result"]

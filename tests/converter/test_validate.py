@@ -7,7 +7,7 @@ import pytest
 
 import mtconvert
 from mtconvert.errors import ModelLoadError, UsageError
-from tests.models import tiny_encoder
+from tests.models import perturb, tiny_encoder
 
 MTCONVERT = str(Path(sys.executable).parent / "mtconvert")
 
@@ -76,3 +76,13 @@ def test_cli_validate_exit_codes(built, tmp_path):
     assert bad.returncode == 1
     usage = subprocess.run([MTCONVERT, "validate", str(src)], capture_output=True, text=True)
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
+
+
+def test_failure_is_localized_from_tflite_tensors(built, tmp_path):
+    src, out, _ = built
+    node = perturb(src, tmp_path / "shifted.onnx", "MatMul")
+    t = mtconvert.validate(tmp_path / "shifted.onnx", [out / "tiny.tflite"],
+                           iterations=1).targets["tflite"]
+    assert t.status == "failed"
+    first = t.diagnostics["first_divergence"]
+    assert first["node"] == node and t.diagnostics["exact"]

@@ -51,6 +51,16 @@ def test_nan_in_target_fails_with_count():
     assert not res.passed and "1 non-finite" in res.reason
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+def test_inf_in_target_fails_with_count_and_no_snr(bad):
+    ref = np.ones((2, 2), np.float32)
+    out = ref.copy()
+    out[1, 0] = bad
+    res = compare_output("y", ref, out, PROFILES["fp32"])
+    assert not res.passed and "1 non-finite" in res.reason
+    assert res.metrics["snr_db"] is None and res.metrics["max_abs"] is None
+
+
 def test_shape_mismatch_and_missing_output_fail():
     ref = np.ones((2, 3), np.float32)
     assert "shape" in compare_output("y", ref, np.ones((3, 2)), PROFILES["fp32"]).reason
