@@ -8,7 +8,7 @@ from mtconvert.errors import UsageError
 from mtconvert.options import ConvertOptions
 from mtconvert.report import Report
 from mtconvert.shapes import parse_shape_spec
-from mtconvert.validators.compare import ToleranceOverrides
+from mtconvert.validators.compare import KEYS, ToleranceOverrides
 
 _SIMPLE = ("precision", "threads", "warmup", "iterations", "seed", "inputs", "extra", "jobs",
            "cache", "trust_pickle", "max_model_bytes", "seq_lens", "batch_sizes", "localize")
@@ -44,7 +44,8 @@ def verify(bundle_dir: Any, **options: Any) -> Report:
 
 
 def build_options(targets: Any, out_dir: Any, **options: Any) -> ConvertOptions:
-    known = set(_SIMPLE) | {"input_shapes", "atol", "rtol", "min_cosine", "timeout", "calibration"}
+    known = set(_SIMPLE) | {"input_shapes", "atol", "rtol", "min_cosine", "min_snr_db",
+                            "timeout", "calibration"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"convert() got unexpected option(s) {', '.join(unknown)}; "
@@ -58,8 +59,7 @@ def build_options(targets: Any, out_dir: Any, **options: Any) -> ConvertOptions:
         kw["calibration"] = Path(options["calibration"])
     return ConvertOptions(targets=tuple(targets) if targets is not None else None,
                           out_dir=Path(out_dir), input_shapes=_shapes(options.get("input_shapes")),
-                          tolerances=tolerances(options.get("atol"), options.get("rtol"),
-                                                options.get("min_cosine")), **kw)
+                          tolerances=tolerances(**{k: options.get(k) for k in KEYS}), **kw)
 
 
 def _shapes(shapes: dict[str, Any] | None) -> dict[str, tuple[int, ...]]:
@@ -74,10 +74,12 @@ def _shapes(shapes: dict[str, Any] | None) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def tolerances(atol: Any, rtol: Any, min_cosine: Any) -> ToleranceOverrides:
+def tolerances(atol: Any = None, rtol: Any = None, min_cosine: Any = None,
+               min_snr_db: Any = None) -> ToleranceOverrides:
     glob: dict[str, float | None] = {}
     per: dict[str, dict[str, float]] = {}
-    for key, value in (("atol", atol), ("rtol", rtol), ("min_cosine", min_cosine)):
+    for key, value in (("atol", atol), ("rtol", rtol), ("min_cosine", min_cosine),
+                       ("min_snr_db", min_snr_db)):
         if isinstance(value, dict):
             for out, v in value.items():
                 per.setdefault(out, {})[key] = _positive(key, v)

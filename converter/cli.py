@@ -73,6 +73,9 @@ _SHARED = [
     click.option("--rtol", multiple=True, metavar="[OUTPUT:]VALUE", help="Relative tolerance."),
     click.option("--min-cosine", multiple=True, metavar="[OUTPUT:]VALUE",
                  help="Minimum cosine similarity."),
+    click.option("--min-snr-db", multiple=True, metavar="[OUTPUT:]VALUE",
+                 help="Minimum signal-to-noise ratio in dB (fp32 default 100: relative L2 "
+                      "error 1e-5)."),
     click.option("--timeout", type=float, default=900.0, show_default=True,
                  help="Seconds allowed per conversion step and per validation run."),
     click.option("--allow-flex", is_flag=True,
@@ -203,7 +206,8 @@ def _options(shared: dict[str, Any]) -> dict[str, Any]:
         inputs=shared["inputs"], threads=shared["threads"], warmup=shared["warmup"],
         iterations=shared["iterations"], seed=shared["seed"],
         atol=_tolerance("--atol", shared["atol"]), rtol=_tolerance("--rtol", shared["rtol"]),
-        min_cosine=_tolerance("--min-cosine", shared["min_cosine"]), timeout=shared["timeout"],
+        min_cosine=_tolerance("--min-cosine", shared["min_cosine"]),
+        min_snr_db=_tolerance("--min-snr-db", shared["min_snr_db"]), timeout=shared["timeout"],
         extra={"allow_flex": True} if shared["allow_flex"] else {},
         trust_pickle=shared["trust_pickle"], max_model_bytes=shared["max_model_bytes"])
 

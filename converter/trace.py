@@ -8,10 +8,10 @@ computes every float tensor of the source graph on the same inputs, and a source
 taken as is, flattened, or with its axes permuted (TFLite keeps images channels-last). A source
 tensor with no same-size target tensor is unobservable (fused away, or another shape).
 
-An unmatched source tensor whose descendants are all unmatched too is *broken*: what the
-target computes from there on differs. The first broken observable tensor in topological order
-is the first divergence; fused intermediates that feed a matched tensor, and side branches such
-as a mask rewritten to -1e4 that softmax absorbs, are not broken. One run of each side, no
+An unmatched source tensor with no matched tensor within FUSION_HOPS consumers below it is
+*broken*: what the target computes from there on differs. The first broken observable tensor in
+topological order is the first divergence; fused intermediates that feed a matched tensor, and
+side branches such as a mask rewritten to -1e4 that softmax absorbs, are not broken. One run of each side, no
 re-conversion: seconds instead of bisection's minutes, and it works in validate mode too.
 """
 from __future__ import annotations
@@ -27,6 +27,11 @@ import numpy as np
 from mtconvert.validators import compare
 
 MAX_PERMUTED_RANK = 5
+# An unmatched tensor with a matched one at most this many consumers below is taken as fused
+# away (a decomposed GELU is 5 ops, of which a target keeps the last); not further, because a
+# real divergence can also be absorbed far downstream (near-uniform attention hides a small
+# change in a later layer's softmax) while the residual path carries it to the output.
+FUSION_HOPS = 6
 
 
 @dataclass
@@ -88,10 +93,11 @@ def _views(src: np.ndarray, tgt: np.ndarray) -> list[np.ndarray]:
     non-1 axes that gives the source's non-1 shape."""
     views = [tgt.reshape(src.shape)]
     s, t = [d for d in src.shape if d != 1], [d for d in tgt.shape if d != 1]
-    if sorted(s) == sorted(t) and s != t and len(t) <= MAX_PERMUTED_RANK:
+    if sorted(s) == sorted(t) and len(t) <= MAX_PERMUTED_RANK:
         squeezed = tgt.reshape(t)
         views += [np.transpose(squeezed, p).reshape(src.shape)
-                  for p in itertools.permutations(range(len(t))) if [t[i] for i in p] == s]
+                  for p in itertools.permutations(range(len(t)))
+                  if [t[i] for i in p] == s and list(p) != sorted(p)]
     return views
 
 
@@ -159,10 +165,8 @@ def _verdict(source: list[Tensor], matched: list[bool], observable: list[bool],
     for i, s in enumerate(source):
         for p in s.parents:
             children[p].append(i)
-    later_match = [False] * len(source)
-    for i in reversed(range(len(source))):
-        later_match[i] = any(matched[c] or later_match[c] for c in children[i])
-    broken = [i for i in range(len(source)) if not matched[i] and not later_match[i]]
+    broken = [i for i in range(len(source))
+              if not matched[i] and not _match_within(i, children, matched, FUSION_HOPS)]
     summary = {"matched": sum(matched), "observable": sum(observable),
                "source_tensors": len(source)}
     first = next((i for i in broken if observable[i]), None)
@@ -202,6 +206,17 @@ def _moves_only(parent: np.ndarray, child: np.ndarray) -> bool:
     """The child holds the parent's values rearranged (Reshape, Transpose): nothing computed."""
     return parent.size == child.size and np.array_equal(np.sort(parent, axis=None),
                                                         np.sort(child, axis=None))
+
+
+def _match_within(i: int, children: list[list[int]], matched: list[bool], hops: int) -> bool:
+    """Whether a tensor at most ``hops`` consumers below ``i`` is matched."""
+    frontier, seen = list(children[i]), set()
+    for _ in range(hops):
+        if any(matched[c] for c in frontier):
+            return True
+        seen.update(frontier)
+        frontier = [g for c in frontier for g in children[c] if g not in seen]
+    return False
 
 
 def _ancestors(source: list[Tensor], i: int) -> set[int]:

@@ -193,7 +193,8 @@ def test_golden_bundle_verifies_and_catches_a_changed_reference(fixtures_dir, tm
              extra={"bundle": str(gold)})
     assert t.status == "passed", t.reason
     manifest = json.loads((gold / "coreml" / "bundle.json").read_text())
-    assert manifest["tolerances"]["logits"] == {"atol": 1e-4, "rtol": 1e-4, "min_cosine": 0.99999}
+    assert manifest["tolerances"]["logits"] == {"atol": 1e-4, "rtol": 1e-4, "min_cosine": 0.99999,
+                                                "min_snr_db": 100.0}
     assert manifest["tool_versions"]["coremltools"]
     cmd = [MTCONVERT, "verify", str(gold), "--iterations", "1",
            "--report-json", str(tmp_path / "v.json")]

@@ -141,6 +141,9 @@ def test_per_output_tolerance_override(tiny_onnx, tmp_path, fake_registry):
     assert "cosine" in report.targets["fake"].reason
     report = _convert(tiny_onnx, tmp_path, fake_registry, extra={"fake": {"noise": 0.05}},
                       atol={"logits": 0.1}, min_cosine={"logits": 0.9})
+    assert not report.ok and "SNR" in report.targets["fake"].reason  # and the SNR bound
+    report = _convert(tiny_onnx, tmp_path, fake_registry, extra={"fake": {"noise": 0.05}},
+                      atol={"logits": 0.1}, min_cosine={"logits": 0.9}, min_snr_db={"logits": 0})
     assert report.ok
     assert report.targets["fake"].numerics.outputs["logits"]["tolerance"]["atol"] == 0.1
 

@@ -57,6 +57,21 @@ def test_a_divergence_behind_a_fused_tensor_is_marked_inexact():
     assert r["first_divergence"]["output"] == "b" and r["last_match"] == "node_m"
 
 
+def test_a_divergence_absorbed_far_downstream_is_still_found():
+    """Near-uniform attention can hide a change many ops later (that softmax matches), while
+    the residual path carries it to the output: only nearby matches mean "fused"."""
+    a = RNG.standard_normal(8)
+    src, tgt = [_t("a", a)], [_t("ta", a)]
+    for k in range(1, 9):  # b1 (diverged here) ... b8: a side chain whose end absorbs it
+        value = a * (k + 1)
+        src.append(_t(f"b{k}", value, [k - 1]))
+        tgt.append(_t(f"tb{k}", value if k == 8 else value + 0.1))
+    src.append(_t("out", a * 100, [1]))
+    tgt.append(_t("tout", a * 100 + 0.1))
+    r = trace.match(src, tgt, lambda _: FP32)
+    assert r["first_divergence"]["output"] == "b1" and r["exact"]
+
+
 def test_item_zero_of_a_batch_and_constant_tensors():
     big = RNG.standard_normal((3, 5)).astype(np.float32)
     src = [_t("x", big), _t("ones", np.ones((3, 5)), [0]), _t("y", big * 3, [0, 1])]

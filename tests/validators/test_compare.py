@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -59,6 +60,18 @@ def test_inf_in_target_fails_with_count_and_no_snr(bad):
     res = compare_output("y", ref, out, PROFILES["fp32"])
     assert not res.passed and "1 non-finite" in res.reason
     assert res.metrics["snr_db"] is None and res.metrics["max_abs"] is None
+
+
+def test_fp32_snr_bound_sees_a_spread_error_under_atol():
+    """A relative error of 5e-5 on every value stays under atol/rtol 1e-4 with cosine ~1, but
+    is SNR 86 dB, below the fp32 bound of 100 dB; a correct conversion's 1e-6 is 120 dB."""
+    ref = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float64)
+    sign = np.sign(np.random.default_rng(1).standard_normal(ref.shape))
+    spread = compare_output("y", ref, ref * (1 + 5e-5 * sign), PROFILES["fp32"])
+    assert not spread.passed and "SNR" in spread.reason
+    without = dataclasses.replace(PROFILES["fp32"], min_snr_db=None)
+    assert compare_output("y", ref, ref * (1 + 5e-5 * sign), without).passed
+    assert compare_output("y", ref, ref * (1 + 1e-6 * sign), PROFILES["fp32"]).passed
 
 
 def test_shape_mismatch_and_missing_output_fail():
