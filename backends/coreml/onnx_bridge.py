@@ -1,6 +1,6 @@
 """ONNX -> PyTorch with onnx2torch, for coremltools, which has no ONNX front end.
 
-onnx2torch 1.5.15 needs three mends for the Transformer graphs torch.onnx.export writes; each is
+onnx2torch 1.5.15 needs four mends for the Transformer graphs torch.onnx.export writes; each is
 registered through onnx2torch's own converter registry (no patching of its code):
 
 - ``GreaterOrEqual``/``LessOrEqual`` of opset 16 have no converter (only opset 12's, whose
@@ -8,6 +8,8 @@ registered through onnx2torch's own converter registry (no patching of its code)
 - ``Flatten`` with ``axis`` equal to the rank (BERT's mask path after onnxsim) fails in its
   converter, which flattens twice; ONNX defines it as a reshape to
   ``(prod(shape[:axis]), prod(shape[axis:]))``;
+- ``CumSum`` without a ``reverse`` attribute is converted as a reverse cumsum (its converter
+  defaults ``reverse`` to 1; ONNX's default is 0): RoBERTa's position ids came out reversed;
 - torchvision is imported for the NMS and RoiAlign converters only (see ``shim_torchvision``).
 """
 from __future__ import annotations
@@ -92,6 +94,17 @@ def _register_mends() -> None:
 
     for version in (1, 9, 11, 13, 21, 23):
         table[registry.OperationDescription("", "Flatten", version)] = flatten
+
+    def cumsum(node: Any, graph: Any) -> Any:
+        from onnx2torch.node_converters.cumsum import OnnxCumSum
+
+        return OperationConverterResult(
+            torch_module=OnnxCumSum(bool(node.attributes.get("exclusive", 0)),
+                                    bool(node.attributes.get("reverse", 0))),
+            onnx_mapping=onnx_mapping_from_node(node=node))
+
+    for version in (11, 14):
+        table[registry.OperationDescription("", "CumSum", version)] = cumsum
     _registered = True
 
 

@@ -265,6 +265,24 @@ def test_bridge_greater_or_equal_of_opset_16():
     np.testing.assert_array_equal(got, _ort(model, {"a": a, "b": b}))
 
 
+@pytest.mark.parametrize("attrs", [{}, {"reverse": 1}, {"exclusive": 1},
+                                   {"exclusive": 1, "reverse": 1}])
+def test_bridge_cumsum_follows_the_onnx_defaults(attrs):
+    """onnx2torch defaults reverse to 1; ONNX to 0 (RoBERTa's position ids)."""
+    import torch
+    from onnx import TensorProto, helper
+
+    from mtconvert.backends.coreml.onnx_bridge import to_torch
+
+    model = _one_node_model(helper.make_node("CumSum", ["x", "axis"], ["y"], **attrs),
+                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5]),
+                             helper.make_tensor_value_info("axis", TensorProto.INT64, [])],
+                            helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
+    x, axis = np.arange(10, dtype=np.float32).reshape(2, 5), np.array(1)
+    got = to_torch(model)(torch.from_numpy(x), torch.from_numpy(axis)).numpy()
+    np.testing.assert_array_equal(got, _ort(model, {"x": x, "axis": axis}))
+
+
 def test_bridge_export_folds_shape_scalars_and_keeps_numbers(fixtures_dir, tmp_path):
     """onnx2torch's Reshape reads its shape with .item(); the export folds those values."""
     import onnx
