@@ -17,6 +17,7 @@ re-conversion: seconds instead of bisection's minutes, and it works in validate 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,21 +102,34 @@ def _views(src: np.ndarray, tgt: np.ndarray) -> list[np.ndarray]:
     return views
 
 
-def _best(src: Tensor, candidates: list[Tensor], tol: compare.Tolerance) -> tuple[bool, dict]:
-    """Whether any candidate matches ``src``, and the closest one's name and error."""
+def _best(src: Tensor, candidates: list[tuple[float, Tensor]], tol: compare.Tolerance,
+          exhaustive: bool = False) -> tuple[bool, dict]:
+    """Whether a candidate matches ``src`` and, with ``exhaustive``, the closest one's name and
+    error. Candidates come with their norms, nearest first; unless exhaustive, none is compared
+    whose norm is further off than atol/rtol allow (‖o - r‖ ≥ |‖o‖ - ‖r‖|)."""
     best: dict[str, Any] = {}
     ref = _saturated(src.value)
-    for cand in candidates:
+    norm = _norm(ref)
+    bound = (tol.atol or 0.0) * math.sqrt(ref.size) + (tol.rtol or 0.0) * norm \
+        if tol.atol is not None or tol.rtol is not None else math.inf
+    for cand_norm, cand in sorted(candidates, key=lambda c: abs(c[0] - norm)):
+        if not exhaustive and abs(cand_norm - norm) > bound:
+            break
         for view in _views(src.value, cand.value):
             res = compare.compare_output(src.name, ref, _saturated(view), tol)
             max_abs = res.metrics.get("max_abs")
+            found = {"target": cand.name, "target_op_type": cand.op_type, "max_abs": max_abs,
+                     "cosine": res.metrics.get("cosine")}
             if res.passed:
-                return True, {"target": cand.name, "target_op_type": cand.op_type,
-                              "max_abs": max_abs, "cosine": res.metrics.get("cosine")}
+                return True, found
             if max_abs is not None and max_abs < best.get("max_abs", float("inf")):
-                best = {"target": cand.name, "target_op_type": cand.op_type,
-                        "max_abs": max_abs, "cosine": res.metrics.get("cosine")}
+                best = found
     return False, best
+
+
+def _norm(value: np.ndarray) -> float:
+    finite = value[np.isfinite(value)]
+    return float(np.linalg.norm(finite.astype(np.float64)))
 
 
 SATURATED = -1e3
@@ -138,19 +152,26 @@ def match(source: list[Tensor], target: list[Tensor],
           tol_for: Callable[[str], compare.Tolerance], batch: int = 1) -> dict[str, Any]:
     """Localize the first divergence (see the module docstring); ``batch``: the feeds' batch
     size, when the target's intermediates may hold item 0 only."""
-    by_size: dict[int, list[Tensor]] = {}
+    by_size: dict[int, list[tuple[float, Tensor]]] = {}
     for t in target:
-        by_size.setdefault(t.value.size, []).append(t)
-    matched, info, observable, informative = [], [], [], []
+        by_size.setdefault(t.value.size, []).append((_norm(_saturated(t.value)), t))
+    matched, observable, informative, probes = [], [], [], []
     for s in source:
         view = s if s.value.size in by_size else _source_view(s, batch)
         informative.append(_informative(view.value))
         cands = by_size.get(view.value.size, []) if informative[-1] else []
-        ok, best = _best(view, cands, tol_for(s.name)) if cands else (False, {})
-        matched.append(ok)
-        info.append(best)
+        probes.append((view, cands, tol_for(s.name)))
+        matched.append(bool(cands) and _best(*probes[-1])[0])
         observable.append(bool(cands))
-    return _verdict(source, matched, observable, informative, info)
+    cache: dict[int, dict] = {}
+
+    def closest(i: int) -> dict:
+        """The target tensor closest to source tensor i (every candidate compared), cached."""
+        if i not in cache:
+            cache[i] = _best(*probes[i], exhaustive=True)[1] if probes[i][1] else {}
+        return cache[i]
+
+    return _verdict(source, matched, observable, informative, closest)
 
 
 def _informative(value: np.ndarray) -> bool:
@@ -160,7 +181,7 @@ def _informative(value: np.ndarray) -> bool:
 
 
 def _verdict(source: list[Tensor], matched: list[bool], observable: list[bool],
-             informative: list[bool], info: list[dict]) -> dict[str, Any]:
+             informative: list[bool], closest: Callable[[int], dict]) -> dict[str, Any]:
     children: list[list[int]] = [[] for _ in source]
     for i, s in enumerate(source):
         for p in s.parents:
@@ -174,12 +195,12 @@ def _verdict(source: list[Tensor], matched: list[bool], observable: list[bool],
         return summary | {"result": f"no divergence among the {sum(observable)} observable "
                                     "source tensors (the others are fused or reshaped away in "
                                     "the target)"}
-    group = _fused_group(source, first, children, broken, info)
+    group = _fused_group(source, first, children, broken, closest)
     ancestors = _ancestors(source, group[-1])
     last = max((a for a in ancestors if matched[a]), default=None)
     unresolved = [a for a in ancestors if not matched[a] and informative[a]
                   and (last is None or a > last)]
-    s, best = source[group[-1]], info[group[-1]]
+    s, best = source[group[-1]], closest(group[-1])
     return summary | {
         "first_divergence": {"node": s.op, "op_type": s.op_type, "output": s.name} | {
             k: best.get(k) for k in ("max_abs", "cosine", "target", "target_op_type")},
@@ -189,14 +210,15 @@ def _verdict(source: list[Tensor], matched: list[bool], observable: list[bool],
 
 
 def _fused_group(source: list[Tensor], first: int, children: list[list[int]],
-                 broken: list[int], info: list[dict]) -> list[int]:
+                 broken: list[int], closest: Callable[[int], dict]) -> list[int]:
     """``first`` and the broken tensors after it whose closest target tensor is the same one:
     the target computes them in one fused op (MatMul+Add as one Gemm), so the divergence is
     somewhere in that group and is reported at its last member."""
     group, dead = [first], set(broken)
     while True:
-        same = [c for c in children[group[-1]] if c in dead and info[c].get("target")
-                and info[c].get("target") == info[group[-1]].get("target")]
+        here = closest(group[-1]).get("target")
+        same = [c for c in children[group[-1]] if c in dead and here
+                and closest(c).get("target") == here]
         if len(same) != 1 or _moves_only(source[group[-1]].value, source[same[0]].value):
             return group
         group.append(same[0])
