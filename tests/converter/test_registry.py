@@ -25,7 +25,7 @@ def test_broken_plugin_is_reported_not_fatal(fake_registry):
     rows = {r["name"]: r for r in describe_backends(fake_registry)}
     assert "ModuleNotFoundError" in rows["broken"]["error"]
     assert rows["fake"]["can_convert"] and rows["fake"]["aliases"] == ["phony"]
-    assert fake_registry.available() == ["fake", "fake2", "fake-fixed"]
+    assert fake_registry.available() == ["fake", "fake2", "fake-fixed", "fake-traced"]
 
 
 def test_duplicate_names_name_both_distributions():
