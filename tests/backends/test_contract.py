@@ -53,3 +53,23 @@ def test_convert_open_run(name, fixtures_dir, tmp_path):
     assert compare_output("logits", ref, outputs["logits"], PROFILES["fp32"]).passed
     for finding in backend.lint(art):
         assert finding.severity in ("error", "warning", "info") and finding.message
+    _optional_hooks(backend, art, src, feeds, ref)
+
+
+def _optional_hooks(backend, art, src, feeds, ref):
+    """adopt (validate mode) and intermediates (localization), where a backend offers them."""
+    cls = type(backend)
+    if cls.artifact_suffixes:
+        assert art.primary.suffix in cls.artifact_suffixes
+        adopted = backend.adopt(art.primary, src, TargetOptions(precision="fp32"))
+        with backend.open(adopted, threads=1) as session:
+            again = session.run(feeds)["logits"]
+        assert compare_output("logits", ref, again, PROFILES["fp32"]).passed
+    if cls.addressable_intermediates:
+        with backend.open(art, threads=1) as session:
+            found = session.intermediates(feeds)
+        assert found and all(isinstance(n, str) and isinstance(t, str) and v.dtype.kind == "f"
+                             for n, t, v in found)
+        # the logits are among them (in the runtime's layout: compared flattened)
+        assert any(v.size == ref.size and np.allclose(v.ravel(), ref.ravel(), atol=1e-4)
+                   for _, _, v in found)
