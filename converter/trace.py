@@ -196,24 +196,25 @@ def _verdict(source: list[Tensor], matched: list[bool], observable: list[bool],
                                     "source tensors (the others are fused or reshaped away in "
                                     "the target)"}
     group = _fused_group(source, first, children, broken, closest)
-    ancestors = _ancestors(source, group[-1])
+    ancestors = _ancestors(source, first)
     last = max((a for a in ancestors if matched[a]), default=None)
     unresolved = [a for a in ancestors if not matched[a] and informative[a]
                   and (last is None or a > last)]
-    s, best = source[group[-1]], closest(group[-1])
+    s, best = source[first], closest(first)
     return summary | {
         "first_divergence": {"node": s.op, "op_type": s.op_type, "output": s.name} | {
             k: best.get(k) for k in ("max_abs", "cosine", "target", "target_op_type")},
-        "fused_before": [source[g].op for g in group[:-1]],
+        "fused_with": [source[g].op for g in group[1:]],
         "last_match": source[last].op if last is not None else None,
-        "unresolved_between": len(unresolved), "exact": not unresolved}
+        "unresolved_between": len(unresolved),
+        "exact": not unresolved and len(group) == 1}
 
 
 def _fused_group(source: list[Tensor], first: int, children: list[list[int]],
                  broken: list[int], closest: Callable[[int], dict]) -> list[int]:
     """``first`` and the broken tensors after it whose closest target tensor is the same one:
-    the target computes them in one fused op (MatMul+Add as one Gemm), so the divergence is
-    somewhere in that group and is reported at its last member."""
+    the target may compute them in one fused op (MatMul+Add as one Gemm), so the divergence is
+    somewhere in that group; the report names its first member and lists the others."""
     group, dead = [first], set(broken)
     while True:
         here = closest(group[-1]).get("target")

@@ -95,9 +95,12 @@ def _details(t: TargetReport, console: Console) -> None:
     first = (t.diagnostics or {}).get("first_divergence")
     if first:
         d = t.diagnostics
-        where = "" if d.get("exact") else (f" [dim](after {escape(str(d.get('last_match')))}; "
-                                           f"{d['unresolved_between']} operator(s) between "
-                                           "could not be isolated)[/]")
+        where = "" if d.get("exact") or not d.get("unresolved_between") else (
+            f" [dim](after {escape(str(d.get('last_match')))}; {d['unresolved_between']} "
+            "operator(s) between could not be isolated)[/]")
+        if d.get("fused_with"):
+            where += (f" [dim](computed in one op with "
+                      f"{escape(', '.join(d['fused_with']))})[/]")
         how = (f"{d['probes']} probes" if "probes" in d else
                f"{d.get('matched')}/{d.get('observable')} source tensors matched")
         target = (f" [dim](target {first['target_op_type']} {escape(str(first['target']))})[/]"
