@@ -46,22 +46,40 @@ def candidates(model: Any) -> list[tuple[str, str, str]]:
 def localize(ctx: RunContext, backend: Backend, artifact: Artifact, profile: str, *,
              converted: bool, nonfinite_outputs: bool = False) -> dict[str, Any]:
     """Diagnostics for the report: by intermediate tensors where the target has them, else by
-    bisection (which re-converts, so needs a conversion run)."""
-    if not Path(ctx.src.onnx_path).is_file():  # verify mode: a bundle carries no source graph
-        return {"result": "not localized: no source graph to compare intermediate tensors with"}
+    bisection (which re-converts, so needs a conversion run). Where the outputs hold NaN/Inf,
+    the target's tensors also name the first op that produced them (no source graph needed)."""
+    from mtconvert import trace
+
+    has_source = Path(ctx.src.onnx_path).is_file()  # verify mode: a bundle carries none
+    target, found = None, {}
     why_not = "the target's intermediate tensors are not addressable"
-    if type(backend).addressable_intermediates:
+    if type(backend).addressable_intermediates and (has_source or nonfinite_outputs):
         try:
-            return by_intermediates(ctx, backend, artifact, profile, nonfinite_outputs)
+            target, found = target_tensors(ctx, backend, artifact)
         except (MtConvertError, OSError, ValueError) as exc:
             why_not = f"intermediate tensors unavailable: {exc}"
+    if target is not None and nonfinite_outputs and (op := trace.first_nonfinite(target)):
+        found["first_nonfinite_op"] = op
+    if not has_source:
+        return found | {"result": "not localized: no source graph to compare intermediate "
+                                  "tensors with"}
+    if target is not None:
+        try:
+            return found | trace.localize(
+                ctx.src.onnx_path, ctx.feeds, target,
+                lambda name: ctx.opts.tolerances.resolve(profile, name), ctx.opts.threads)
+        except (MtConvertError, OSError, ValueError) as exc:
+            why_not = f"source tensors unavailable: {exc}"
     if not converted:
-        return {"result": f"not localized: {why_not}, and bisection needs a conversion run"}
-    return bisect(ctx, backend, artifact.precision) | {"why_bisection": why_not}
+        return found | {"result": f"not localized: {why_not}, and bisection needs a conversion "
+                                  "run"}
+    return found | bisect(ctx, backend, artifact.precision) | {"why_bisection": why_not}
 
 
-def by_intermediates(ctx: RunContext, backend: Backend, artifact: Artifact, profile: str,
-                     nonfinite_outputs: bool) -> dict[str, Any]:
+def target_tensors(ctx: RunContext, backend: Backend,
+                   artifact: Artifact) -> tuple[list[Any], dict[str, Any]]:
+    """The target's intermediate tensors on the run's feeds (one worker run), and a note when
+    the dump limit cut them short."""
     from mtconvert import trace
     from mtconvert.worker import run_session
 
@@ -76,13 +94,8 @@ def by_intermediates(ctx: RunContext, backend: Backend, artifact: Artifact, prof
         with np.load(folder / "tensors.npz") as data:
             target = [trace.Tensor(n, n, t, data[f"t{i}"])
                       for i, (n, t) in enumerate(index["tensors"])]
-    result = trace.localize(ctx.src.onnx_path, ctx.feeds, target,
-                            lambda name: ctx.opts.tolerances.resolve(profile, name),
-                            ctx.opts.threads)
-    if index.get("truncated"):
-        result["note"] = "the target's tensors exceeded the dump limit; later ones not compared"
-    nonfinite = trace.first_nonfinite(target) if nonfinite_outputs else None
-    return result | ({"first_nonfinite_op": nonfinite} if nonfinite else {})
+    note = {"note": "the target's tensors exceeded the dump limit; later ones not compared"}
+    return target, note if index.get("truncated") else {}
 
 
 def bisect(ctx: RunContext, backend: Backend, precision: str) -> dict[str, Any]:

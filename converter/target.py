@@ -212,12 +212,12 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
         numerics = _with_fp32_change(ctx, backend, artifact, numerics, result.outputs)
     sweep = _sweep(ctx, backend, artifact)
     clock.lap("validate_s")
-    diagnostics = dict(result.notes) if result.notes else None
+    diagnostics = None
     if opts.localize or not numerics.passed:
         from mtconvert.localize import localize
 
         ctx.say(f"{name}: localizing the first divergence")
-        diagnostics = (diagnostics or {}) | localize(
+        diagnostics = localize(
             ctx, backend, artifact, profile_of(artifact), converted=conversion is not None,
             nonfinite_outputs=not all(np.isfinite(v).all() for v in result.outputs.values()
                                       if v.dtype.kind == "f"))

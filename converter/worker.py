@@ -27,7 +27,6 @@ class SessionResult:
     baseline_rss_mb: float
     runtime: str
     latency_unavailable: str | None = None  # why latency was not measured (latency is {})
-    notes: dict[str, Any] | None = None  # the session's own findings (first non-finite op...)
 
 
 def _rss_mb() -> float:
@@ -63,7 +62,6 @@ def _child(job_path: Path) -> None:
             _dump_intermediates(session, feeds, Path(job["intermediates"]))
             return
         outputs = session.run(feeds)
-        notes = getattr(session, "notes", None) or None
         no_latency = getattr(session, "latency_unavailable", None)
         stats = None if no_latency else measure(lambda: session.run(feeds),
                                                 warmup=job["warmup"], iterations=job["iterations"])
@@ -71,7 +69,7 @@ def _child(job_path: Path) -> None:
     np.savez(job["outputs"], **outputs)
     Path(job["result"]).write_text(json.dumps({
         "latency": stats.to_dict() if stats else {}, "latency_unavailable": no_latency,
-        "notes": notes, "peak_rss_mb": _peak_rss_mb(), "baseline_rss_mb": baseline,
+        "peak_rss_mb": _peak_rss_mb(), "baseline_rss_mb": baseline,
         "runtime": runtime}))
 
 
@@ -135,7 +133,7 @@ def run_session(*, name: str, backend: str, artifact: dict[str, Any],
             outputs = {k: data[k] for k in data.files}
     return SessionResult(outputs, result["latency"], result["peak_rss_mb"],
                          result["baseline_rss_mb"], result["runtime"],
-                         result.get("latency_unavailable"), result.get("notes"))
+                         result.get("latency_unavailable"))
 
 
 def _crash_reason(proc: subprocess.CompletedProcess) -> str:

@@ -214,7 +214,6 @@ class _Features:
 class MilSession(Session):
     runtime = "mil-reference"
     latency_unavailable = NO_LATENCY
-    notes: dict[str, Any] = {}  # noqa: RUF012 - replaced, never mutated
 
     def __init__(self, artifact: Artifact):
         from mtconvert.backends.coreml.interp import MilInterpreter, UnsupportedOps
@@ -233,13 +232,8 @@ class MilSession(Session):
         self.outputs = [TensorSpec(src, (), "") for src in self._features.outputs.values()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import numpy as np
-
-        out = self._interp.run(self._features.feeds(feeds, self._dtypes), watch=True)
-        bad = [k for k, v in out.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
-        if bad and self._interp.first_nonfinite:  # an inf that softmax absorbs is no news
-            self.notes = {"first_nonfinite_op": self._interp.first_nonfinite}
-        return self._features.results(out)
+        return self._features.results(
+            self._interp.run(self._features.feeds(feeds, self._dtypes)))
 
     def intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
         trace: list[tuple[str, str, np.ndarray]] = []

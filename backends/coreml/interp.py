@@ -53,19 +53,15 @@ class MilInterpreter:
     def operation_count(self) -> int:
         return len(self._steps)
 
-    def run(self, feeds: dict[str, np.ndarray], *, watch: bool = False,
+    def run(self, feeds: dict[str, np.ndarray], *,
             trace: list[tuple[str, str, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
-        """Outputs by the program's output names. With ``watch``, the first operation whose
-        result holds NaN or Inf is recorded in ``self.first_nonfinite``; a ``trace`` list gets
-        every op's floating-point results as (variable, op type, value), in program order."""
+        """Outputs by the program's output names; a ``trace`` list gets every op's
+        floating-point results as (variable, op type, value), in program order."""
         env: dict[str, Any] = dict(self.consts)
         for var in self.program.inputs:
             env[var.name] = np.asarray(feeds[var.name]).astype(var.dtype, copy=False)
-        self.first_nonfinite: dict[str, Any] | None = None
         for op in self._steps:
             self._execute(op, env)
-            if watch and self.first_nonfinite is None:
-                self._watch(op, env)
             if trace is not None:
                 trace.extend((v.name, op.type, env[v.name]) for v in op.outputs
                              if isinstance(env[v.name], np.ndarray)
@@ -88,15 +84,6 @@ class MilInterpreter:
         for var, value in zip(op.outputs, results, strict=True):
             env[var.name] = _cast(value, var.dtype)
 
-    def _watch(self, op: Op, env: dict[str, Any]) -> None:
-        for var in op.outputs:
-            value = env[var.name]
-            if isinstance(value, np.ndarray) and value.dtype.kind == "f" and \
-                    not np.isfinite(value).all():
-                self.first_nonfinite = {"op": var.name, "op_type": op.type, "dtype": var.dtype,
-                                        "inf": bool(np.isinf(value).any()),
-                                        "nan": bool(np.isnan(value).any())}
-                return
 
 
 def _cast(value: Any, dtype: str) -> Any:
