@@ -6,6 +6,11 @@ replaces every tensor that depends only on a mask input and feeds the main graph
 additive float bias ``(1 - mask) * -1e4`` of shape [b, 1, 1, s], and makes the mask input
 float32. It is kept only when ONNX Runtime gives the same outputs before and after on several
 padding patterns (exp of scores - 1e4 underflows to 0 in fp32 exactly as with finfo.min).
+
+Then the general lowering passes for ncnn (mtconvert.backends.lowering, capability ``NCNN``):
+IsNaN on finite values, logic/compare/Where -> float arithmetic, CumSum -> MatMul, gathers at
+constant indices, Clip bounds, explicit Reshapes, ranks above 4, opset; each kept only when
+ONNX Runtime agrees with the fixed-shape source, each a step in ``result["steps"]``.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ def prepare(src: str, dst: str, shapes: dict[str, list[int]]) -> dict[str, Any]:
             result["rewrite_note"] = f"mask rewrite not applicable: {exc}"
     if masks and not result["masks_rewritten"]:
         model, result["casts_removed"] = _float_mask_inputs(original, masks, shapes)
+    model, result["steps"], result["lowered"] = _lower(model, original, shapes)
     onnx.save(model, dst)
     ops = {n.op_type for n in model.graph.node}
     result |= {"input_dtypes": {i.name: _np_type(i) for i in model.graph.input},
@@ -50,6 +56,23 @@ def prepare(src: str, dst: str, shapes: dict[str, list[int]]) -> dict[str, Any]:
                "tanh_gelu": {"Tanh", "Pow"} <= ops and "Erf" not in ops,
                "ops": sorted(ops)}
     return result
+
+
+def _lower(model: Any, original: Any, shapes: dict[str, list[int]]) -> tuple[Any, list[str],
+                                                                           list[str]]:
+    """The ncnn lowering passes on what the mask rewrite left, checked against the source."""
+    from mtconvert.backends.lowering import NCNN, lower, unsupported_ops
+
+    try:
+        done = lower(model, shapes, NCNN, reference_model=original)
+    except Exception as exc:  # the reference itself could not run: convert as it is
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return model, [f"lower: not attempted ({first})"], []
+    steps = list(done.steps)
+    left = unsupported_ops(done.model, NCNN)
+    if left:
+        steps.append("lower: ops ncnn may lack still in the graph: " + ", ".join(left))
+    return done.model, steps, done.applied
 
 
 def _float_mask_inputs(original: Any, masks: list[str],
