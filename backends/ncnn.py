@@ -145,6 +145,7 @@ class NcnnBackend(Backend):
                   "int->float Cast)" for m in info["casts_removed"]]
         if info["rewrite_note"] and not info["casts_removed"]:
             steps.append(f"legalize: {info['rewrite_note']}")
+        steps += info.get("steps", [])  # the lowering passes, applied or rejected, one each
         return work / "model.onnx", steps
 
     def _pnnx(self, model: Path, source: PreparedSource, info: dict[str, Any], work: Path,
