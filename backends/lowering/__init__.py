@@ -44,7 +44,8 @@ _LOGIC = frozenset({"Not", "And", "Or", "Xor", "Equal", "Less", "Greater", "Less
 NCNN = Capability(
     name="ncnn",
     passes=("opset", "default-attributes", "finite-masks", "nan-checks", "gather-select", "logic-to-float", "cumsum-matmul",
-            "gather-select", "clip-bounds", "reduce-matmul", "explicit-reshape", "rank-reduce"),
+            "gather-select", "clip-bounds", "reduce-matmul", "explicit-reshape", "mask-broadcast",
+            "strided-slice", "rank-reduce"),
     unsupported=_LOGIC | {"Gather"},  # Gather only as an embedding (constant table, input ids)
     max_rank=4, bool_tensors=False, max_opset=None)
 

@@ -304,7 +304,7 @@ def logic_to_float(g: Graph, ctx: Context) -> tuple[Any, str] | None:
         if not size or shape is None:
             raise NotApplicable(f"{x} is read as integers and as data, with no known range")
         table = g.add_const(np.arange(size, dtype=np.float32)[:, None], "id_table")
-        col = emit("Gather", [table, x], axis=0)
+        col = emit("Gather", [table, x])  # no explicit axis=0: see default-attributes
         twin[x] = emit("Reshape", [col, g.add_const(shape, "shape", np.int64)])
         notes.append(f"{x} read as float through a {size}x1 identity embedding")
 
@@ -816,3 +816,88 @@ def reduce_to_matmul(g: Graph, ctx: Context) -> tuple[Any, str] | None:
             x = emit("Sqrt", [x])
         emit("Reshape", [x, g.add_const(oshape, "shape", np.int64)], n.output[0])
     return g.model(new), f"{_count(found)} over constant axes -> MatMul with a ones vector"
+
+
+# --- additive attention masks expanded along the query axis --------------------------------
+
+@lowering_pass("mask-broadcast")
+def expand_softmax_bias(g: Graph, ctx: Context) -> tuple[Any, str] | None:
+    """Add(scores, bias) read by Softmax, with the bias broadcast along the query axis (size 1
+    at axis -2 where the scores have more) -> the bias Expanded along that axis first (pnnx
+    fuses the pattern into ncnn's SDPA layer, which does not broadcast its mask over queries:
+    seen as 0.3 off with a [1,1,1,S] padding mask, exact with [1,1,S,S])."""
+    new, k = [], 0
+    soft_in = {n.input[0] for n in g.nodes if n.op_type == "Softmax"}
+    for n in g.nodes:
+        if n.op_type == "Add" and n.output[0] in soft_in:
+            out = g.shape(n.output[0])
+            for j, x in enumerate(n.input):
+                s = g.shape(x)
+                if out and s and len(out) >= 2 and x not in g.consts and len(s) == len(out) \
+                        and s[-2] == 1 and out[-2] > 1:
+                    target = list(s)
+                    target[-2] = out[-2]
+                    node, y = g.make("Expand", [x, g.add_const(target, "shape", np.int64)])
+                    new.append(node)
+                    n.input[j] = y
+                    k += 1
+        new.append(n)
+    if not k:
+        return None
+    return g.model(new), f"{k} Softmax bias(es) expanded along the query axis"
+
+
+# --- strided slices -> Reshape + unit-step Slice -------------------------------------------
+
+@lowering_pass("strided-slice")
+def strided_slice(g: Graph, ctx: Context) -> tuple[Any, str] | None:
+    """Slice with a step > 1 along an axis of size n (n % step == 0) -> Reshape to
+    [1, before, n/step, step*after], a unit-step Slice of the phase and the run, Reshape back
+    (ncnn's Crop has no step; Swin's patch merging x[:, 0::2, 1::2] is one)."""
+    found = []
+    for n in g.nodes:
+        if n.op_type != "Slice" or len(n.input) < 5 or not all(x in g.consts for x in n.input[1:5]):
+            continue
+        if (g.consts[n.input[4]] != 1).any():
+            found.append(n)
+    if not found:
+        return None
+    new: list[Any] = []
+    shp = lambda s: g.add_const(list(s), "shape", np.int64)  # noqa: E731
+
+    def emit(op: str, inputs: list[str], out: str | None = None, **attrs: Any) -> str:
+        node, name = g.make(op, inputs, out, hint=op.lower(), **attrs)
+        new.append(node)
+        return name
+
+    for n in g.nodes:
+        if n not in found:
+            new.append(n)
+            continue
+        shape = g.shape(n.input[0])
+        if shape is None:
+            raise NotApplicable("Slice of unknown shape")
+        starts, ends, axes, steps = (g.consts[x].reshape(-1).tolist() for x in n.input[1:5])
+        cur, cur_shape = n.input[0], list(shape)
+        for st, en, ax, sp in zip(starts, ends, axes, steps, strict=True):
+            a = int(ax) % len(shape)
+            size = cur_shape[a]
+            if sp < 1:
+                raise NotApplicable("Slice with a negative step")
+            st, en = (max(0, min(size, v + size if v < 0 else v)) for v in (int(st), int(en)))
+            count = len(range(st, en, int(sp)))
+            if sp == 1:
+                cur = emit("Slice", [cur, shp([st]), shp([en]), shp([a])])
+            else:
+                if size % sp:
+                    raise NotApplicable(f"Slice step {sp} does not divide the axis ({size})")
+                before = int(np.prod(cur_shape[:a]))
+                after = int(np.prod(cur_shape[a + 1:]))
+                r = emit("Reshape", [cur, shp([1, before, size // sp, sp * after])])
+                phase, first = st % sp, st // sp
+                cur = emit("Slice", [r, shp([first, phase * after]),
+                                     shp([first + count, (phase + 1) * after]), shp([2, 3])])
+            cur_shape[a] = count
+            cur = emit("Reshape", [cur, shp(cur_shape)])
+        emit("Identity", [cur], n.output[0])
+    return g.model(new), f"{len(found)} strided Slice(s) -> Reshape + unit-step Slice"
