@@ -101,7 +101,8 @@ def _finite_ranges(g: Graph, ctx: Context) -> dict[str, tuple[float, float]]:
             r[name] = (0.0, 1.0)
         elif g.is_int(name):
             v = ctx.vocab.get(name)
-            r[name] = (0.0, float(v - 1)) if v else (-2.0 ** 63, 2.0 ** 63)
+            r[name] = (0.0, float(v - 1)) if v else (0.0, 1.0) if "mask" in name.lower() \
+                else (-2.0 ** 63, 2.0 ** 63)  # ids index their table; masks hold 0/1
         elif g.elem(name) in FLOAT_TYPES:
             r[name] = (-_BIG, _BIG)  # assumed finite: the source is validated on finite inputs
     for name, a in g.consts.items():
@@ -398,12 +399,12 @@ def logic_to_float(g: Graph, ctx: Context) -> tuple[Any, str] | None:
             value = np.broadcast_to(first, data.shape)[tuple(slice(0, s) for s in shape)]
             emit("Identity", [g.add_const(value.astype(np.float32), "gathered")], out_name(o))
             notes.append("GatherElements of a constant uniform along its axis folded")
-        elif op in _SAME_OP or (op in ("Gather", "GatherND", "GatherElements", "ReduceMean")
-                                and not any(runtime_intlike(x) for x in ins[1:2]
-                                            if op != "ReduceMean")):
+        elif op in _SAME_OP or (op in ("Gather", "GatherND", "GatherElements")
+                                and not runtime_intlike(ins[1])):
+            # the same op on the float twin (a gather here has constant indices, kept as ints)
             idx = _DATA_INPUTS.get(op)
             inputs = [t(x) if (idx is None or j in idx) else x for j, x in enumerate(ins)]
-            if op == "Gather" or op == "GatherND" or op == "GatherElements":
+            if op in ("Gather", "GatherND", "GatherElements"):
                 inputs = [t(ins[0])] + ins[1:]
             node, _ = g.make(op, inputs, out_name(o))
             node.attribute.extend(n.attribute)
