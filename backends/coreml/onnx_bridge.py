@@ -11,6 +11,11 @@ registered through onnx2torch's own converter registry (no patching of its code)
 - ``CumSum`` without a ``reverse`` attribute is converted as a reverse cumsum (its converter
   defaults ``reverse`` to 1; ONNX's default is 0): RoBERTa's position ids came out reversed;
 - torchvision is imported for the NMS and RoiAlign converters only (see ``shim_torchvision``).
+
+The op versions of opsets 17 to 23 (the TorchScript exporter writes 17, the default
+torch.export-based one 18 to 23, 20 unless told), the Clip/Min/Max constant folding and an exact
+Reciprocal are in ``onnx_mends``. A node that still
+has no converter stops the bridge with one error naming every such op, not only the first.
 """
 from __future__ import annotations
 
@@ -40,12 +45,32 @@ def shim_torchvision() -> bool:
     return True
 
 
+def import_onnx2torch() -> Any:
+    """onnx2torch, imported with the torchvision stand-in only while it imports: left in
+    ``sys.modules`` the stand-in would tell transformers and torch.onnx's exporter that
+    torchvision is installed (the exporter then logs a failure for each torchvision op)."""
+    if "onnx2torch" in sys.modules:
+        return sys.modules["onnx2torch"]
+    shimmed = shim_torchvision()
+    try:
+        import onnx2torch
+    finally:
+        if shimmed:
+            for name in ("torchvision.ops", "torchvision"):
+                sys.modules.pop(name, None)
+    return onnx2torch
+
+
 def to_torch(onnx_model: Any) -> Any:
     """The ONNX model as a torch.fx GraphModule in eval mode."""
-    shim_torchvision()
-    import onnx2torch
+    onnx2torch = import_onnx2torch()
 
     _register_mends()
+    from mtconvert.backends.coreml.onnx_mends import missing_converters
+
+    missing = missing_converters(onnx_model)
+    if missing:
+        raise NotImplementedError("onnx2torch has no converter for " + ", ".join(missing))
     return onnx2torch.convert(onnx_model).eval()
 
 
@@ -105,6 +130,9 @@ def _register_mends() -> None:
 
     for version in (11, 14):
         table[registry.OperationDescription("", "CumSum", version)] = cumsum
+    from mtconvert.backends.coreml.onnx_mends import register
+
+    register(table)
     _registered = True
 
 
