@@ -155,9 +155,8 @@ def _finite_ranges(g: Graph, ctx: Context) -> dict[str, tuple[float, float]]:
             out = (-_BIG, _BIG) if big <= _BIG else None
             if out and op in ("ReduceSum", "ReduceMean", "ReduceL2") and ins[0][0] >= 0:
                 out = (0.0, _BIG)
-        elif op in _PRESERVING:
-            lo = min(x for x, _ in ins[:1] + ins[1:2] if True)
-            hi = max(y for _, y in ins[:1] + ins[1:2] if True)
+        elif op in _PRESERVING:  # elementwise: the union of the data inputs' intervals
+            lo, hi = min(x for x, _ in ins[:2]), max(y for _, y in ins[:2])
             if op in ("Reshape", "Expand", "Unsqueeze", "Squeeze", "Slice", "Tile", "Gather",
                       "GatherElements", "GatherND", "Transpose", "Flatten", "Identity",
                       "Dropout", "Cast", "Split", "ReduceMax", "ReduceMin", "Pad", "TopK"):
