@@ -181,6 +181,22 @@ def on_disk(zoo: Path) -> set[tuple[str, str]]:
     return found
 
 
+def git_state() -> str:
+    """HEAD and how many of mtconvert's own files were edited but uncommitted when the page was
+    written (other engineers edit the same tree while the zoo runs)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "converter", "backends",
+                                "validators"], cwd=REPO, text=True, capture_output=True,
+                               timeout=30).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (f"the working tree at `{head}`" + (f", with {len(dirty)} files of converter/, "
+            "backends/, validators/ edited and uncommitted at the time of writing (cells ran "
+            "against the tree as it was when each ran)" if dirty else ""))
+
+
 def versions() -> dict[str, str]:
     out = {}
     for pkg in PACKAGES:
@@ -208,7 +224,7 @@ def reason_key(reason: str) -> str:
     """A failure reason with its specifics (numbers, paths, quoted names) blurred, to count
     the common ones."""
     r = re.sub(r"/\S+", "<path>", reason)
-    r = re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "#", r)
+    r = re.sub(r"(?<![\w.])[-+]?\d+(\.\d+)?(e[-+]?\d+)?(?![\w.])", "#", r)
     return r[:140]
 
 
@@ -262,6 +278,7 @@ def write_outputs(zoo: Path, manifest: dict, models: list[str], exports: list[st
     if opsets:
         w(f"- The dynamo exporter's default opset here: {', '.join(map(str, opsets))}")
     w("- Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
+    w(f"- mtconvert source: {git_state()}")
     w("- Machine: 2 shared CPU cores, Linux; Core ML is checked by mtconvert's `mil-reference` "
       "interpreter (no Mac)\n")
 
