@@ -1,0 +1,149 @@
+"""Markdown for a pull-request comment: the verdict, one compact table row per target, each
+failing target's reason, and per target a collapsed ``<details>`` block with its deployment
+snippets (TargetReport.snippets). A function of the Report alone."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mtconvert.report import Report, TargetReport
+
+_STATUS = {"passed": "✅ passed", "failed": "❌ failed", "error": "💥 error",
+           "skipped": "⏭️ skipped"}
+_LANGUAGES = {"kotlin": "Kotlin", "swift": "Swift", "cpp": "C++", "python": "Python"}
+_REASON_CHARS = 600  # a comment stays readable; the JSON report holds the whole text
+
+
+def render(report: Report, destination: Path | IO[str]) -> None:
+    """To a file (written atomically) or a text stream."""
+    from mtconvert.render import write_atomic
+
+    text = to_markdown(report)
+    if isinstance(destination, (str, Path)):
+        write_atomic(Path(destination), text)
+    else:
+        destination.write(text)
+
+
+def to_markdown(report: Report) -> str:
+    targets = list(report.targets.values())
+    passed = sum(t.status == "passed" for t in targets)
+    verdict = "✅ PASSED" if report.ok else "❌ FAILED"
+    lines = [f"### mtconvert: {verdict} — {passed}/{len(targets)} targets passed "
+             f"(exit code {report.exit_code})", "", _source_line(report), ""]
+    ref = report.reference
+    ref_p50 = ref.latency.p50_ms if ref and ref.latency else None
+    accuracy = any(_accuracy(t) is not None for t in targets)
+    header = ["target", "status", "worst error", "cosine", "p50 ms (vs ref)", "size"]
+    header += ["accuracy"] if accuracy else []
+    lines += ["| " + " | ".join(header) + " |",
+              "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    lines += ["| " + " | ".join(_row(t, ref_p50, accuracy)) + " |" for t in targets]
+    failing = [t for t in targets if t.status != "passed"]
+    if failing:
+        lines += ["", "**Why not passed**", ""]
+        lines += [item for t in failing for item in _why(t)]
+    for t in targets:
+        lines += _snippets(t)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _source_line(report: Report) -> str:
+    src = report.source
+    name = Path(src.path).name if src.path else "in-memory module"
+    parts = [f"Source `{name}` ({src.format}"
+             + (f", sha256 `{src.sha256[:12]}`" if src.sha256 else "") + ")"]
+    if src.input_shapes:
+        parts.append("inputs " + ", ".join(f"`{k}` {'x'.join(map(str, v))}"
+                                           for k, v in src.input_shapes.items()))
+    ref = report.reference
+    if ref:
+        p50 = f", p50 {ref.latency.p50_ms:.2f} ms" if ref.latency else ""
+        parts.append(f"reference {_esc(ref.runtime)} {ref.version or ''}".rstrip() + p50)
+    return " · ".join(parts)
+
+
+def _row(t: TargetReport, ref_p50: float | None, accuracy: bool) -> list[str]:
+    worst = (t.numerics.worst or {}) if t.numerics else {}
+    error = (f"{worst['max_abs']:.2e} (`{worst.get('output')}`)"
+             if worst.get("max_abs") is not None else "–")
+    cosine = f"{worst['cosine']:.6f}" if worst.get("cosine") is not None else "–"
+    if t.latency is not None:
+        p50 = f"{t.latency.p50_ms:.2f}"
+        p50 += f" ({t.latency.p50_ms / ref_p50:.2f}x)" if ref_p50 else ""
+    else:
+        p50 = "–"
+    size = _bytes(sum(a.bytes for a in t.artifacts)) if t.artifacts else "–"
+    row = [f"{_esc(t.name)} {t.precision}", _STATUS[t.status], error, cosine, p50, size]
+    if accuracy:
+        acc = _accuracy(t)
+        row.append("–" if acc is None else _esc(str(acc)))
+    return row
+
+
+def _why(t: TargetReport) -> list[str]:
+    reason = (t.reason or t.status).strip()
+    if len(reason) > _REASON_CHARS:
+        reason = reason[:_REASON_CHARS] + "…"
+    items = [f"- **{_esc(t.name)} {t.precision}** ({t.status}): {_esc(_one_line(reason))}"]
+    first = (t.diagnostics or {}).get("first_divergence")
+    if first:
+        items.append(f"  - first divergence: {_esc(first.get('op_type', ''))} "
+                     f"`{first.get('node')}` (max abs {_num(first.get('max_abs'))})")
+    if t.log and t.status == "error":
+        items.append(f"  - log: `{t.log}`")
+    return items
+
+
+def _snippets(t: TargetReport) -> list[str]:
+    if not t.snippets:
+        return []
+    order = [k for k in _LANGUAGES if k in t.snippets] + [
+        k for k in t.snippets if k not in _LANGUAGES]
+    names = ", ".join(_LANGUAGES.get(k, k) for k in order)
+    lines = ["", "<details>",
+             f"<summary>{_html(t.name)} {t.precision}: deployment snippets ({names})</summary>",
+             ""]
+    for lang in order:
+        code = t.snippets[lang].rstrip("\n")
+        fence = "`" * max(3, _longest_backticks(code) + 1)
+        lines += [f"**{_LANGUAGES.get(lang, lang)}**", "", f"{fence}{lang}", code, fence, ""]
+    lines.append("</details>")
+    return lines
+
+
+def _accuracy(t: TargetReport) -> Any:
+    """Hook for the accuracy column: the target's task-level accuracy once TargetReport carries
+    it. Reports have none yet, so the column is left out."""
+    return None
+
+
+def _longest_backticks(code: str) -> int:
+    return max((len(m) for m in re.findall(r"`+", code)), default=0)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _num(x: Any) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _html(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _esc(text: str) -> str:
+    """Text in a table cell or list item: no HTML, no column breaks, no stray emphasis."""
+    return re.sub(r"([|*_`\[\]])", r"\\\1", _html(str(text)))
