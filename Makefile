@@ -4,9 +4,18 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mtconvert-installed
 
-.PHONY: setup demo test fixtures bench clean
+.PHONY: setup browser demo test fixtures bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# Headless Chromium for the HTML report's browser test (tests/converter/test_html.py): Debian's
+# package when it is missing and we are root with apt-get; otherwise nothing (the test says why
+# it is skipped).
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 \
+	  || { echo "installing chromium (apt-get) for the HTML report's browser test"; \
+	       apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
+	  || echo "chromium could not be installed: tests/converter/test_html.py will skip its browser tests"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -1,4 +1,5 @@
-"""Latency statistics: warm-up, then N timed runs; percentiles in milliseconds."""
+"""Latency statistics: warm-up, then N timed runs; percentiles in milliseconds, and the timed
+samples themselves (in run order, rounded to 0.1 µs) for plotting their distribution."""
 from __future__ import annotations
 
 import time
@@ -16,8 +17,9 @@ class LatencyStats:
     mean_ms: float
     iterations: int
     warmup: int
+    samples_ms: tuple[float, ...] = ()
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | tuple[float, ...]]:
         return asdict(self)
 
 
@@ -27,7 +29,8 @@ def summarize(samples_ms: list[float], warmup: int) -> LatencyStats:
     a = np.asarray(samples_ms, dtype=np.float64)
     p50, p90, p99 = (float(x) for x in np.percentile(a, [50, 90, 99]))
     return LatencyStats(p50_ms=p50, p90_ms=p90, p99_ms=p99, mean_ms=float(a.mean()),
-                        iterations=len(samples_ms), warmup=warmup)
+                        iterations=len(samples_ms), warmup=warmup,
+                        samples_ms=tuple(round(float(x), 4) for x in samples_ms))
 
 
 def measure(fn: Callable[[], object], *, warmup: int, iterations: int) -> LatencyStats:
