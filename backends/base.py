@@ -1,23 +1,21 @@
-"""The backend plugin contract, and the shared work every backend needs (tool runs, file checks).
+"""The backend plugin contract.
 
 A backend turns a PreparedSource into an Artifact (``convert``), says what is not mobile-ready in
 it (``lint``) and opens a Session that runs it (``open``). The framework does timing, input
-checks, comparison and reporting; the plugin fills these small hooks only.
+checks, comparison and reporting; the plugin fills these small hooks only. Everything a backend
+hands the framework is a declared, typed field here; running third-party tools is
+mtconvert.backends.process, declaring backend options mtconvert.backends.options.
 """
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mtconvert import deps
-from mtconvert.errors import ConversionError, ModelLoadError, UsageError
+from mtconvert.backends.options import Option
+from mtconvert.errors import ModelLoadError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -91,7 +89,12 @@ class Finding:
 class Artifact:
     """What a backend produced. ``primary`` is the file the runtime loads; ``files`` all that ship.
 
-    ``meta`` is JSON-serialisable backend data the session needs (name maps, fixed shapes...).
+    Fields the framework reads: ``fp32_twin`` (a reduced-precision artifact's exact fp32 sibling,
+    made the same way, with all its files: the yardstick of what the precision costs),
+    ``tolerance_profile`` (the profile to judge it by, when not its precision's: palettized
+    weights are judged like int8), ``input_shapes`` (the shapes a fixed-shape artifact was made
+    for: {input name: dims}). ``meta`` is the backend's own JSON-serialisable data for its
+    session (name maps, modes); the framework stores and passes it, never reads it.
     """
 
     target: str
@@ -102,6 +105,14 @@ class Artifact:
     tool_versions: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    fp32_twin: Artifact | None = None
+    tolerance_profile: str | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def profile(self) -> str:
+        """The tolerance profile the artifact is judged by."""
+        return self.tolerance_profile or self.precision
 
     def relocated(self, old_dir: Path, new_dir: Path) -> Artifact:
         def move(p: Path | None) -> Path | None:
@@ -114,14 +125,21 @@ class Artifact:
         return {"target": self.target, "primary": str(self.primary),
                 "files": [str(p) for p in self.files], "precision": self.precision,
                 "steps": list(self.steps), "tool_versions": dict(self.tool_versions),
-                "log_path": str(self.log_path) if self.log_path else None, "meta": self.meta}
+                "log_path": str(self.log_path) if self.log_path else None, "meta": self.meta,
+                "fp32_twin": self.fp32_twin.to_dict() if self.fp32_twin else None,
+                "tolerance_profile": self.tolerance_profile,
+                "input_shapes": {k: list(v) for k, v in self.input_shapes.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Artifact:
+        twin = d.get("fp32_twin")
         return cls(target=d["target"], primary=Path(d["primary"]),
                    files=tuple(Path(p) for p in d["files"]), precision=d["precision"],
                    steps=tuple(d["steps"]), tool_versions=dict(d["tool_versions"]),
-                   log_path=Path(d["log_path"]) if d.get("log_path") else None, meta=d["meta"])
+                   log_path=Path(d["log_path"]) if d.get("log_path") else None, meta=d["meta"],
+                   fp32_twin=cls.from_dict(twin) if twin else None,
+                   tolerance_profile=d.get("tolerance_profile"),
+                   input_shapes={k: tuple(v) for k, v in (d.get("input_shapes") or {}).items()})
 
 
 @dataclass(frozen=True)
@@ -140,6 +158,9 @@ class Session(ABC):
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    runtime: str = ""  # what computed the outputs, for the report ("" = the backend's name)
+    # why timing this session says nothing about a device (then no latency is measured)
+    latency_unavailable: str | None = None
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
@@ -176,6 +197,8 @@ class Backend(ABC):
     artifact_suffixes: ClassVar[tuple[str, ...]] = ()  # files `mtconvert validate` maps here
     fixed_shapes: ClassVar[bool] = False  # artifacts run only at the shapes they were made for
     addressable_intermediates: ClassVar[bool] = False  # its Session implements intermediates()
+    # the backend's own options (TargetOptions.extra keys), shown by the CLI, API and config
+    options: ClassVar[tuple[Option, ...]] = ()
 
     @classmethod
     def availability(cls) -> Availability:
@@ -211,84 +234,19 @@ class Backend(ABC):
 
     def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
         """Describe an artifact built elsewhere so it can be linted and run. Fixed-shape
-        targets put their input shapes in ``meta["input_shapes"]`` ({name: [dims]})."""
+        targets set ``Artifact.input_shapes`` to the shapes it was made for."""
         raise UsageError(f"target {self.name!r} cannot validate existing artifacts")
 
-
-# ---------------------------------------------------------------------------------------------
-# Shared work for backends: running third-party tools as untrusted neighbours.
-
-def _signal_name(returncode: int) -> str:
-    try:
-        return signal.Signals(-returncode).name
-    except ValueError:
-        return f"signal {-returncode}"
+    def snippets(self, artifact: Artifact, inputs: list[TensorSpec],
+                 outputs: list[TensorSpec]) -> dict[str, str]:
+        """Minimal code that loads ``artifact`` and runs it on its platform: {language: code}
+        (languages in mtconvert.backends.snippets.LANGUAGES), with the artifact's real file
+        name, tensor names, dtypes and shapes. ``inputs``/``outputs`` are the source's, at the
+        shapes and dtypes the artifact was validated with. Default: none."""
+        return {}
 
 
-def tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit|Failure))\b:?\s*(.*)$")
-_GENERIC = ("Exception encountered when calling layer", "in user code:")
-
-
-def error_summary(output: str, limit: int = 300) -> str:
-    """The most telling line of a tool's output: the last ``SomethingError: message`` (with the
-    next detail line when the message is generic), else the last non-empty line."""
-    lines = [ln.strip() for ln in output.splitlines()]
-    for i in range(len(lines) - 1, -1, -1):
-        m = _ERROR_LINE.match(lines[i])
-        if not m or lines[i].startswith(("File ", "raise ")):
-            continue
-        text = f"{m.group(1)}: {m.group(2)}".strip()
-        if any(g in m.group(2) for g in _GENERIC) or not m.group(2):
-            detail = next((ln for ln in lines[i + 1:] if ln), "")
-            text = f"{text} {detail}".strip()
-        return text[:limit]
-    rest = [ln for ln in lines if ln]
-    return rest[-1][:limit] if rest else ""
-
-
-def run_tool(cmd: list[str], *, target: str, step: str, log_path: Path,
-             timeout_s: float | None = None, cwd: Path | None = None,
-             env: dict[str, str] | None = None) -> str:
-    """Run a converter in a child process, log its output to ``log_path``, return that output.
-
-    A non-zero exit, a signal or a time-out raises ConversionError naming the step and the log.
-    Callers must still check the files they expect: exit 0 proves nothing.
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    child_env = {**os.environ, **(env or {})}
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        out = _decode(exc.stdout) + _decode(exc.stderr)
-        _append_log(log_path, cmd, out)
-        raise ConversionError(f"timed out after {timeout_s:g} s", target=target, step=step,
-                              log_path=log_path, stderr_tail=tail(out)) from None
-    out = proc.stdout + proc.stderr
-    _append_log(log_path, cmd, out)
-    if proc.returncode != 0:
-        why = (f"killed by {_signal_name(proc.returncode)}" if proc.returncode < 0
-               else f"exit code {proc.returncode}")
-        last = error_summary(out)
-        raise ConversionError(f"{why}: {last}" if last else why, target=target, step=step,
-                              log_path=log_path, stderr_tail=tail(out))
-    return out
-
-
-def _decode(data: bytes | str | None) -> str:
-    if data is None:
-        return ""
-    return data if isinstance(data, str) else data.decode("utf-8", "replace")
-
-
-def _append_log(log_path: Path, cmd: list[str], output: str) -> None:
-    with log_path.open("a", encoding="utf-8") as fh:
-        fh.write(f"$ {' '.join(cmd)}\n{output}\n")
-
+# Helpers on the contract's data.
 
 def import_path(cls: type) -> str:
     """``module:QualName`` of a class: how the worker and the registry name a backend."""
@@ -307,43 +265,3 @@ def match_names(names: list[str], source_names: list[str], what: str, kind: str)
 def format_shapes(shapes: dict[str, Any]) -> str:
     """``input_ids=1x32, attention_mask=1x32``."""
     return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
-
-
-RESULT_PREFIX = "MTCONVERT-RESULT "
-
-
-def tool_result(output: str, *, target: str, step: str, log_path: Path | None) -> dict[str, Any]:
-    """The JSON a child tool printed on its last ``MTCONVERT-RESULT {json}`` line."""
-    import json
-
-    for line in reversed(output.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    raise ConversionError("converter printed no result", target=target, step=step,
-                          log_path=log_path)
-
-
-def run_job(module: str, job: dict[str, Any], job_path: Path, *, target: str, step: str,
-            log_path: Path, timeout_s: float | None,
-            env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Write ``job`` as JSON, run ``python -m module JOB`` as an untrusted tool and return the
-    result it printed."""
-    import json
-
-    job_path.write_text(json.dumps(job))
-    out = run_tool(python_cmd("-m", module, str(job_path)), target=target, step=step,
-                   log_path=log_path, timeout_s=timeout_s, env=env)
-    return tool_result(out, target=target, step=step, log_path=log_path)
-
-
-def python_cmd(*args: str) -> list[str]:
-    """A command line that runs this interpreter (the tools are installed beside mtconvert)."""
-    return [sys.executable, *args]
-
-
-def expect_files(paths: list[Path], *, target: str, step: str, log_path: Path | None) -> None:
-    """A tool that exits 0 without its output files has failed."""
-    missing = [p.name for p in paths if not p.is_file() or p.stat().st_size == 0]
-    if missing:
-        raise ConversionError(f"tool exited 0 but did not write {', '.join(missing)}",
-                              target=target, step=step, log_path=log_path)

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
-                                     TargetOptions, TensorSpec, expect_files, format_shapes,
-                                     match_names, run_tool)
+                                     TargetOptions, TensorSpec, format_shapes, match_names)
+from mtconvert.backends.options import Option
+from mtconvert.backends.process import expect_files, run_tool
 from mtconvert.backends.onnx_tools import run_onnx_tool
 from mtconvert.errors import ConversionError, ModelLoadError, RuntimeFailure
 
@@ -46,6 +47,8 @@ class NcnnBackend(Backend):
     run_requires = {"ncnn": "ncnn"}
     artifact_suffixes = (".param",)
     addressable_intermediates = True
+    options = (Option("keep_intermediate", "bool", False, "ncnn: also keep pnnx's intermediate "
+                      "files (in <model>.ncnn-intermediate/)."),)
 
     def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
         """A .param (+ .bin beside it) built elsewhere. Inputs map by name, else in order; an
@@ -76,8 +79,9 @@ class NcnnBackend(Backend):
                                          for i, n in zip(ins, names, strict=True)],
                               "outputs": [[b, n, [None] * len(ranks[n])]
                                           for b, n in zip(outs, out_names, strict=True)],
-                              "input_shapes": fixed, "undeclared_shapes": undeclared,
-                              "mode": "phone-fp16" if opts.precision == "fp16" else "exact"})
+                              "undeclared_shapes": undeclared,
+                              "mode": "phone-fp16" if opts.precision == "fp16" else "exact"},
+                        input_shapes={k: tuple(v) for k, v in fixed.items()})
 
     def routes(self, source: PreparedSource) -> list[str]:
         """TorchScript first for PyTorch sources (pnnx's native input), then the legalized
@@ -107,10 +111,11 @@ class NcnnBackend(Backend):
         shutil.move(param, out_param)
         shutil.move(binf, out_bin)
         meta = self._io_meta(source, info) | {"mode": "phone-fp16" if fp16 else "exact"}
+        twin = None
         if fp16:  # the exact fp32 twin of the same route: the yardstick for what fp16 costs
             tp, tb, _ = self._pnnx(model, source, info, work, log, opts, fp16=False)
-            meta["fp32_variant"] = Artifact(target=self.name, primary=tp, files=(tp, tb),
-                                            meta=meta | {"mode": "exact"}).to_dict()
+            twin = Artifact(target=self.name, primary=tp, files=(tp, tb),
+                            meta=meta | {"mode": "exact"})
         files = (out_param, out_bin)
         if opts.extra.get("keep_intermediate"):
             kept = out_dir / f"{source.name}{suffix}.ncnn-intermediate"
@@ -119,7 +124,7 @@ class NcnnBackend(Backend):
             pnnx_steps.append(f"kept the intermediate files in {kept.name}/")
         return Artifact(target=self.name, primary=out_param, files=files,
                         precision=opts.precision, steps=tuple(steps + pnnx_steps), log_path=log,
-                        tool_versions=deps.versions(TOOLS), meta=meta)
+                        tool_versions=deps.versions(TOOLS), meta=meta, fp32_twin=twin)
 
     def _route_input(self, route: str, source: PreparedSource, prepared: Path,
                      info: dict[str, Any], work: Path,
@@ -196,6 +201,27 @@ class NcnnBackend(Backend):
 
     def open(self, artifact: Artifact, threads: int) -> Session:
         return NcnnSession(artifact, threads)
+
+    def snippets(self, artifact: Artifact, inputs: list[TensorSpec],
+                 outputs: list[TensorSpec]) -> dict[str, str]:
+        """Blobs by name (in0, out0...), one item (batch 1); int inputs (Embed) as int32."""
+        from mtconvert.backends import snippets as sn
+
+        shapes = {s.name: tuple(s.shape) for s in [*inputs, *outputs]}
+
+        def one(name: str, fallback: Any) -> tuple[Any, ...]:
+            shape = shapes.get(name) or tuple(fallback or ())
+            return (1, *shape[1:]) if shape else ()
+
+        ins = [sn.Port(blob, name, one(name, None), "int32" if dtype.startswith("int")
+                       else "float32", i)
+               for i, (blob, name, dtype) in enumerate(artifact.meta["inputs"])]
+        outs = [sn.Port(blob, name, one(name, shape), "float32", i)
+                for i, (blob, name, shape) in enumerate(artifact.meta["outputs"])]
+        param, binf = artifact.primary.name, artifact.primary.with_suffix(".bin").name
+        exact = artifact.meta.get("mode", "exact") == "exact"
+        return {"cpp": sn.cpp_ncnn(param, binf, ins, outs, exact),
+                "python": sn.python_ncnn(param, binf, ins, outs, exact)}
 
 
 def trace(source: PreparedSource, shapes: dict[str, list[int]], path: Path) -> Path:

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
-                                     TargetOptions, TensorSpec, expect_files, python_cmd, run_tool)
+                                     TargetOptions, TensorSpec)
+from mtconvert.backends.process import expect_files, python_cmd, run_tool
 from mtconvert.backends.onnx_tools import run_onnx_tool
 
 if TYPE_CHECKING:
@@ -95,6 +96,15 @@ class OnnxMobileBackend(Backend):
 
     def open(self, artifact: Artifact, threads: int) -> Session:
         return OrtSession(artifact.primary, threads)
+
+    def snippets(self, artifact: Artifact, inputs: list[TensorSpec],
+                 outputs: list[TensorSpec]) -> dict[str, str]:
+        """ONNX Runtime takes the source's names and dtypes as they are."""
+        from mtconvert.backends import snippets as sn
+
+        name, ins, outs = artifact.primary.name, sn.ports(inputs), sn.ports(outputs)
+        return {"kotlin": sn.kotlin_onnxruntime(name, ins, outs),
+                "python": sn.python_onnxruntime(name, ins, outs)}
 
 
 def ep_partitioning(onnx_path: Path) -> list[Finding]:

@@ -1,17 +1,16 @@
-"""ONNX graph tools (simplify also describes the source: ops, quantized ops, opsets) run in a child process: ``python -m mtconvert.backends.onnx_tools CMD IN OUT``.
+"""ONNX graph tools (simplify also describes the source: ops, quantized ops, opsets) run in a
+child process through the one job protocol (mtconvert.backends.process.run_job).
 
 onnxsim and onnxruntime.quantization are native code that can crash or hang on hostile graphs;
-the backend runs them here, with a time-out, and reads one JSON line of results from stdout.
+the backend runs them here, with a time-out, and reads the result the child prints.
 """
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from mtconvert.backends.base import python_cmd, run_tool, tool_result
+from mtconvert.backends.process import child_main, run_job
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
                  "QLinearMatMul", "QLinearConv", "ConvInteger", "DynamicQuantizeMatMul"}
@@ -88,15 +87,13 @@ def _describe(model) -> dict:  # noqa: ANN001 - onnx.ModelProto
 
 
 def run_onnx_tool(cmd: str, src: Path, dst: Path, *args: Any, step: str, log: Path,
-         timeout: float | None, target: str) -> dict[str, Any]:
-    """Run one onnx_tools command in a child and return its JSON result (with its seconds)."""
+                  timeout: float | None, target: str) -> dict[str, Any]:
+    """Run one onnx_tools command in a child and return its result (with its seconds)."""
     t0 = time.perf_counter()
-    extra = [json.dumps(a) for a in args]
-    out = run_tool(python_cmd("-m", "mtconvert.backends.onnx_tools", cmd, str(src), str(dst),
-                              *extra),
-                   target=target, step=step, log_path=log, timeout_s=timeout)
-    return tool_result(out, target=target, step=step, log_path=log) | {
-        "seconds": time.perf_counter() - t0}
+    job = {"command": cmd, "src": str(src), "dst": str(dst), "args": list(args)}
+    result = run_job(__name__, job, Path(dst).with_suffix(f".{cmd}.job.json"), target=target,
+                     step=step, log_path=log, timeout_s=timeout)
+    return result | {"seconds": time.perf_counter() - t0}
 
 
 def ncnn_prepare(src: str, dst: str, shapes: dict[str, list[int]]) -> dict:
@@ -108,7 +105,11 @@ def ncnn_prepare(src: str, dst: str, shapes: dict[str, list[int]]) -> dict:
 COMMANDS = {"simplify": simplify, "quantize-dynamic": quantize_dynamic, "fix-shapes": fix_shapes,
             "ncnn-prepare": ncnn_prepare}
 
+
+
+def _handle(job: dict[str, Any]) -> dict[str, Any]:
+    return COMMANDS[job["command"]](job["src"], job["dst"], *job["args"])
+
+
 if __name__ == "__main__":
-    cmd, src, dst, *extra = sys.argv[1:]
-    args = [json.loads(e) for e in extra]
-    print("MTCONVERT-RESULT " + json.dumps(COMMANDS[cmd](src, dst, *args)))
+    child_main(_handle)

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
-                                     TargetOptions, TensorSpec, expect_files, format_shapes,
-                                     run_job)
+                                     TargetOptions, TensorSpec, format_shapes)
+from mtconvert.backends.options import Option
+from mtconvert.backends.process import expect_files, run_job
 from mtconvert.backends.onnx_tools import run_onnx_tool
+from mtconvert.backends.tflite_routes import DEFAULT_ROUTE, LAYOUT_ROUTE, ambiguous_layout
 from mtconvert.errors import ConversionError, RuntimeFailure, RuntimeUnavailable
 
 if TYPE_CHECKING:
@@ -39,6 +41,12 @@ class TfliteBackend(Backend):
     run_requires = {"ai_edge_litert": "ai-edge-litert"}
     artifact_suffixes = (".tflite",)
     addressable_intermediates = True
+    options = (
+        Option("allow_flex", "bool", False, "tflite: accept Select-TF (Flex) ops instead of "
+               "failing the target.", modes=("convert", "validate")),
+        Option("int8_scheme", "choice", None, "tflite int8: dynamic-range (default) or "
+               "full-integer (calibrated).", choices=("dynamic", "full")),
+    )
 
     def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
         """A .tflite built elsewhere: its I/O map and fixed input shapes from the flatbuffer."""
@@ -52,8 +60,8 @@ class TfliteBackend(Backend):
         return Artifact(target=self.name, primary=path, files=(path,), precision=opts.precision,
                         steps=("validated as built elsewhere", *steps),
                         tool_versions=deps.versions(["ai-edge-litert"]),
-                        meta=io_map | {"input_shapes": fixed,
-                                       "allow_flex": bool(opts.extra.get("allow_flex"))})
+                        meta=io_map | {"allow_flex": bool(opts.extra.get("allow_flex"))},
+                        input_shapes={k: tuple(v) for k, v in fixed.items()})
 
     def convert(self, source: PreparedSource, out_dir: Path, opts: TargetOptions) -> Artifact:
         log = out_dir / f"{source.name}.{self.name}.log"
@@ -70,14 +78,15 @@ class TfliteBackend(Backend):
         steps = [f"fix shapes: {format_shapes(shapes)}; onnxsim {info['nodes_before']} -> "
                  f"{info['nodes_after']} nodes; Constant nodes -> initializers "
                  f"[{info['seconds']:.1f} s]"]
-        pseudo = {PSEUDO_OPS[op]: n for op, n in info["op_counts"].items() if op in PSEUDO_OPS}
-        steps += [f"onnx2tf pseudo-operator: {op} -> builtin ops ({n} nodes), instead of Flex"
-                  for op, n in pseudo.items()]
         suffix = "" if opts.precision == "fp32" else f".{opts.precision}"
         out = out_dir / f"{source.name}{suffix}.tflite"
-        job = self._job(source, fixed, out, opts, list(pseudo))
+        job = self._job(source, fixed, out, opts)
         result = self._run_child(job, work, log, opts.timeout_s)
         expect_files([out], target=self.name, step="onnx2tf", log_path=log)
+        steps += [f"route {job['route']}: {s} [{result['prepare_s']:.1f} s]"
+                  for s in result["prepare_steps"]]
+        steps += [f"onnx2tf pseudo-operator: {op} -> builtin ops ({n} nodes), instead of Flex"
+                  for op, n in result["pseudo_ops"].items()]
         steps += [f"onnx2tf Keras model (SavedModel writing skipped) [{result['onnx2tf_s']:.1f} s]",
                   f"TFLiteConverter: {_precision_step(opts, job)} "
                   f"[{result['tflite_converter_s']:.1f} s]"]
@@ -87,19 +96,28 @@ class TfliteBackend(Backend):
                                   [s.name for s in source.outputs], info["output_shapes"])
         meta = io_map | {"allow_flex": bool(opts.extra.get("allow_flex")),
                          "shape_collisions": shape_collisions(shapes, info["weight_dims"])}
+        twin = None
         if job["fp32_twin"]:
             twin_path = Path(job["fp32_twin"])
             twin_map, _ = map_io(twin_path, [s.name for s in source.inputs],
                                  [s.name for s in source.outputs], info["output_shapes"])
             twin = Artifact(target=self.name, primary=twin_path, files=(twin_path,),
                             meta=meta | twin_map)
-            meta = meta | {"fp32_variant": twin.to_dict()}
         return Artifact(target=self.name, primary=out, files=(out,), precision=opts.precision,
                         steps=tuple(steps + io_steps), tool_versions=deps.versions(TOOLS),
-                        log_path=log, meta=meta)
+                        log_path=log, meta=meta, fp32_twin=twin)
 
-    def _job(self, source: PreparedSource, fixed: Path, out: Path, opts: TargetOptions,
-             pseudo: list[str]) -> dict[str, Any]:
+    def routes(self, source: PreparedSource) -> list[str]:
+        """onnx2tf as it is; then, when axis sizes could mislead onnx2tf's layout guessing (an
+        input axis equal to a weight dimension, or a constant with two equal axes), onnx2tf with
+        its layout judgement pinned to differing shapes (tflite_routes). The pipeline converts
+        the second only when the first one's artifact fails."""
+        if ambiguous_layout(source):
+            return [DEFAULT_ROUTE, LAYOUT_ROUTE]
+        return [DEFAULT_ROUTE]
+
+    def _job(self, source: PreparedSource, fixed: Path, out: Path,
+             opts: TargetOptions) -> dict[str, Any]:
         keep_layout = [s.name for s in source.inputs
                        if 3 <= len(source.input_shapes.get(s.name, ())) <= 5]
         scheme = opts.extra.get("int8_scheme", "dynamic")
@@ -113,7 +131,8 @@ class TfliteBackend(Backend):
         twin = source.work_dir / self.name / f"{out.stem}.fp32-twin.tflite"
         return {"onnx": str(fixed), "out": str(out), "precision": opts.precision,
                 "fp32_twin": str(twin) if opts.precision != "fp32" else None,
-                "int8_scheme": scheme, "pseudo_ops": pseudo, "keep_layout_inputs": keep_layout,
+                "int8_scheme": scheme, "keep_layout_inputs": keep_layout,
+                "route": opts.route or DEFAULT_ROUTE, "pseudo_map": PSEUDO_OPS,
                 "calibration": str(opts.calibration) if opts.calibration else None,
                 "input_order": [s.name for s in source.inputs]}
 
@@ -146,6 +165,31 @@ class TfliteBackend(Backend):
 
     def open(self, artifact: Artifact, threads: int) -> Session:
         return TfliteSession(artifact, threads)
+
+    def snippets(self, artifact: Artifact, inputs: list[TensorSpec],
+                 outputs: list[TensorSpec]) -> dict[str, str]:
+        """Names, dtypes, shapes and input/output positions from the flatbuffer itself."""
+        from mtconvert.backends import snippets as sn
+
+        sch = _schema()
+        graph = sch.Model.GetRootAsModel(artifact.primary.read_bytes(), 0).Subgraphs(0)
+        types = {v: k.lower() for k, v in vars(sch.TensorType).items() if not k.startswith("_")}
+
+        def port(position: int, index: int, source: str, perm: Any = None) -> Any:
+            t = graph.Tensors(index)
+            shape = tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else ()
+            note = f"channels-last: transpose by {list(perm)} to the source's layout" if perm else ""
+            return sn.Port(_clean(t.Name().decode()), source, shape,
+                           types.get(t.Type(), "float32"), position, note)
+
+        at_in = {int(i): n for n, i in enumerate(graph.InputsAsNumpy())}
+        at_out = {int(i): n for n, i in enumerate(graph.OutputsAsNumpy())}
+        ins = [port(at_in[int(i)], int(i), name) for i, name in artifact.meta["inputs"]]
+        outs = [port(at_out[int(i)], int(i), name, perm)
+                for i, name, perm in artifact.meta["outputs"]]
+        name = artifact.primary.name
+        return {"kotlin": sn.kotlin_tflite(name, ins, outs),
+                "python": sn.python_tflite(name, ins, outs)}
 
 
 def shape_collisions(shapes: dict[str, list[int]], weight_dims: list[int]) -> list[int]:

@@ -4,13 +4,14 @@ onnx2tf calls sys.exit, prints a great deal and sets process-wide environment va
 never runs inside mtconvert. It builds the Keras model only (``disable_model_save``: writing
 the SavedModel was 60-75% of onnx2tf's time), and TFLiteConverter writes the one .tflite we
 need. Prints one ``MTCONVERT-RESULT {json}`` line: input/output tensor map and timings.
+
+Before onnx2tf, ``tflite_routes.prepare`` takes the graph to opset 17 (checked with ONNX
+Runtime), and on the ``onnx2tf-pinned-layout`` route ``pin_layout_judgement`` stops onnx2tf
+from taking tensors whose axes have equal sizes for channels-last ones.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +23,24 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     import onnx2tf
     import tensorflow as tf
 
+    from mtconvert.backends.tflite_routes import LAYOUT_ROUTE, pin_layout_judgement, prepare
+
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mtconvert-onnx2tf-") as tmp:
         work = Path(tmp) / "model.onnx"  # onnx2tf rewrites its input file in place
-        shutil.copyfile(job["onnx"], work)
+        prepared = prepare(job["onnx"], str(work))  # opset 17, checked with ONNX Runtime
+        pseudo = {job["pseudo_map"][op]: n for op, n in prepared["op_counts"].items()
+                  if op in job["pseudo_map"]}
+        if job.get("route") == LAYOUT_ROUTE:
+            pin_layout_judgement()
+            prepared["steps"].append(
+                "onnx2tf layout judgement pinned: an op output counts as channels-last only "
+                "when its shape differs from the ONNX shape, never because its axes have equal "
+                "sizes")
+        t_pre = time.perf_counter()
         model = onnx2tf.convert(
             input_onnx_file_path=str(work), output_folder_path=tmp,
-            replace_to_pseudo_operators=job["pseudo_ops"], not_use_onnxsim=True,
+            replace_to_pseudo_operators=list(pseudo), not_use_onnxsim=True,
             disable_model_save=True, non_verbose=True,
             keep_ncw_or_nchw_or_ncdhw_input_names=job["keep_layout_inputs"] or None)
     t1 = time.perf_counter()
@@ -51,7 +63,9 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     else:
         blob, float_ops = make_converter().convert(), []
     Path(job["out"]).write_bytes(blob)
-    return {"keras_inputs": [s.name for s in specs], "onnx2tf_s": round(t1 - t0, 2),
+    return {"keras_inputs": [s.name for s in specs], "onnx2tf_s": round(t1 - t_pre, 2),
+            "prepare_s": round(t_pre - t0, 2), "prepare_steps": prepared["steps"],
+            "pseudo_ops": pseudo,
             "tflite_converter_s": round(time.perf_counter() - t1, 2), "bytes": len(blob),
             "float_ops": float_ops}
 
@@ -129,5 +143,6 @@ def _representative(npz: str, names: list[str], dtypes: list[Any]) -> Any:
 
 
 if __name__ == "__main__":
-    result = convert(json.loads(Path(sys.argv[1]).read_text()))
-    print("MTCONVERT-RESULT " + json.dumps(result))
+    from mtconvert.backends.process import child_main
+
+    child_main(convert)

@@ -28,12 +28,14 @@ def wall(cmd: list[str], runs: int) -> tuple[float, float]:
 
 
 def startup(runs: int) -> None:
-    print(f"CLI start-up ({runs} runs each)           median s   min s")
+    print(f"CLI start-up ({runs} runs each)                   median s   min s")
     for label, cmd in [("python -c pass (interpreter alone)", [sys.executable, "-c", "pass"]),
                        ("mtconvert --help", [MTCONVERT, "--help"]),
+                       ("mtconvert convert --help (+ backend options)",
+                        [MTCONVERT, "convert", "--help"]),
                        ("mtconvert backends", [MTCONVERT, "backends"])]:
         med, low = wall(cmd, runs)
-        print(f"  {label:<38} {med:8.3f} {low:7.3f}")
+        print(f"  {label:<46} {med:8.3f} {low:7.3f}")
 
 
 def full_run(model: Path) -> None:

@@ -1,7 +1,7 @@
 """Golden bundles: ``--bundle DIR`` writes, per target, the artifact with the inputs, reference
 outputs, tolerances and tool versions it was validated with; ``mtconvert verify DIR`` re-checks
 the artifact against them on another machine (a macOS CI worker, a device lab) without the
-source model or its toolchain. Same report and exit codes as a conversion.
+source model or its toolchain (the verify mode is mtconvert.run.verify).
 
 Layout: ``DIR/<target>/bundle.json``, ``inputs.npz``, ``reference.npz`` and the artifact files.
 """
@@ -13,23 +13,26 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mtconvert import __version__
+from mtconvert.version import __version__
 from mtconvert.backends.base import Artifact, PreparedSource, TensorSpec
-from mtconvert.errors import ModelLoadError, UsageError
-from mtconvert.report import ReferenceInfo, Report, SourceInfo, TargetMap, TargetReport
+from mtconvert.errors import ModelLoadError
+from mtconvert.report import TargetReport
+
+if TYPE_CHECKING:
+    from mtconvert.run.context import RunContext
 
 BUNDLE_FORMAT = 1
 MANIFEST = "bundle.json"
 
 
-def write(ctx: Any, artifact: Artifact, report: TargetReport,
+def write(root: Path, ctx: RunContext, artifact: Artifact, report: TargetReport,
           out_dir: Path) -> Path:
-    """Write one target's bundle into ``ctx.opts.extra['bundle']`` (replacing an older one)."""
-    root = Path(ctx.opts.extra["bundle"]).resolve()
+    """Write one target's bundle into ``root``/<target> (replacing an older one)."""
+    root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     final = root / report.name
     with tempfile.TemporaryDirectory(prefix=".mtconvert-bundle-", dir=root) as tmp:
@@ -47,18 +50,17 @@ def write(ctx: Any, artifact: Artifact, report: TargetReport,
     return final
 
 
-def _manifest(ctx: Any, artifact: Artifact, report: TargetReport, out_dir: Path) -> dict:
-    meta = {k: v for k, v in artifact.meta.items() if k != "fp32_variant"}
-    from mtconvert.target import profile_of
-
-    tolerances = {name: ctx.opts.tolerances.resolve(profile_of(artifact), name).to_dict()
+def _manifest(ctx: RunContext, artifact: Artifact, report: TargetReport,
+              out_dir: Path) -> dict:
+    tolerances = {name: ctx.opts.tolerances.resolve(artifact.profile, name).to_dict()
                   for name in ctx.ref_out}
     return {
         "bundle_format": BUNDLE_FORMAT, "target": report.name, "backend": artifact.target,
         "precision": artifact.precision,
         "artifact": {"primary": str(artifact.primary.relative_to(out_dir)),
                      "files": [str(p.relative_to(out_dir)) for p in artifact.files],
-                     "meta": meta},
+                     "meta": artifact.meta, "tolerance_profile": artifact.tolerance_profile,
+                     "input_shapes": {k: list(v) for k, v in artifact.input_shapes.items()}},
         "source": {"name": ctx.src.name, "format": ctx.src.format,
                    "inputs": [s.to_dict() for s in ctx.src.inputs],
                    "outputs": [s.to_dict() for s in ctx.src.outputs]},
@@ -78,7 +80,7 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-# --- verify -----------------------------------------------------------------------------------
+# --- reading ------------------------------------------------------------------------------------
 
 def find(folder: Path) -> list[Path]:
     """The bundles in ``folder``: the folder itself, or its sub-folders holding bundle.json."""
@@ -107,49 +109,9 @@ def read(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def run_verify(folder: Path, opts: Any, *, registry: Any = None,
-               progress: Any = None) -> Report:
-    from mtconvert.cache import ConversionCache
-    from mtconvert.registry import default_registry
-    from mtconvert.target import RunContext, check_artifact
-    from mtconvert.timing import Clock
-    from mtconvert.validators.compare import ToleranceOverrides
-
-    registry = registry or default_registry()
-    say = progress or (lambda _msg: None)
-    clock = Clock()
-    reports, first = [], None
-    for bundle in find(folder):
-        manifest = read(bundle)
-        src, feeds, ref_out = _loaded(bundle, manifest)
-        try:
-            backend = registry.get(manifest["backend"])()
-        except Exception as exc:
-            raise UsageError(f"bundle {bundle.name}: target {manifest['backend']!r} is not "
-                             f"available here ({exc})") from None
-        tol = ToleranceOverrides(per_output=manifest["tolerances"])
-        run_opts = replace(opts, tolerances=tol, precision=manifest["precision"])
-        ctx = RunContext(registry, src, feeds, ref_out, run_opts, say, ConversionCache(None),
-                         report_name=manifest["target"])
-        say(f"{manifest['target']}: verifying {bundle}")
-        reports.append(check_artifact(ctx, backend, _artifact(bundle, manifest), None))
-        first = first or (manifest, src, feeds)
-    clock.lap("verify_s")
-    manifest, src, feeds = first
-    ref = manifest.get("reference") or {}
-    kind = f"bundle ({manifest['source']['format']} source)"
-    return Report(source=SourceInfo(str(folder), kind, None, tuple(s.to_dict() for s in src.inputs),
-                                    tuple(s.to_dict() for s in src.outputs),
-                                    {k: list(v.shape) for k, v in feeds.items()},
-                                    {k: "from the bundle" for k in feeds}),
-                  reference=ReferenceInfo(ref.get("runtime", "bundle"), ref.get("version"), None),
-                  targets=TargetMap(reports),
-                  settings=opts.settings() | {"mode": "verify", "bundle": str(folder)},
-                  timings=clock.laps, mtconvert_version=__version__,
-                  created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-
-
-def _loaded(bundle: Path, manifest: dict[str, Any]) -> tuple:
+def load(bundle: Path, manifest: dict[str, Any]) -> tuple[PreparedSource, dict[str, np.ndarray],
+                                                       dict[str, np.ndarray]]:
+    """The bundle's source description, inputs and reference outputs."""
     with np.load(bundle / "inputs.npz") as data:
         feeds = {k: data[k] for k in data.files}
     with np.load(bundle / "reference.npz") as data:
@@ -163,9 +125,16 @@ def _loaded(bundle: Path, manifest: dict[str, Any]) -> tuple:
     return src, feeds, ref_out
 
 
-def _artifact(bundle: Path, manifest: dict[str, Any]) -> Artifact:
+def artifact(bundle: Path, manifest: dict[str, Any]) -> Artifact:
+    """The bundled artifact, as its backend described it (bundles written before the typed
+    fields kept the profile and shapes in ``meta``)."""
     art = manifest["artifact"]
+    meta = dict(art["meta"])
+    profile = art.get("tolerance_profile") or meta.pop("tolerance_profile", None)
+    shapes = art.get("input_shapes") or meta.pop("input_shapes", None) or {}
     return Artifact(target=manifest["backend"], primary=bundle / art["primary"],
                     files=tuple(bundle / f for f in art["files"]),
                     precision=manifest["precision"], steps=("verified from a bundle",),
-                    tool_versions=manifest.get("tool_versions", {}), meta=art["meta"])
+                    tool_versions=manifest.get("tool_versions", {}), meta=meta,
+                    tolerance_profile=profile,
+                    input_shapes={k: tuple(v) for k, v in shapes.items()})

@@ -10,20 +10,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mtconvert import __version__
+from mtconvert.version import __version__
 from mtconvert.backends.base import (Artifact, Backend, PreparedSource, TargetOptions,
                                      import_path)
 from mtconvert.source import sha256_of
 
-VARIANTS = ("fp32_variant",)  # artifact.meta entries naming files outside the shipped set
 
 
 def default_root() -> Path:
@@ -45,15 +46,64 @@ def _sha_arrays(path: Path | None) -> str | None:
     return h.hexdigest()
 
 
+@cache
 def _code_hash(backend: type[Backend]) -> str:
-    """mtconvert's backend code: a changed converter must not reuse old artifacts."""
-    import inspect
-
-    folder = Path(inspect.getfile(backend)).parent
+    """A changed converter never reuses old artifacts: the hash of ``code_modules``."""
+    texts = code_modules(backend)
     h = hashlib.sha256()
-    for f in sorted(folder.glob("*.py")):
-        h.update(f.read_bytes())
+    for name in sorted(texts):
+        h.update(name.encode() + b"\0" + texts[name])
     return h.hexdigest()
+
+
+def code_modules(backend: type[Backend]) -> dict[str, bytes]:
+    """mtconvert's code that the backend runs: its module and every mtconvert module it imports,
+    at any depth, function-level imports included (shared helpers such as the process runner
+    or ONNX rewrites change artifacts too), by module name."""
+    texts: dict[str, bytes] = {}
+    todo = [backend.__module__]
+    while todo:
+        name = todo.pop()
+        if name in texts:
+            continue
+        origin = _origin(name)
+        if origin is None:
+            continue
+        texts[name] = origin.read_bytes()
+        todo += [m for m in _imports(texts[name]) if m.startswith("mtconvert.")]
+    return texts
+
+
+_MODULE_NAME = re.compile(r"^mtconvert(\.\w+)+$")
+
+
+def _origin(module: str) -> Path | None:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # "pkg.mod.Class": not a module
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin)
+
+
+def _imports(source: bytes) -> list[str]:
+    """Absolute module names a module's source names: imports (``from a import b``: a, a.b) and
+    strings that name a module (a child process run as ``python -m mtconvert.backends.x``)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and _MODULE_NAME.match(node.value):
+            found.append(node.value)
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    return found
 
 
 class ConversionCache:
@@ -78,11 +128,11 @@ class ConversionCache:
         entry = json.loads((entry_dir / "entry.json").read_text())
         for rel in entry["files"]:
             _copy(entry_dir / "files" / rel, staging / rel)
-        meta = dict(entry["artifact"]["meta"])
-        for name in VARIANTS:
-            if name in meta:
-                meta[name] = _restore_variant(meta[name], entry_dir / "variants" / name, work)
-        art = Artifact.from_dict(entry["artifact"] | {"meta": meta})
+        stored = dict(entry["artifact"])
+        twin = stored.pop("fp32_twin", None)
+        art = Artifact.from_dict(stored)
+        if twin:
+            art = replace(art, fp32_twin=_restore_twin(twin, entry_dir / "twin", work))
         return _rebase(art, staging), entry["seconds"]
 
     def store(self, key: str | None, artifact: Artifact, staging: Path, seconds: float) -> None:
@@ -94,13 +144,12 @@ class ConversionCache:
             rels = [str(p.relative_to(staging)) for p in _all_files(artifact)]
             for rel in rels:
                 _copy(staging / rel, tmp / "files" / rel)
-            meta = dict(artifact.meta)
-            for name in VARIANTS:
-                if name in meta:
-                    meta[name] = _save_variant(meta[name], tmp / "variants" / name)
-            relative = _rebase(replace(artifact, meta=meta), staging, to_relative=True)
+            relative = _rebase(replace(artifact, fp32_twin=None), staging, to_relative=True)
+            stored = relative.to_dict()
+            if artifact.fp32_twin is not None:
+                stored["fp32_twin"] = _save_twin(artifact.fp32_twin, tmp / "twin")
             (tmp / "entry.json").write_text(json.dumps(
-                {"artifact": relative.to_dict(), "files": rels, "seconds": seconds}))
+                {"artifact": stored, "files": rels, "seconds": seconds}))
             dest = self.root / key
             if not dest.exists():
                 try:
@@ -133,14 +182,20 @@ def _rebase(art: Artifact, staging: Path, to_relative: bool = False) -> Artifact
                    log_path=move(art.log_path))
 
 
-def _save_variant(variant: dict[str, Any], folder: Path) -> dict[str, Any]:
-    primary = Path(variant["primary"])
-    _copy(primary, folder / primary.name)
-    return variant | {"primary": primary.name, "files": [primary.name], "log_path": None}
+def _save_twin(twin: Artifact, folder: Path) -> dict[str, Any]:
+    """Copy every file of the fp32 twin (an ncnn .param has its .bin) into ``folder``, named
+    relative to the twin's primary file's folder."""
+    base = twin.primary.parent
+    rels = [p.relative_to(base) if p.is_relative_to(base) else Path(p.name) for p in twin.files]
+    for path, rel in zip(twin.files, rels, strict=True):
+        _copy(path, folder / rel)
+    return twin.to_dict() | {"primary": str(twin.primary.relative_to(base)),
+                             "files": [str(r) for r in rels], "log_path": None}
 
 
-def _restore_variant(variant: dict[str, Any], folder: Path, work: Path) -> dict[str, Any]:
+def _restore_twin(stored: dict[str, Any], folder: Path, work: Path) -> Artifact:
     work.mkdir(parents=True, exist_ok=True)
-    _copy(folder / variant["primary"], work / variant["primary"])
-    path = str(work / variant["primary"])
-    return variant | {"primary": path, "files": [path]}
+    for rel in stored["files"]:
+        _copy(folder / rel, work / rel)
+    return Artifact.from_dict(stored | {"primary": str(work / stored["primary"]),
+                                        "files": [str(work / f) for f in stored["files"]]})

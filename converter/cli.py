@@ -6,19 +6,23 @@ when a command needs them (a test proves it).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 
-from mtconvert import __version__
-from mtconvert.errors import EXIT_INTERNAL, EXIT_USAGE, MtConvertError, UsageError
+from mtconvert.version import __version__
+from mtconvert.backends.options import Option
+from mtconvert.errors import EXIT_INTERNAL, EXIT_USAGE, MtConvertError
 
-PRECISION_CHOICES = ("fp32", "fp16", "int8")
-# mtconvert.backends.coreml.backend.DEPLOYMENT_TARGETS (not imported: start-up stays light)
-COREML_TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18", "macOS12", "macOS13", "macOS14", "macOS15")
+# --json: scripts read stdout; the console table goes to stderr (nowhere with -q)
+JSON_STDOUT = Option("json", "bool", False, "Print the JSON report on stdout and nothing else "
+                     "there; the console table goes to stderr (with -q, nowhere).",
+                     modes=("convert", "validate", "verify"))
 
 
 class DefaultGroup(click.Group):
@@ -28,6 +32,67 @@ class DefaultGroup(click.Group):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["convert", *args]
         return super().parse_args(ctx, args)
+
+
+class SpecCommand(click.Command):
+    """A command whose options come from the option spec: the run's own (given at definition)
+    and, added the first time they are needed (help or parsing, never at start-up), those the
+    registered backends declare for ``mode``."""
+
+    def __init__(self, *args: Any, mode: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.mode, self._backends_added = mode, False
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._backends_added:
+            self._backends_added = True
+            from mtconvert.optspec import backend_options
+            from mtconvert.registry import default_registry
+
+            self.params.extend(click_option(o)
+                               for o in backend_options(default_registry(), self.mode))
+        return super().get_params(ctx)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        if not ctx.params.get(JSON_STDOUT.name):
+            return super().invoke(ctx)
+        with _stdout_to_stderr() as stdout:  # --json: whatever else prints goes to stderr
+            ctx.meta["mtconvert.stdout"] = stdout
+            return super().invoke(ctx)
+
+
+def click_option(opt: Option) -> click.Option:
+    """The click option of an Option. Values reach the API as given (strings, tuples): the
+    spec parses them, so CLI, API and config file check values the same way."""
+    decls = [opt.cli_flag, *([opt.short] if opt.short else []), opt.name]
+    kw: dict[str, Any] = dict(help=opt.help, show_default=opt.show_default,
+                              metavar=opt.metavar or ("PATH" if opt.kind in ("path", "data")
+                                                      else None))
+    if opt.kind == "bool":
+        kw |= dict(is_flag=True, default=opt.default, flag_value=not opt.default,
+                   show_default=False)
+    elif opt.repeatable:
+        kw |= dict(multiple=True)
+    elif opt.kind == "choice":
+        kw |= dict(type=click.Choice([str(c) for c in opt.choices]), default=opt.default)
+    else:
+        kw |= dict(type={"int": int, "float": float}.get(opt.kind), default=opt.default)
+    return click.Option(decls, **kw)
+
+
+def spec_command(group: click.Group, name: str, mode: str, arguments: list[click.Argument],
+                 doc: str) -> Any:
+    """Register ``name`` on ``group`` with the spec's options for ``mode``."""
+    from mtconvert import optspec, render
+
+    params = [*arguments, *map(click_option, [*optspec.core(mode), *render.options(mode),
+                                              *optspec.PRESENTATION, JSON_STDOUT])]
+
+    def decorate(f: Any) -> Any:
+        cmd = SpecCommand(name, callback=f, params=params, help=doc, mode=mode)
+        group.add_command(cmd)
+        return f
+    return decorate
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,170 +111,61 @@ def cli() -> None:
     """
 
 
-def _split_targets(_ctx: Any, _param: Any, value: tuple[str, ...]) -> tuple[str, ...] | None:
-    tokens = [t.strip() for v in value for t in v.split(",") if t.strip()]
-    if value and not tokens:
-        raise click.BadParameter("give at least one target name")
-    return tuple(tokens) or None
+_PATH = click.Path(path_type=Path)
 
 
-_SHARED = [
-    click.option("--report-json", type=click.Path(path_type=Path),
-                 help="Write the JSON report here."),
-    click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="fp32",
-                 show_default=True, help="Artifact precision; picks the tolerance profile."),
-    click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x128",
-                 help="Fix an input's shape (repeatable). Named dynamic axes follow to other "
-                      "inputs."),
-    click.option("--inputs", type=click.Path(path_type=Path),
-                 help="Validation inputs (.npz by name)."),
-    click.option("--threads", type=int, default=None,
-                 help="Threads for reference and targets."),
-    click.option("--warmup", type=int, default=3, show_default=True),
-    click.option("--iterations", type=int, default=20, show_default=True, help="Timed runs."),
-    click.option("--seed", type=int, default=0, show_default=True,
-                 help="Seed of generated inputs."),
-    click.option("--atol", multiple=True, metavar="[OUTPUT:]VALUE", help="Absolute tolerance."),
-    click.option("--rtol", multiple=True, metavar="[OUTPUT:]VALUE", help="Relative tolerance."),
-    click.option("--min-cosine", multiple=True, metavar="[OUTPUT:]VALUE",
-                 help="Minimum cosine similarity."),
-    click.option("--min-snr-db", multiple=True, metavar="[OUTPUT:]VALUE",
-                 help="Minimum signal-to-noise ratio in dB (fp32 default 100: relative L2 "
-                      "error 1e-5)."),
-    click.option("--timeout", type=float, default=900.0, show_default=True,
-                 help="Seconds allowed per conversion step and per validation run."),
-    click.option("--allow-flex", is_flag=True,
-                 help="tflite: accept Select-TF (Flex) ops instead of failing the target."),
-    click.option("--trust-pickle", is_flag=True,
-                 help="Load pickle-based models (.pt/.pth TorchScript or torch.save, pickled "
-                      ".pt2 payloads); loading a pickle can run arbitrary code."),
-    click.option("--max-model-bytes", type=int, default=None, help="Refuse larger model files."),
-    click.option("--quiet", "-q", is_flag=True, help="No progress lines, only the report."),
-    click.option("--verbose", "-v", is_flag=True,
-                 help="Progress lines on stderr even when it is not a terminal."),
-    click.option("--debug", is_flag=True, help="Show tracebacks."),
-]
-
-
-def shared_options(f: Any) -> Any:
-    for option in reversed(_SHARED):
-        f = option(f)
-    return f
-
-
-@cli.command("convert")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--to", "targets", multiple=True, callback=_split_targets,
-              help="Targets, comma separated (default: every available target).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("build"),
-              show_default=True, help="Folder for the artifacts.")
-@click.option("--calibration", type=click.Path(path_type=Path),
-              help="int8 calibration inputs (.npz by name; samples stacked on a first axis).")
-@click.option("--int8-scheme", type=click.Choice(("dynamic", "full")), default=None,
-              help="tflite int8: dynamic-range (default) or full-integer (calibrated).")
-@click.option("--jobs", "-j", type=int, default=None,
-              help="Targets converting at once (default: number of cores).")
-@click.option("--no-cache", is_flag=True, help="Convert again even when a cached conversion fits.")
-@click.option("--seq-lens", default=None, metavar="8,64,128",
-              help="Also validate at these sequence lengths (dynamic axis 1).")
-@click.option("--batch-sizes", default=None, metavar="1,4",
-              help="Also validate at these batch sizes (dynamic axis 0).")
-@click.option("--localize", is_flag=True,
-              help="Name the first diverging operator even when numerics pass (bisection).")
-@click.option("--keep-intermediate", is_flag=True,
-              help="ncnn: also keep pnnx's intermediate files (in <model>.ncnn-intermediate/).")
-@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
-              help="Write a golden bundle per target here (artifact, inputs, reference outputs, "
-                   "tolerances, tool versions) for `mtconvert verify`.")
-@click.option("--coreml-target", type=click.Choice(COREML_TARGETS), default=None,
-              help="coreml: minimum deployment target (default iOS16).")
-@click.option("--palettize", type=click.Choice(("1", "2", "3", "4", "6", "8")), default=None,
-              metavar="BITS", help="coreml: palettize the weights to 2^BITS k-means clusters.")
-@shared_options
-def convert_cmd(model: Path, targets: tuple[str, ...] | None, out_dir: Path,
-                calibration: Path | None, int8_scheme: str | None, jobs: int | None,
-                no_cache: bool, seq_lens: str | None, batch_sizes: str | None,
-                localize: bool, keep_intermediate: bool, bundle_dir: Path | None,
-                coreml_target: str | None, palettize: str | None, **shared: Any) -> int:
-    """Convert MODEL (.onnx or .pt2) to each target and validate every artifact."""
+@spec_command(cli, "convert", "convert", [click.Argument(["model"], type=_PATH)],
+              "Convert MODEL (.onnx or .pt2) to each target and validate every artifact.")
+def convert_cmd(model: Path, **values: Any) -> int:
     from mtconvert import api
 
-    options = _options(shared) | dict(calibration=calibration, jobs=jobs, cache=not no_cache,
-                                      seq_lens=_ints("--seq-lens", seq_lens),
-                                      batch_sizes=_ints("--batch-sizes", batch_sizes),
-                                      localize=localize)
-    if int8_scheme:
-        options["extra"]["int8_scheme"] = int8_scheme
-    if keep_intermediate:
-        options["extra"]["keep_intermediate"] = True
-    if bundle_dir:
-        options["extra"]["bundle"] = str(bundle_dir)
-    if coreml_target:
-        options["extra"]["coreml_target"] = coreml_target
-    if palettize:
-        options["extra"]["palettize"] = int(palettize)
-    report = api.convert(model, targets, out_dir, None, progress=_progress(shared), **options)
-    return _finish(report, shared["report_json"])
+    show, files, options = _split(values)
+    report = api.convert(model, options.pop("targets", None), options.pop("out_dir"), None,
+                         progress=_progress(show), **options)
+    return _finish(report, files)
 
 
-@cli.command("validate")
-@click.argument("source", type=click.Path(path_type=Path))
-@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
-@shared_options
-def validate_cmd(source: Path, artifacts: tuple[Path, ...], **shared: Any) -> int:
-    """Check ARTIFACTS built elsewhere (.tflite, .ort, .onnx, .mlpackage) against SOURCE,
-    without converting: the release gate. Same checks, report and exit codes as a conversion."""
+@spec_command(cli, "validate", "validate",
+              [click.Argument(["source"], type=_PATH),
+               click.Argument(["artifacts"], nargs=-1, required=True, type=_PATH)],
+              "Check ARTIFACTS built elsewhere (.tflite, .ort, .onnx, .mlpackage, .param) "
+              "against SOURCE, without converting: the release gate. Same checks, report and "
+              "exit codes as a conversion.")
+def validate_cmd(source: Path, artifacts: tuple[Path, ...], **values: Any) -> int:
     from mtconvert import api
 
-    report = api.validate(source, list(artifacts), progress=_progress(shared), **_options(shared))
-    return _finish(report, shared["report_json"])
+    show, files, options = _split(values)
+    report = api.validate(source, list(artifacts), progress=_progress(show), **options)
+    return _finish(report, files)
 
 
-@cli.command("verify")
-@click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--threads", type=int, default=None, help="Threads for the runtime.")
-@click.option("--warmup", type=int, default=3, show_default=True)
-@click.option("--iterations", type=int, default=20, show_default=True, help="Timed runs.")
-@click.option("--timeout", type=float, default=900.0, show_default=True,
-              help="Seconds allowed per validation run.")
-@click.option("--report-json", type=click.Path(path_type=Path),
-              help="Write the JSON report here.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress lines, only the report.")
-@click.option("--verbose", "-v", is_flag=True, help="Progress lines on stderr.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def verify_cmd(bundle_dir: Path, threads: int | None, warmup: int, iterations: int,
-               timeout: float, **shared: Any) -> int:
-    """Re-check the artifacts of golden bundles (written by --bundle) against their stored
-    inputs, reference outputs and tolerances, e.g. on a macOS CI worker. No source needed."""
+@spec_command(cli, "verify", "verify", [click.Argument(["bundle_dir"], type=_PATH)],
+              "Re-check the artifacts of golden bundles (written by --bundle) against their "
+              "stored inputs, reference outputs and tolerances, e.g. on a macOS CI worker. No "
+              "source needed.")
+def verify_cmd(bundle_dir: Path, **values: Any) -> int:
     from mtconvert import api
 
-    report = api.verify(bundle_dir, threads=threads, warmup=warmup, iterations=iterations,
-                        timeout=timeout, progress=_progress(shared))
-    return _finish(report, shared["report_json"])
+    show, files, options = _split(values)
+    report = api.verify(bundle_dir, progress=_progress(show), **options)
+    return _finish(report, files)
 
 
-def _ints(flag: str, text: str | None) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise UsageError(f"{flag} takes comma-separated integers, not {text!r}") from None
+def _split(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(presentation, report files, run options); options not given on the command line (None,
+    or an empty repeatable) are left to the API's defaults."""
+    from mtconvert import optspec, render
 
-
-def _options(shared: dict[str, Any]) -> dict[str, Any]:
-    from mtconvert.shapes import parse_shape_spec
-
-    return dict(
-        precision=shared["precision"],
-        input_shapes=dict(parse_shape_spec(s) for s in shared["input_shapes"]),
-        inputs=shared["inputs"], threads=shared["threads"], warmup=shared["warmup"],
-        iterations=shared["iterations"], seed=shared["seed"],
-        atol=_tolerance("--atol", shared["atol"]), rtol=_tolerance("--rtol", shared["rtol"]),
-        min_cosine=_tolerance("--min-cosine", shared["min_cosine"]),
-        min_snr_db=_tolerance("--min-snr-db", shared["min_snr_db"]), timeout=shared["timeout"],
-        extra={"allow_flex": True} if shared["allow_flex"] else {},
-        trust_pickle=shared["trust_pickle"], max_model_bytes=shared["max_model_bytes"])
+    show_names = {o.name for o in optspec.PRESENTATION} | {JSON_STDOUT.name}
+    file_names = {o.name for o in render.options("convert") + render.options("validate")
+                  + render.options("verify")}
+    show = {k: v for k, v in values.items() if k in show_names}
+    files = {k: v for k, v in values.items() if k in file_names}
+    options = {k: v for k, v in values.items() if k not in show_names | file_names
+               and v is not None and (v != () or k == "targets")}
+    if options.get("targets") == ():
+        del options["targets"]
+    return show, files, options
 
 
 def _progress(shared: dict[str, Any]) -> Any:
@@ -220,41 +176,45 @@ def _progress(shared: dict[str, Any]) -> Any:
     return lambda msg: console.print(f"[dim]· {msg}[/]")
 
 
-def _finish(report: Any, report_json: Path | None) -> int:
-    if report_json is not None:
-        _write_atomic(report_json, report.to_json())
-    from mtconvert.render.console import render
+def _finish(report: Any, files: dict[str, Any]) -> int:
+    from mtconvert import render
 
-    render(report, _console(stderr=False))
+    render.write_files(report, files)
+    ctx = click.get_current_context()
+    stdout = ctx.meta.get("mtconvert.stdout")
+    if stdout is None:
+        render.render("console", report, sys.stdout)
+        return report.exit_code
+    if not ctx.params.get("quiet"):  # --json
+        render.render("console", report, sys.stderr)
+    render.render("json", report, stdout)
+    stdout.flush()
     return report.exit_code
 
 
-def _tolerance(flag: str, values: tuple[str, ...]) -> Any:
-    """``1e-3`` -> global value; ``logits:1e-3`` -> that output. Returns float, dict or None."""
-    glob: str | None = None
-    per: dict[str, str] = {}
-    for v in values:
-        out, sep, num = v.rpartition(":")
-        if sep:
-            per[out] = num
-        else:
-            glob = num
-    for num in [glob, *per.values()]:
-        if num is not None:
-            try:
-                float(num)
-            except ValueError:
-                raise UsageError(f"{flag} {num!r} is not a number") from None
-    if per and glob is not None:
-        raise UsageError(f"{flag}: give either one global value or OUTPUT:VALUE pairs, not both")
-    return per or glob
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[IO[str]]:
+    """Point stdout (the Python stream and file descriptor 1, which child processes and native
+    libraries write to) at stderr; yield a stream on the real stdout."""
+    sys.stdout.flush()
+    try:
+        fd, err = sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture)
+        real = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            yield real
+        return
+    saved = os.dup(fd)
+    real = os.fdopen(saved, "w", encoding="utf-8", closefd=False)
+    os.dup2(err, fd)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield real
+    finally:
+        real.flush()
+        os.dup2(saved, fd)
+        real.close()
+        os.close(saved)
 
 
 def _console(stderr: bool) -> Any:

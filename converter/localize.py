@@ -26,7 +26,7 @@ from mtconvert.errors import MtConvertError, RuntimeUnavailable
 from mtconvert.validators import compare
 
 if TYPE_CHECKING:
-    from mtconvert.target import RunContext
+    from mtconvert.run.context import RunContext
 
 MAX_PROBES = 12
 _FLOAT = 1  # onnx.TensorProto.FLOAT

@@ -1,4 +1,5 @@
-"""Options of a conversion run, shared by the CLI and the Python API."""
+"""Options of a run, as the run skeleton uses them (built by mtconvert.optspec from the CLI, the
+Python API or a config file)."""
 from __future__ import annotations
 
 import os
@@ -37,6 +38,7 @@ class ConvertOptions:
     seq_lens: tuple[int, ...] = ()  # dynamic-shape sweep: sequence lengths (axis 1)
     batch_sizes: tuple[int, ...] = ()  # dynamic-shape sweep: batch sizes (axis 0)
     max_model_bytes: int | None = None  # refuse larger model files
+    bundle: Path | None = None  # write a golden bundle per target here
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

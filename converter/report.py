@@ -24,6 +24,10 @@ class Latency:
     iterations: int
     warmup: int
     threads: int
+    samples_ms: tuple[float, ...] = ()  # each timed run, in order (reports before: none)
+
+    def __post_init__(self) -> None:  # a JSON list or a tuple: always a tuple of floats
+        object.__setattr__(self, "samples_ms", tuple(float(x) for x in self.samples_ms))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Latency | None:
@@ -100,6 +104,8 @@ class TargetReport:
     # first-divergence localization: {method, probes, first_divergence {node, op_type, ...}}
     diagnostics: dict[str, Any] | None = None
     latency_unavailable: str | None = None  # why ``latency`` is absent although the target ran
+    # deployment snippets from the backend: language (kotlin, swift, cpp, python) -> code
+    snippets: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -127,7 +133,8 @@ class TargetReport:
                    timings=dict(d.get("timings", {})),
                    input_shapes=dict(d.get("input_shapes", {})),
                    sweep=tuple(d.get("sweep", ())), diagnostics=d.get("diagnostics"),
-                   latency_unavailable=d.get("latency_unavailable"))
+                   latency_unavailable=d.get("latency_unavailable"),
+                   snippets=dict(d.get("snippets") or {}))
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,8 @@
 """Input shapes: parse ``NAME=1x128`` specs and fix dynamic axes to concrete sizes."""
 from __future__ import annotations
 
-import re
-
 from mtconvert.backends.base import TensorSpec
+from mtconvert.backends.options import parse_shape_spec  # noqa: F401 - re-exported
 from mtconvert.errors import UsageError
 
 DEFAULT_BATCH = 1
@@ -12,20 +11,6 @@ DEFAULT_AXIS = 32  # every other dynamic axis (sequence length, usually)
 # it lacks is used instead: converters that infer layouts by matching shapes (onnx2tf) silently
 # swap axes of equal size; an unambiguous default keeps that trap out of the default run.
 AXIS_ALTERNATIVES = (48, 40, 24, 56, 20, 28)
-
-_SPEC = re.compile(r"^(?P<name>[^=\s]+)=(?P<dims>\d+(?:[x,]\d+)*)$")
-
-
-def parse_shape_spec(text: str) -> tuple[str, tuple[int, ...]]:
-    """``input_ids=1x128`` -> ("input_ids", (1, 128))."""
-    m = _SPEC.match(text.strip())
-    if not m:
-        raise UsageError(f"malformed --input-shape {text!r}: expected NAME=DIMxDIM..., "
-                         "e.g. input_ids=1x128")
-    dims = tuple(int(d) for d in re.split(r"[x,]", m["dims"]))
-    if any(d <= 0 for d in dims):
-        raise UsageError(f"malformed --input-shape {text!r}: dimensions must be positive")
-    return m["name"], dims
 
 
 def default_axis(avoid: set[int]) -> int:

@@ -171,8 +171,12 @@ def describe_onnx(model: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec,
 
 
 def weight_dims(model: Any) -> set[int]:
-    """Every axis size (> 1) of the initializers of rank >= 2: hidden sizes, head sizes..."""
-    return {int(d) for i in model.graph.initializer if len(i.dims) >= 2 for d in i.dims if d > 1}
+    """Every axis size (> 1) of the weights of rank >= 2, initializers and Constant nodes alike:
+    hidden sizes, head sizes, embedding sizes, position tables..."""
+    tensors = list(model.graph.initializer) + [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
+        if a.name == "value"]
+    return {int(d) for t in tensors if len(t.dims) >= 2 for d in t.dims if d > 1}
 
 
 _PASS_THROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity"}

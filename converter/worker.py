@@ -62,10 +62,10 @@ def _child(job_path: Path) -> None:
             _dump_intermediates(session, feeds, Path(job["intermediates"]))
             return
         outputs = session.run(feeds)
-        no_latency = getattr(session, "latency_unavailable", None)
+        no_latency = session.latency_unavailable
         stats = None if no_latency else measure(lambda: session.run(feeds),
                                                 warmup=job["warmup"], iterations=job["iterations"])
-        runtime = getattr(session, "runtime", cls.name)
+        runtime = session.runtime or cls.name
     np.savez(job["outputs"], **outputs)
     Path(job["result"]).write_text(json.dumps({
         "latency": stats.to_dict() if stats else {}, "latency_unavailable": no_latency,
@@ -101,7 +101,7 @@ def run_session(*, name: str, backend: str, artifact: dict[str, Any],
     """Open the artifact and run it in a child; raise RuntimeFailure on crash or time-out.
     With ``intermediates`` (a folder), the child only writes the session's intermediate
     tensors there (see _dump_intermediates) and the result has no outputs."""
-    from mtconvert.backends.base import tail
+    from mtconvert.backends.process import tail
     from mtconvert.errors import RuntimeFailure, RuntimeUnavailable
 
     with tempfile.TemporaryDirectory(prefix="mtconvert-worker-") as tmp:

@@ -3,60 +3,19 @@
 Per output: max abs, max relative, mean abs, RMSE, cosine similarity, SNR in dB. An output
 passes when every element is within ``atol + rtol * |reference|`` (numpy.allclose semantics)
 and the cosine similarity is at least ``min_cosine``; a bound that is None is not checked.
-Non-finite values in the target where the reference is finite always fail.
+Non-finite values in the target where the reference is finite always fail. Each comparison
+also carries a log-binned histogram of the absolute errors (``abs_error_histogram``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    atol: float | None
-    rtol: float | None
-    min_cosine: float | None
-    min_snr_db: float | None = None  # 10·log10(‖ref‖² / ‖out − ref‖²); 100 dB: rel. L2 1e-5
-
-    def to_dict(self) -> dict[str, float | None]:
-        return {"atol": self.atol, "rtol": self.rtol, "min_cosine": self.min_cosine,
-                "min_snr_db": self.min_snr_db}
-
-
-KEYS = ("atol", "rtol", "min_cosine", "min_snr_db")
-
-# Defaults per precision profile. See docs/tolerances.md for the measurements behind them:
-# correct fp32 conversions reach max abs 6e-6 and relative L2 1.5e-6 (SNR 117 dB); a 1% change
-# of one layer's weights or a zeroed bias moves the output by relative L2 >= 2.5e-5 except for
-# query/key weights under near-uniform attention. The SNR bound sees errors spread over many
-# elements that each stay under atol.
-PROFILES: dict[str, Tolerance] = {
-    "fp32": Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999, min_snr_db=100.0),
-    "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.999),
-    "int8": Tolerance(atol=None, rtol=None, min_cosine=0.99),
-}
-
-
-@dataclass(frozen=True)
-class ToleranceOverrides:
-    """User overrides: global values, and per-output values keyed by output name."""
-
-    atol: float | None = None
-    rtol: float | None = None
-    min_cosine: float | None = None
-    min_snr_db: float | None = None
-    per_output: dict[str, dict[str, float]] | None = None
-
-    def resolve(self, profile: str, output: str) -> Tolerance:
-        if profile not in PROFILES:
-            raise ValueError(f"unknown precision profile {profile!r}")
-        tol = PROFILES[profile]
-        glob = {k: v for k in KEYS if (v := getattr(self, k)) is not None}
-        tol = replace(tol, **glob)
-        return replace(tol, **(self.per_output or {}).get(output, {}))
+from mtconvert.validators.tolerances import (  # noqa: F401 - the comparison's tolerances
+    KEYS, PROFILES, Tolerance, ToleranceOverrides)
 
 
 @dataclass(frozen=True)
@@ -64,7 +23,7 @@ class OutputComparison:
     name: str
     passed: bool
     reason: str | None
-    metrics: dict[str, float | None]
+    metrics: dict[str, Any]  # floats (None: undefined), and abs_error_histogram (a dict)
     tolerance: Tolerance
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,11 +91,38 @@ def compare_output(name: str, ref: np.ndarray, out: np.ndarray | None,
     if tuple(out.shape) != tuple(ref.shape):
         return OutputComparison(name, False,
                                 f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}", {}, tol)
-    m = metrics(ref, out)
+    m: dict[str, Any] = metrics(ref, out)
     if is_logits(name, tuple(ref.shape)) and np.all(np.isfinite(out)):
         m = m | {"top1_agreement": topk_agreement(ref, out, 1),
                  "top5_agreement": topk_agreement(ref, out, 5)}
-    return OutputComparison(name, *_verdict(ref, out, m, tol), m, tol)
+    verdict = _verdict(ref, out, m, tol)
+    m["abs_error_histogram"] = error_histogram(ref, out)
+    return OutputComparison(name, *verdict, m, tol)
+
+
+def error_histogram(ref: np.ndarray, out: np.ndarray, bins_per_decade: int = 4,
+                    max_decades: int = 12) -> dict[str, Any]:
+    """The distribution of ``|out - ref|``, compact and JSON-able: ``counts`` of the nonzero
+    finite errors in log-spaced bins whose ``edges`` (one more than the counts, rounded to 4
+    significant digits) are powers of 10 in steps of 1/``bins_per_decade`` decade, spanning the
+    errors seen (at most ``max_decades`` decades below the largest; smaller errors count in the
+    first bin), plus the errors a log axis cannot show: ``zero`` (exact matches) and
+    ``nonfinite`` (NaN/Inf)."""
+    err = np.abs(np.asarray(out, dtype=np.float64).ravel()
+                 - np.asarray(ref, dtype=np.float64).ravel())
+    with np.errstate(invalid="ignore"):
+        finite = err[np.isfinite(err)]
+    positive = finite[finite > 0]
+    hist: dict[str, Any] = {"edges": [], "counts": [], "zero": int(finite.size - positive.size),
+                            "nonfinite": int(err.size - finite.size)}
+    if positive.size:
+        steps = np.floor(np.log10(positive) * bins_per_decade).astype(np.int64)
+        hi = int(steps.max()) + 1
+        lo = max(int(steps.min()), hi - max_decades * bins_per_decade)
+        counts = np.bincount(np.clip(steps, lo, hi - 1) - lo, minlength=hi - lo)
+        hist["edges"] = [float(f"{10.0 ** (k / bins_per_decade):.4g}") for k in range(lo, hi + 1)]
+        hist["counts"] = [int(c) for c in counts]
+    return hist
 
 
 def _verdict(ref: np.ndarray, out: np.ndarray, m: dict[str, float | None],

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
-                                     TargetOptions, TensorSpec, expect_files, format_shapes,
-                                     match_names, run_job)
+                                     TargetOptions, TensorSpec, format_shapes, match_names)
+from mtconvert.backends.options import Option
+from mtconvert.backends.process import expect_files, run_job
 from mtconvert.errors import ConversionError, RuntimeUnavailable
 
 if TYPE_CHECKING:
@@ -41,6 +42,12 @@ class CoremlBackend(Backend):
     run_requires = {"coremltools": "coremltools"}  # its protobuf classes and blob reader
     artifact_suffixes = (".mlpackage",)
     addressable_intermediates = True  # through the mil-reference interpreter
+    options = (
+        Option("coreml_target", "choice", None, "coreml: minimum deployment target (default "
+               f"{DEFAULT_TARGET}).", choices=DEPLOYMENT_TARGETS),
+        Option("palettize", "choice", None, "coreml: palettize the weights to 2^BITS k-means "
+               "clusters.", choices=PALETTE_BITS, metavar="BITS"),
+    )
 
     def routes(self, source: PreparedSource) -> list[str]:
         if source.torch_module is not None:
@@ -74,18 +81,18 @@ class CoremlBackend(Backend):
         expect_files([out / "Manifest.json"], target=self.name, step="coremltools", log_path=log)
         steps += result["steps"]
         meta: dict[str, Any] = {"inputs": result["inputs"], "outputs": result["outputs"],
-                                "input_shapes": shapes, "deployment_target":
-                                    settings["deployment_target"]}
+                                "deployment_target": settings["deployment_target"]}
+        profile = None
         if settings["palettize"]:  # lossy weights: judged like int8 weights
-            meta["tolerance_profile"] = "int8"
+            profile = "int8"
             steps.append("tolerance profile int8 (palettized weights), compute "
                          f"{opts.precision}")
-        if compressed:
-            meta["fp32_variant"] = Artifact(target=self.name, primary=twin, files=(twin,),
-                                            meta=dict(meta)).to_dict()
+        fixed = {k: tuple(v) for k, v in shapes.items()}
+        fp32 = Artifact(target=self.name, primary=twin, files=(twin,), meta=dict(meta),
+                        input_shapes=fixed) if compressed else None
         return Artifact(target=self.name, primary=out, files=(out,), precision=opts.precision,
                         steps=tuple(steps), tool_versions=deps.versions(TOOLS), log_path=log,
-                        meta=meta)
+                        meta=meta, fp32_twin=fp32, tolerance_profile=profile, input_shapes=fixed)
 
     def _fixed_onnx(self, source: PreparedSource, shapes: dict[str, list[int]], work: Path,
                     log: Path, opts: TargetOptions, steps: list[str]) -> Path:
@@ -123,7 +130,8 @@ class CoremlBackend(Backend):
                         tool_versions=deps.versions(["coremltools"]),
                         meta={"inputs": [v.name for v in program.inputs],
                               "outputs": program.outputs, "source_inputs": ins,
-                              "source_outputs": outs, "input_shapes": shapes})
+                              "source_outputs": outs},
+                        input_shapes={k: tuple(v) for k, v in shapes.items()})
 
     def lint(self, artifact: Artifact) -> list[Finding]:
         from mtconvert.backends.coreml import ops as kernels
@@ -144,6 +152,30 @@ class CoremlBackend(Backend):
         if sys.platform == "darwin" and _has_coreml_runtime():
             return CoremlRuntimeSession(artifact, threads)
         return MilSession(artifact)
+
+    def snippets(self, artifact: Artifact, inputs: list[TensorSpec],
+                 outputs: list[TensorSpec]) -> dict[str, str]:
+        """Feature names, dtypes and shapes from the package's model description (what an app
+        sees: int64 inputs become int32 features)."""
+        from mtconvert.backends import snippets as sn
+        from mtconvert.backends.coreml.program import load_spec
+
+        description = load_spec(artifact.primary).description
+        features = _Features(artifact)
+        source = {ml: src for src, ml in features.inputs.items()} | features.outputs
+
+        validated = {s.name: tuple(s.shape) for s in [*inputs, *outputs]}
+
+        def ports(described: Any) -> list[Any]:  # outputs often declare no shape
+            return [sn.Port(f.name, source.get(f.name, f.name),
+                            tuple(int(d) for d in f.type.multiArrayType.shape)
+                            or validated.get(source.get(f.name, f.name), ()),
+                            _feature_dtype(f), i) for i, f in enumerate(described)]
+
+        name, minimum = artifact.primary.name, artifact.meta.get("deployment_target", "")
+        ins, outs = ports(description.input), ports(description.output)
+        return {"swift": sn.swift_coreml(name, ins, outs, minimum),
+                "python": sn.python_coreml(name, ins, outs)}
 
 
 def _settings(opts: TargetOptions) -> dict[str, Any]:

@@ -7,8 +7,6 @@ ML Program. Weight compression uses coremltools.optimize. Prints one ``MTCONVERT
 """
 from __future__ import annotations
 
-import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -120,5 +118,6 @@ def _finish(ct: Any, model: Any, job: dict[str, Any], out: Path) -> dict[str, An
 
 
 if __name__ == "__main__":
-    job_ = json.loads(Path(sys.argv[1]).read_text())
-    print("MTCONVERT-RESULT " + json.dumps(convert(job_)), flush=True)
+    from mtconvert.backends.process import child_main
+
+    child_main(convert)

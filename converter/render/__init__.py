@@ -1,1 +1,67 @@
-"""Renderers: each is a function of a Report alone (rich console, JSON)."""
+"""Report renderers, a registry: each format is one module with ``render(report, destination)``
+(a path, or a text stream) and one line here. The CLI's ``--report-<format> PATH`` options and
+the API come from this table; the console renderer always runs.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from mtconvert.backends.options import Option
+
+if TYPE_CHECKING:
+    from mtconvert.report import Report
+
+ALL = ("convert", "validate", "verify")
+
+
+@dataclass(frozen=True)
+class Renderer:
+    name: str
+    module: str  # has render(report, destination)
+    option: Option | None = None  # the option naming its file; None: rendered to the terminal
+
+
+RENDERERS: dict[str, Renderer] = {r.name: r for r in (
+    Renderer("console", "mtconvert.render.console"),
+    Renderer("json", "mtconvert.render.json",
+             Option("report_json", "path", None, "Write the JSON report here.", modes=ALL)),
+    Renderer("html", "mtconvert.render.html",
+             Option("report_html", "path", None, "Write a self-contained HTML report here "
+                    "(tables and plots, nothing fetched).", modes=ALL, flag="--html")),
+    Renderer("junit", "mtconvert.render.junit",
+             Option("report_junit", "path", None, "Write JUnit XML here: a testcase per target "
+                    "and check, for CI test views.", modes=ALL, flag="--junit")),
+    Renderer("markdown", "mtconvert.render.markdown",
+             Option("report_markdown", "path", None, "Write a Markdown summary here (a "
+                    "pull-request comment), with deployment snippets.", modes=ALL,
+                    flag="--markdown")),
+)}
+
+
+def options(mode: str) -> list[Option]:
+    return [r.option for r in RENDERERS.values() if r.option and mode in r.option.modes]
+
+
+def render(name: str, report: Report, destination: Path | IO[str] | Any) -> None:
+    """Render ``report`` with the named renderer into ``destination``."""
+    module = importlib.import_module(RENDERERS[name].module)
+    module.render(report, destination)
+
+
+def write_files(report: Report, paths: dict[str, Path | None]) -> None:
+    """Every file renderer whose option (``report_json`` ...) names a path."""
+    for r in RENDERERS.values():
+        if r.option is not None and paths.get(r.option.name) is not None:
+            render(r.name, report, Path(paths[r.option.name]))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

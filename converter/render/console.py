@@ -24,7 +24,18 @@ def _num(x: Any, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def render(report: Report, console: Console) -> None:
+def render(report: Report, destination: Any) -> None:
+    """To a rich Console, or a text stream (a Console is made for it: 120 columns when the
+    stream is no terminal, so logs and pipes get the whole table)."""
+    from rich.console import Console
+
+    console = destination if isinstance(destination, Console) else Console(
+        file=destination, highlight=False,
+        width=None if destination.isatty() else 120)
+    _render(report, console)
+
+
+def _render(report: Report, console: Console) -> None:
     from rich.table import Table
 
     src = report.source

@@ -2,7 +2,7 @@
 import pytest
 
 from tests.models import quick_convert
-from mtconvert.backends.base import error_summary
+from mtconvert.backends.process import error_summary
 from mtconvert.backends.tflite import _layout_perm, shape_collisions, tflite_ops
 
 from mtconvert.backends.tflite import TfliteBackend

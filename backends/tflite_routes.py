@@ -1,0 +1,452 @@
+"""The tflite target's two onnx2tf routes (run inside the tflite child, ``tflite_convert``).
+
+Both routes first take the graph (shapes already fixed) down to **opset 17**, which onnx2tf
+1.28 was written for. ``torch.onnx.export(..., dynamo=True)`` writes opsets 18-20; opset 18 moved
+the reduce ops' ``axes`` from an attribute to an input, and onnx2tf's ReduceL2 then hands
+``tf.norm`` a tensor axis and crashes. Ops without an opset-17 form (Gelu, opset 20) are first
+expanded into their defining formula (Erf or Tanh form), then ``onnx.version_converter`` moves
+inputs back to attributes (Reduce* axes, Pad axes, Split num_outputs). The rewrite is general
+(no model is named) and kept only when ONNX Runtime gives the same outputs before and after on
+a few seeded inputs; otherwise the graph goes to onnx2tf as it was, and the step says why.
+
+**Layouts guessed from sizes.** onnx2tf decides per op output whether the TF tensor is
+channels-last (to be transposed back by its consumers) by comparing the TF shape with the ONNX
+shape *and*, when every axis after the batch has the same size ([1, 32, 32]: its "avoiding
+misjudgment" rule in ``inverted_operation_enable_disable``), by assuming it is. A sequence
+model's tensors are never transposed, so at sequence 32 == hidden 32 every consumer (Reshape,
+Gather, constants broadcast against it) swaps two axes and the artifact computes wrong numbers
+with exit code 0. The second route, ``onnx2tf-pinned-layout``, runs onnx2tf with that judgement
+made from differing shapes only (``pin_layout_judgement``); the pipeline tries it when the first
+route's artifact fails, and validates it like any other.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+TARGET_OPSET = 17
+
+# the default route, and the one tried when its artifact fails (see tflite.TfliteBackend.routes)
+DEFAULT_ROUTE = "onnx2tf"
+LAYOUT_ROUTE = "onnx2tf-pinned-layout"
+
+
+def ambiguous_layout(source: Any) -> bool:
+    """Whether onnx2tf's size-matching could mistake one axis for another in ``source`` (a
+    PreparedSource): an input axis (batch excepted) equal to a weight dimension, or an
+    initializer of rank >= 3 with two equal axes. Reads the graph without its weights."""
+    import onnx
+
+    try:
+        model = onnx.load(str(source.onnx_path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - the conversion itself will say what is wrong
+        return False
+    weight_dims = {int(d) for i in model.graph.initializer if len(i.dims) >= 2
+                   for d in i.dims if d > 1}
+    sizes = {int(d) for dims in source.input_shapes.values() for d in list(dims)[1:] if d > 1}
+    if sizes & weight_dims:
+        return True
+    for init in model.graph.initializer:
+        dims = [d for d in init.dims if d > 1]
+        if len(init.dims) >= 3 and len(set(dims)) < len(dims):
+            return True
+    return False
+
+
+# --- opset ------------------------------------------------------------------------------------
+
+def default_opset(model: Any) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def expand_gelu(model: Any) -> int:
+    """Replace every Gelu (opset 20) by its defining formula: 0.5·x·(1 + erf(x/√2)), or with
+    ``approximate="tanh"`` 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))). Returns the count."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph, nodes, count = model.graph, [], 0
+    consts: dict[tuple[float, int], str] = {}
+    types = _elem_types(model)
+    taken = _names(model)
+
+    def const(value: float, elem: int) -> str:
+        key = (value, elem)
+        if key not in consts:
+            dtype = helper.tensor_dtype_to_np_dtype(elem)
+            name = _fresh(taken, f"gelu_const_{len(consts)}")
+            graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))
+            consts[key] = name
+        return consts[key]
+
+    for node in graph.node:
+        if node.op_type != "Gelu" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        count += 1
+        x, y = node.input[0], node.output[0]
+        elem = types.get(x, 1)
+        approx = next((a.s.decode() for a in node.attribute if a.name == "approximate"), "none")
+        p = _fresh(taken, f"{node.name or y}_gelu")
+        if approx == "tanh":
+            nodes += [helper.make_node("Mul", [x, x], [f"{p}_x2"]),
+                      helper.make_node("Mul", [f"{p}_x2", x], [f"{p}_x3"]),
+                      helper.make_node("Mul", [f"{p}_x3", const(0.044715, elem)], [f"{p}_c"]),
+                      helper.make_node("Add", [x, f"{p}_c"], [f"{p}_in"]),
+                      helper.make_node("Mul", [f"{p}_in", const(float(np.sqrt(2 / np.pi)), elem)],
+                                       [f"{p}_s"]),
+                      helper.make_node("Tanh", [f"{p}_s"], [f"{p}_t"])]
+        else:
+            nodes += [helper.make_node("Div", [x, const(float(np.sqrt(2.0)), elem)], [f"{p}_s"]),
+                      helper.make_node("Erf", [f"{p}_s"], [f"{p}_t"])]
+        nodes += [helper.make_node("Add", [f"{p}_t", const(1.0, elem)], [f"{p}_1"]),
+                  helper.make_node("Mul", [x, f"{p}_1"], [f"{p}_x1"]),
+                  helper.make_node("Mul", [f"{p}_x1", const(0.5, elem)], [y], name=node.name)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
+def split_to_slices(model: Any) -> int:
+    """Replace every Split by one Slice per output (Slice has the same form in opsets 13-21;
+    onnx.version_converter has no adapter for Split 18 -> 17). Sizes come from the ``split``
+    input when it is an initializer, else from the axis length (shapes are fixed) and the
+    number of outputs (opset 18's ``num_outputs``: chunks of ceil(n / k), the last smaller).
+    A Split whose sizes are unknown stays. Returns the count replaced."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
+                       for d in v.type.tensor_type.shape.dim]
+              for v in (*inferred.input, *inferred.value_info, *inferred.output)}
+    shapes |= {i.name: list(i.dims) for i in graph.initializer}
+    taken, nodes, count = _names(model), [], 0
+    for node in graph.node:
+        if node.op_type != "Split" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        rank = len(shapes.get(node.input[0]) or [])
+        axis = attrs.get("axis", 0) + (rank if attrs.get("axis", 0) < 0 else 0)
+        dim = (shapes.get(node.input[0]) or [None] * (axis + 1))[axis] if rank else None
+        outs = list(node.output)
+        if len(node.input) > 1 and node.input[1]:
+            sizes = (numpy_helper.to_array(inits[node.input[1]]).tolist()
+                     if node.input[1] in inits else None)
+        elif "split" in attrs:
+            sizes = list(attrs["split"])
+        elif dim:
+            chunk = -(-dim // len(outs))
+            sizes = [min(chunk, dim - i * chunk) for i in range(len(outs))]
+        else:
+            sizes = None
+        if sizes is None or len(sizes) != len(outs) or not rank:
+            nodes.append(node)
+            continue
+        count += 1
+        start = 0
+        for out, size in zip(outs, sizes, strict=True):
+            names = [_fresh(taken, f"{out}_{k}") for k in ("starts", "ends", "axes")]
+            for name, value in zip(names, (start, start + size, axis), strict=True):
+                graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64),
+                                                                 name))
+            nodes.append(helper.make_node("Slice", [node.input[0], *names], [out],
+                                          name=_fresh(taken, f"{node.name or out}_slice")))
+            start += size
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
+def downgrade_opset(model: Any, target: int = TARGET_OPSET) -> tuple[Any, list[str]]:
+    """The model at ``target`` opset (default domain), and what was done. Raises when ONNX has
+    no way down (an op new in 18-21 other than Gelu)."""
+    import onnx
+
+    version = default_opset(model)
+    if version <= target:
+        return model, []
+    done = []
+    if (n := expand_gelu(model)):
+        done.append(f"Gelu expanded to its formula ({n} nodes)")
+    if (n := split_to_slices(model)):
+        done.append(f"Split as Slice ({n} nodes)")
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+        _drop_noop_attribute(converted)
+        converted.ir_version = min(converted.ir_version, model.ir_version) or model.ir_version
+        onnx.checker.check_model(converted, full_check=True)
+        how = "onnx.version_converter"
+    except Exception as exc:  # noqa: BLE001 - no adapter for some op (Pad 18, ...): by hand
+        converted = relabel(model, target)
+        why = str(exc).strip().splitlines()[-1].split("failed:")[-1].strip() if str(exc) else ""
+        how = f"by hand; onnx.version_converter: {why or type(exc).__name__}"[:160]
+    done.insert(0, f"opset {version} -> {target} ({how})")
+    return converted, done
+
+
+_REDUCE_AXES_INPUT = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
+                      "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSumSquare"}
+
+
+def relabel(model: Any, target: int = TARGET_OPSET) -> Any:
+    """The model declared at ``target`` opset with the forms that changed since put back: reduce
+    axes and Pad axes from constant inputs, Cast's ``saturate`` (fp8 only) dropped, Resize's
+    opset-18 attributes at their defaults dropped. Raises when a node has no opset-``target``
+    form; onnx.checker (full check, with shapes) validates the result."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {i.name: i for i in out.graph.initializer}
+
+    def const(name: str, node: Any) -> Any:
+        if name not in inits:
+            raise ValueError(f"{node.op_type} {node.name!r}: {name} is not a constant")
+        return numpy_helper.to_array(inits[name])
+
+    for node in out.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in _REDUCE_AXES_INPUT:
+            _drop_noop_with_empty_axes(node, bool(len(node.input) > 1 and node.input[1]))
+            if len(node.input) > 1 and node.input[1]:
+                axes = const(node.input[1], node).astype(np.int64).tolist()
+                del node.input[1:]
+                node.attribute.append(helper.make_attribute("axes", axes))
+        elif node.op_type == "Pad" and len(node.input) > 3 and node.input[3]:
+            axes = const(node.input[3], node).astype(np.int64).tolist()
+            pads = const(node.input[1], node).astype(np.int64).tolist()
+            rank = _rank(out, node.input[0])
+            full = [0] * (2 * rank)
+            for i, axis in enumerate(axes):
+                axis += rank if axis < 0 else 0
+                full[axis], full[rank + axis] = pads[i], pads[len(axes) + i]
+            name = f"{node.input[1]}_full_{node.output[0]}"
+            out.graph.initializer.append(numpy_helper.from_array(np.array(full, np.int64), name))
+            node.input[1] = name
+            del node.input[3:]
+        elif node.op_type in ("Cast", "CastLike"):
+            for a in [a for a in node.attribute if a.name == "saturate"]:
+                node.attribute.remove(a)
+        elif node.op_type == "Resize":
+            defaults = {"antialias": 0, "keep_aspect_ratio_policy": b"stretch"}
+            for a in [a for a in node.attribute if a.name in defaults or a.name == "axes"]:
+                if a.name == "axes" or helper.get_attribute_value(a) != defaults[a.name]:
+                    raise ValueError(f"Resize {node.name!r}: {a.name} has no opset-{target} form")
+                node.attribute.remove(a)
+    for o in out.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = target
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def _rank(model: Any, name: str) -> int:
+    import onnx
+
+    g = onnx.shape_inference.infer_shapes(model).graph
+    for v in (*g.input, *g.value_info, *g.output):
+        if v.name == name and v.type.tensor_type.HasField("shape"):
+            return len(v.type.tensor_type.shape.dim)
+    for i in g.initializer:
+        if i.name == name:
+            return len(i.dims)
+    raise ValueError(f"rank of {name!r} unknown")
+
+
+def _drop_noop_attribute(model: Any) -> None:
+    """onnx.version_converter (1.23) moves a reduce op's axes input to the attribute but keeps
+    ``noop_with_empty_axes``, an attribute only ReduceSum has before opset 18."""
+    for node in model.graph.node:
+        if node.op_type in _REDUCE_AXES_INPUT:
+            _drop_noop_with_empty_axes(node, any(a.name == "axes" and a.ints
+                                                 for a in node.attribute))
+
+
+def _drop_noop_with_empty_axes(node: Any, has_axes: bool) -> None:
+    """With axes given (or noop 0) the attribute changes nothing, so it goes; noop 1 without
+    axes (the identity) has no opset-17 form."""
+    for a in [a for a in node.attribute if a.name == "noop_with_empty_axes"]:
+        if a.i and not has_axes:
+            raise ValueError(f"{node.op_type} {node.name!r}: noop_with_empty_axes=1 without "
+                             "axes has no opset-17 form")
+        node.attribute.remove(a)
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+def same_outputs(before: Any, after: Any, samples: int = 3, seed: int = 0,
+                 atol: float = 1e-5, rtol: float = 1e-5) -> str | None:
+    """None when ONNX Runtime gives the same outputs for both models on ``samples`` seeded
+    inputs (within atol + rtol·|ref|: a formula instead of a fused kernel may differ by an ulp),
+    else the first difference."""
+    import numpy as np
+    import onnxruntime as ort
+
+    def session(model: Any) -> Any:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        return ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+
+    a, b = session(before), session(after)
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in before.graph.initializer}
+    for _ in range(samples):
+        feeds = {i.name: _sample(i, rng) for i in a.get_inputs() if i.name not in inits}
+        for meta, x, y in zip(a.get_outputs(), a.run(None, feeds), b.run(None, feeds),
+                              strict=True):
+            x, y = np.asarray(x), np.asarray(y)
+            if x.shape != y.shape:
+                return f"{meta.name}: shape {list(y.shape)} instead of {list(x.shape)}"
+            if x.dtype.kind == "f":
+                bad = np.abs(x.astype(np.float64) - y) > atol + rtol * np.abs(x)
+                if np.any(bad | (np.isfinite(x) != np.isfinite(y))):
+                    return f"{meta.name}: max abs difference {np.nanmax(np.abs(x - y)):.3g}"
+            elif not np.array_equal(x, y):
+                return f"{meta.name}: values differ"
+    return None
+
+
+def _sample(info: Any, rng: Any) -> Any:
+    """A seeded input: small non-negative integers (ids, masks, indices stay in range), normal
+    floats, random booleans."""
+    import numpy as np
+
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in info.shape]
+    kind = info.type
+    if "bool" in kind:
+        return rng.integers(0, 2, shape).astype(bool)
+    if "int" in kind:
+        dtype = np.int64 if "int64" in kind else np.int32
+        return rng.integers(0, 2, shape).astype(dtype)
+    dtype = np.float16 if "float16" in kind else np.float64 if "double" in kind else np.float32
+    return rng.standard_normal(shape).astype(dtype)
+
+
+# --- the pre-pass -----------------------------------------------------------------------------
+
+def prepare(src: str, dst: str) -> dict[str, Any]:
+    """Write ``src`` (shapes already fixed) at opset 17 into ``dst`` when ONNX Runtime agrees,
+    else as it is. Returns {"steps": [...], "op_counts": {...}} of the graph written."""
+    import onnx
+
+    original = onnx.load(src)
+    model, steps = original, []
+    try:
+        lowered = onnx.ModelProto()
+        lowered.CopyFrom(model)
+        lowered, done = downgrade_opset(lowered)
+    except Exception as exc:  # noqa: BLE001 - keep the graph as it was, say why
+        steps.append(f"opset {default_opset(model)} kept: no way down to {TARGET_OPSET} "
+                     f"({_first_line(exc)})")
+    else:
+        if done:
+            model, steps = _checked(original, lowered, "; ".join(done), steps)
+    onnx.save(model, dst)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return {"steps": steps, "op_counts": counts}
+
+
+def _checked(before: Any, after: Any, what: str, steps: list[str]) -> tuple[Any, list[str]]:
+    try:
+        diff = same_outputs(before, after)
+    except Exception as exc:  # noqa: BLE001 - the rewritten graph does not even run
+        diff = f"ONNX Runtime failed: {_first_line(exc)}"
+    if diff is None:
+        return after, [*steps, f"{what}; ONNX Runtime outputs unchanged"]
+    return before, [*steps, f"not applied ({what}): ONNX Runtime outputs changed: {diff}"]
+
+
+def _elem_types(model: Any) -> dict[str, int]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*g.input, *g.value_info, *g.output)}
+    types |= {i.name: i.data_type for i in g.initializer}
+    return types
+
+
+def _names(model: Any) -> set[str]:
+    g = model.graph
+    return {*(i.name for i in g.initializer), *(i.name for i in g.input),
+            *(o for n in g.node for o in n.output), *(n.name for n in g.node)}
+
+
+def _fresh(taken: set[str], base: str) -> str:
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:200]
+
+
+def pin_layout_judgement() -> None:
+    """Make onnx2tf decide "this tensor is transposed" from shapes that differ only, never from
+    sizes that coincide. onnx2tf 1.28 marks an op's output as channels-last (to be transposed
+    back by its consumers) when its TF shape differs from the ONNX shape, *or* when all its axes
+    after the batch are equal ([1, 32, 32]: "avoiding misjudgment"). A sequence model's tensors
+    are never transposed, so at sequence 32 == hidden 32 every Reshape, Gather or Reduce
+    downstream then swaps axes. Call before onnx2tf imports its op modules (it imports them
+    lazily, each taking this decorator from common_functions)."""
+    from functools import wraps
+
+    from onnx2tf.utils import common_functions as cf
+
+    original = cf.inverted_operation_enable_disable
+    if getattr(original, "_mtconvert_pinned", False):
+        return
+
+    def pinned(func):  # noqa: ANN001, ANN202 - onnx2tf's decorator protocol
+        inner = original(func)
+
+        @wraps(func)
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            result = inner(*args, **kwargs)
+            node, layers = kwargs.get("graph_node"), kwargs.get("tf_layers_dict")
+            batch = kwargs.get("batch_size")
+            if node is None or layers is None:
+                return result
+            trans = False
+            for out in node.outputs:
+                info = layers.get(out.name)
+                if info is None or "tf_node" not in info:
+                    continue
+                trans = trans or _shape_differs(out.shape, info["tf_node"].shape, batch)
+                info["before_op_output_shape_trans"] = trans
+            return result
+
+        return wrapper
+
+    pinned._mtconvert_pinned = True  # type: ignore[attr-defined]
+    cf.inverted_operation_enable_disable = pinned
+
+
+def _shape_differs(onnx_shape: Any, tf_shape: Any, batch: int | None) -> bool:
+    """onnx2tf's own comparison (dynamic axes as None, batch overridden), without the
+    equal-sizes rule."""
+    if onnx_shape is None:
+        return True
+    dims = [d if isinstance(d, int) and d >= 1 else None for d in onnx_shape]
+    if dims and dims.count(None) != len(dims) and batch is not None:
+        dims[0] = batch
+    try:
+        return bool(dims != tf_shape)
+    except Exception:  # noqa: BLE001 - an unknown-rank TF shape
+        return True

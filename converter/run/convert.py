@@ -1,0 +1,86 @@
+"""Convert mode: the source to every target, each artifact checked. Targets convert
+concurrently (up to --jobs); a target's failure is in its report and never stops the others."""
+from __future__ import annotations
+
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from mtconvert import inputs as feeds_mod
+from mtconvert.errors import UsageError
+from mtconvert.options import ConvertOptions
+from mtconvert.registry import Registry
+from mtconvert.report import Report, TargetReport
+from mtconvert.run.context import Progress, RunContext
+from mtconvert.run.skeleton import Point, Run
+from mtconvert.run.target import run_target
+from mtconvert.shapes import resolve_shapes, sweep_shapes
+
+
+def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
+        registry: Registry | None = None, progress: Progress | None = None) -> Report:
+    skeleton = Run("convert", opts, registry, progress)
+    names = resolve_targets(skeleton.registry, opts.targets)
+    with tempfile.TemporaryDirectory(prefix="mtconvert-") as tmp:
+        if example_inputs is None and opts.trust_pickle and opts.inputs is not None:
+            example_inputs = feeds_mod.user_feeds(opts.inputs)  # a pickled module's examples
+        src = skeleton.load(model, Path(tmp), example_inputs)
+        skeleton.clock.lap("load_source_s")
+        main, others = _points(skeleton)
+        if opts.precision == "int8":
+            calib, how = feeds_mod.calibration_set(skeleton.loaded, opts, main.feeds,
+                                                   Path(tmp) / "calib.npz")
+            skeleton.opts = replace(skeleton.opts, calibration=calib)
+            skeleton.settings["calibration"] = how
+        ctx = skeleton.context(src, main, cache=True, sweep=others)
+        skeleton.clock.lap("reference_s")
+        reports = run_targets(ctx, names)
+    return skeleton.report(reports, main)
+
+
+def _points(skeleton: Run) -> tuple[Point, list[Point]]:
+    """The point the artifacts are made for and, with --seq-lens/--batch-sizes, every other
+    shape of the sweep (its reference untimed)."""
+    opts, loaded = skeleton.opts, skeleton.loaded
+    if not (opts.seq_lens or opts.batch_sizes):
+        return skeleton.point(), []
+    if opts.inputs is not None or loaded.example_feeds is not None:
+        raise UsageError("--seq-lens/--batch-sizes generate their inputs; they cannot be "
+                         "combined with --inputs or a PyTorch source's example inputs")
+    base, _ = resolve_shapes(loaded.prepared.inputs, dict(opts.input_shapes), loaded.weight_dims)
+    combos = sweep_shapes(loaded.prepared.inputs, base, opts.seq_lens, opts.batch_sizes)
+    return skeleton.point(combos[0]), [skeleton.point(c, timed=False) for c in combos[1:]]
+
+
+def run_targets(ctx: RunContext, names: list[str]) -> list[TargetReport]:
+    """Every target, in the requested order, up to ``jobs`` at a time."""
+    jobs = max(1, min(ctx.opts.jobs, len(names)))
+    if jobs == 1:
+        return [run_target(ctx, n) for n in names]
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="mtconvert-target")
+    try:
+        futures = [pool.submit(run_target, ctx, n) for n in names]
+        return [f.result() for f in futures]
+    except KeyboardInterrupt:  # targets not yet started never start; running ones clean up
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+def resolve_targets(registry: Registry, targets: tuple[str, ...] | None) -> list[str]:
+    if targets is None:
+        names = registry.available()
+        if not names:
+            raise UsageError("no target can convert and run here; see `mtconvert backends`")
+        return names
+    names = []
+    for token in targets:
+        name = registry.resolve(token)
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise UsageError("no target given")
+    return names

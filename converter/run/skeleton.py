@@ -1,0 +1,125 @@
+"""The run skeleton every mode shares: source → feeds (built once per input shape) → reference
+→ per-target reports → Report. A mode (convert, validate, verify, a matrix cell) loads or
+describes its source, asks for the feeds and reference at the shapes it needs, checks its
+targets with ``context(...)``, and hands the reports to ``report``."""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtconvert.version import __version__
+from mtconvert import inputs as feeds_mod, source as source_mod
+from mtconvert.backends.base import PreparedSource
+from mtconvert.cache import ConversionCache, default_root
+from mtconvert.options import ConvertOptions
+from mtconvert.reference import ReferenceRun, open_reference
+from mtconvert.registry import Registry, default_registry
+from mtconvert.report import ReferenceInfo, Report, SourceInfo, TargetMap, TargetReport
+from mtconvert.run.check import latency_of
+from mtconvert.run.context import Progress, RunContext
+from mtconvert.timing import Clock
+
+
+@dataclass(frozen=True)
+class Point:
+    """The feeds at one set of input shapes, how they were made, and the reference's outputs."""
+
+    feeds: dict[str, np.ndarray]
+    values: dict[str, str]
+    reference: ReferenceRun
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.feeds.items()}
+
+
+class Run:
+    """One run's shared state. ``mode`` is recorded in the report's settings (but for convert,
+    whose settings have always been the options alone)."""
+
+    def __init__(self, mode: str, opts: ConvertOptions, registry: Registry | None = None,
+                 progress: Progress | None = None):
+        self.mode, self.opts = mode, opts
+        self.registry = registry or default_registry()
+        self.say: Progress = progress or (lambda _msg: None)
+        self.clock = Clock()
+        self.loaded: source_mod.LoadedSource | None = None
+        self.settings: dict[str, Any] = opts.settings() | ({} if mode == "convert"
+                                                           else {"mode": mode})
+        self._points: dict[tuple, Point] = {}
+
+    # --- source, feeds, reference -------------------------------------------------------------
+    def load(self, model: Any, work_dir: Path, example_inputs: Any = None) -> PreparedSource:
+        self.say("loading source")
+        self.loaded = source_mod.load(model, work_dir, example_inputs,
+                                      trust_pickle=self.opts.trust_pickle,
+                                      max_bytes=self.opts.max_model_bytes)
+        return self.loaded.prepared
+
+    def point(self, input_shapes: dict[str, tuple[int, ...]] | None = None, *,
+              timed: bool = True) -> Point:
+        """Feeds and reference outputs at ``input_shapes`` (None: the options' shapes), built
+        once per shapes; ``timed`` runs the reference with the options' latency protocol."""
+        opts = self.opts if input_shapes is None else replace(self.opts,
+                                                              input_shapes=dict(input_shapes))
+        key = (tuple(sorted(opts.input_shapes.items())), timed)
+        if key not in self._points:
+            assert self.loaded is not None, "load() the source first"
+            feeds, values = feeds_mod.prepare(self.loaded, opts)
+            src = replace(self.loaded.prepared, input_shapes=_shapes(feeds))
+            self.say(f"reference: running the {src.format} source")
+            ref_opts = opts if timed else replace(opts, warmup=0, iterations=1)
+            self._points[key] = Point(feeds, values, open_reference(src, feeds, ref_opts))
+        return self._points[key]
+
+    def given(self, feeds: dict[str, np.ndarray], ref_out: dict[str, np.ndarray],
+              runtime: str, version: str | None) -> Point:
+        """A point whose feeds and reference outputs were stored (a golden bundle)."""
+        point = Point(feeds, {k: "from the bundle" for k in feeds},
+                      ReferenceRun(runtime, version, ref_out, {}))
+        self._points.setdefault((tuple(sorted(point.shapes.items())), "given"), point)
+        return point
+
+    # --- targets ------------------------------------------------------------------------------
+    def context(self, src: PreparedSource, point: Point, *, cache: bool = False,
+                sweep: list[Point] = (), report_name: str | None = None,
+                opts: ConvertOptions | None = None) -> RunContext:
+        """What a target's check reads. ``src.input_shapes`` is set to the point's shapes (the
+        shapes fixed-shape backends convert at)."""
+        src.input_shapes = _shapes({s.name: point.feeds[s.name] for s in src.inputs})
+        return RunContext(
+            self.registry, src, point.feeds, point.reference.outputs, opts or self.opts,
+            self.say, ConversionCache(default_root() if cache and self.opts.cache else None),
+            report_name=report_name, sweep=[(p.feeds, p.reference.outputs) for p in sweep],
+            reference_info={"runtime": point.reference.runtime,
+                            "version": point.reference.version})
+
+    # --- the report ---------------------------------------------------------------------------
+    def report(self, targets: list[TargetReport], point: Point,
+               source: SourceInfo | None = None) -> Report:
+        """The Report: the source as loaded (or ``source``), the reference at ``point``."""
+        ref = point.reference
+        return Report(source=source or self.source_info(point),
+                      reference=ReferenceInfo(ref.runtime, ref.version,
+                                              latency_of(ref.latency, self.opts.threads)),
+                      targets=TargetMap(targets), settings=self.settings,
+                      timings=self.clock.laps, mtconvert_version=__version__,
+                      created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def source_info(self, point: Point) -> SourceInfo:
+        assert self.loaded is not None
+        src = self.loaded.prepared
+        return SourceInfo(path=str(src.path) if src.path else None, format=src.format,
+                          sha256=self.loaded.sha256,
+                          inputs=tuple(s.to_dict() for s in src.inputs),
+                          outputs=tuple(s.to_dict() for s in src.outputs),
+                          input_shapes={k: list(v) for k, v in point.shapes.items()},
+                          input_values=point.values)
+
+
+def _shapes(feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in feeds.items()}
