@@ -1,5 +1,6 @@
-"""Report formats: JUnit XML read back with junitparser (the parser CI test-report tools use),
-Markdown for pull-request comments, ``--json`` on stdout, and the deployment snippets."""
+"""Report formats: JUnit XML read back with a JUnit consumer library (junitparser, which CI
+test-report actions use to read such files), Markdown for pull-request comments, ``--json`` on
+stdout, and the deployment snippets."""
 import json
 import os
 import subprocess
