@@ -1,0 +1,219 @@
+"""tflite routes: the opset-17 pre-pass (checked against ONNX Runtime) and the second onnx2tf
+route with its layout judgement pinned, tried when the first route's artifact fails."""
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from mtconvert.backends import tflite_routes as routes
+from mtconvert.backends.tflite import TfliteBackend
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=18):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def _vi(name, shape, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _run(model, feeds):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _reduce_l2(opset=18):
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    return _model([helper.make_node("ReduceL2", ["x", "axes"], ["n"], keepdims=1),
+                   helper.make_node("Div", ["x", "n"], ["y"])],
+                  [_vi("x", [2, 5])], [_vi("y", [2, 5])], [axes], opset)
+
+
+def test_reduce_axes_input_goes_back_to_an_attribute():
+    model = _reduce_l2()
+    low, done = routes.downgrade_opset(_copy(model))
+    assert routes.default_opset(low) == 17 and done[0].startswith("opset 18 -> 17")
+    node = next(n for n in low.graph.node if n.op_type == "ReduceL2")
+    assert list(node.input) == ["x"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["axes"] == [1] and "noop_with_empty_axes" not in attrs
+    assert routes.same_outputs(model, low) is None
+    x = np.random.default_rng(1).standard_normal((2, 5)).astype(np.float32)
+    np.testing.assert_allclose(_run(low, {"x": x})[0],
+                               x / np.linalg.norm(x, axis=1, keepdims=True), rtol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceMax", "ReduceSum", "ReduceSumSquare"])
+def test_other_reduce_ops_at_opsets_18_to_21(op):
+    for opset in (18, 19, 20, 21):
+        axes = numpy_helper.from_array(np.array([-1], np.int64), "axes")
+        model = _model([helper.make_node(op, ["x", "axes"], ["y"], keepdims=0)],
+                       [_vi("x", [2, 3, 4])], [_vi("y", [2, 3])], [axes], opset)
+        low, _ = routes.downgrade_opset(_copy(model))
+        assert routes.default_opset(low) == 17
+        assert routes.same_outputs(model, low) is None, (op, opset)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_is_expanded_to_its_formula(approximate):
+    model = _model([helper.make_node("Gelu", ["x"], ["y"], approximate=approximate)],
+                   [_vi("x", [3, 7])], [_vi("y", [3, 7])], opset=20)
+    low, done = routes.downgrade_opset(_copy(model))
+    ops = {n.op_type for n in low.graph.node}
+    assert "Gelu" not in ops and ("Erf" if approximate == "none" else "Tanh") in ops
+    assert "Gelu expanded to its formula (1 nodes)" in done
+    assert routes.same_outputs(model, low) is None
+
+
+def test_split_num_outputs_and_pad_axes():
+    split = _model([helper.make_node("Split", ["x"], ["a", "b"], axis=1, num_outputs=2)],
+                   [_vi("x", [2, 6])], [_vi("a", [2, 3]), _vi("b", [2, 3])])
+    low, _ = routes.downgrade_opset(_copy(split))
+    assert routes.same_outputs(split, low) is None
+    pads = numpy_helper.from_array(np.array([1, 2], np.int64), "pads")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    pad = _model([helper.make_node("Pad", ["x", "pads", "", "axes"], ["y"])],
+                 [_vi("x", [2, 6])], [_vi("y", [2, 9])], [pads, axes])
+    low, done = routes.downgrade_opset(_copy(pad))
+    assert done[0].startswith("opset 18 -> 17 (by hand")  # the converter has no Pad adapter
+    assert routes.same_outputs(pad, low) is None
+    assert len(next(n for n in low.graph.node if n.op_type == "Pad").input) <= 3
+
+
+def test_prepare_writes_opset_17_and_says_so(tmp_path):
+    src, dst = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(_reduce_l2(20), str(src))
+    result = routes.prepare(str(src), str(dst))
+    assert result["steps"] == ["opset 20 -> 17 (onnx.version_converter); "
+                               "ONNX Runtime outputs unchanged"]
+    assert routes.default_opset(onnx.load(str(dst))) == 17
+    assert result["op_counts"] == {"ReduceL2": 1, "Div": 1}
+
+
+def test_prepare_leaves_opset_17_alone_and_keeps_what_cannot_go_down(tmp_path):
+    old = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [2])],
+                 opset=17)
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    assert routes.prepare(str(tmp_path / "old.onnx"), str(tmp_path / "o.onnx"))["steps"] == []
+    # BitwiseAnd is new in opset 18: no way down, the graph goes on unchanged
+    new = _model([helper.make_node("BitwiseAnd", ["a", "b"], ["y"])],
+                 [_vi("a", [3], TensorProto.INT32), _vi("b", [3], TensorProto.INT32)],
+                 [_vi("y", [3], TensorProto.INT32)])
+    onnx.save(new, str(tmp_path / "new.onnx"))
+    result = routes.prepare(str(tmp_path / "new.onnx"), str(tmp_path / "n.onnx"))
+    assert result["steps"][0].startswith("opset 18 kept: no way down to 17")
+    assert routes.default_opset(onnx.load(str(tmp_path / "n.onnx"))) == 18
+
+
+def test_a_rewrite_that_changes_outputs_is_refused():
+    model = _reduce_l2()
+    changed = _copy(model)
+    changed.graph.node[1].op_type = "Mul"
+    assert "max abs difference" in routes.same_outputs(model, changed)
+    kept, steps = routes._checked(model, changed, "rewrite", [])
+    assert kept is model and steps[0].startswith("not applied (rewrite): ONNX Runtime outputs")
+
+
+def test_second_route_only_when_sizes_are_ambiguous(tmp_path):
+    w = numpy_helper.from_array(np.zeros((32, 48), np.float32), "w")
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [_vi("x", [1, "s", 32])],
+                   [_vi("y", [1, "s", 48])], [w])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+
+    def source(shape):
+        return SimpleNamespace(onnx_path=tmp_path / "m.onnx", input_shapes={"x": shape})
+
+    assert TfliteBackend().routes(source((1, 32, 32))) == ["onnx2tf", "onnx2tf-pinned-layout"]
+    assert TfliteBackend().routes(source((1, 20, 32))) == ["onnx2tf", "onnx2tf-pinned-layout"]
+    assert not routes.ambiguous_layout(source((1, 20, 7)))
+    assert TfliteBackend().routes(source((1, 20, 7))) == ["onnx2tf"]
+
+
+def _copy(model):
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+# --- end to end, with the real onnx2tf, TFLiteConverter and LiteRT -----------------------------
+
+needs_tflite = pytest.mark.skipif(not TfliteBackend.availability().can_convert,
+                                  reason="tflite toolchain not installed")
+
+
+def _sentence_encoder_dynamo(folder: Path) -> Path:
+    """A tiny sentence encoder (embedding, LayerNorm, GELU MLP, mean pooling, L2 normalize)
+    exported the default way: torch.export-based, opset 18+, weights in model.onnx.data."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 24)
+            self.norm = torch.nn.LayerNorm(24)
+            self.fc = torch.nn.Linear(24, 40)
+            self.out = torch.nn.Linear(40, 24)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.out(torch.nn.functional.gelu(self.fc(self.norm(self.emb(input_ids)))))
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+    torch.manual_seed(0)
+    args = (torch.randint(0, 50, (1, 12)), torch.ones(1, 12, dtype=torch.long))
+    path = folder / "encoder.onnx"
+    torch.onnx.export(Encoder().eval(), args, str(path), input_names=["input_ids",
+                      "attention_mask"], output_names=["sentence_embedding"], dynamo=True,
+                      external_data=True)
+    return path
+
+
+@pytest.mark.slow
+@needs_tflite
+def test_default_exporter_sentence_encoder_converts(tmp_path):
+    import mtconvert
+
+    (tmp_path / "src").mkdir()
+    path = _sentence_encoder_dynamo(tmp_path / "src")
+    assert (path.parent / "encoder.onnx.data").is_file()  # external data, as the exporter writes
+    opset = routes.default_opset(onnx.load(str(path), load_external_data=False))
+    assert opset >= 18 and {"ReduceL2"} <= {n.op_type for n in onnx.load(str(path)).graph.node}
+    report = mtconvert.convert(path, targets=["tflite"], out_dir=tmp_path / "out", iterations=2,
+                               warmup=1)
+    t = report.targets["tflite"]
+    assert t.status == "passed", t.reason
+    assert t.numerics.worst["max_abs"] < 1e-4
+    steps = " | ".join(t.conversion.steps)
+    assert f"opset {opset} -> 17 (onnx.version_converter)" in steps
+    assert "ONNX Runtime outputs unchanged" in steps
+    assert "onnx2tf pseudo-operator: erf" in steps  # the expanded Gelu, builtin ops, no Flex
+
+
+@pytest.mark.slow
+@needs_tflite
+def test_equal_sizes_are_repaired_by_the_pinned_route(fixtures_dir, tmp_path):
+    """Sequence 32 == hidden 32: the first route's artifact computes wrong logits (caught by the
+    numerics, listed as rejected); the pinned-layout route passes."""
+    import mtconvert
+
+    report = mtconvert.convert(fixtures_dir / "bert_distilled.onnx", targets=["tflite"],
+                               out_dir=tmp_path, input_shapes={"input_ids": "1x32"},
+                               iterations=2, warmup=1)
+    t = report.targets["tflite"]
+    assert t.status == "passed", t.reason
+    assert t.numerics.worst["max_abs"] < 1e-4
+    assert "tflite-ambiguous-shape" in {f["code"] for f in t.findings}
+    steps = t.conversion.steps
+    assert steps[0].startswith("route onnx2tf rejected: failed: numerics: logits")
+    assert "route onnx2tf-pinned-layout: chosen (passed)" in steps
+    assert (tmp_path / "bert_distilled.tflite").is_file()
