@@ -533,3 +533,15 @@ def test_e2e_dynamo_exporter_external_data(tmp_path):
     assert "lower gather-select: GatherND" in _steps(t)
     assert "lower default-attributes:" in _steps(t)
 
+
+
+@slow_ncnn
+def test_e2e_reduction_with_axes_input_is_reduced(tiny_onnx, tmp_path):
+    """The tiny masked mean-pool encoder (ReduceSum with axes as an input) used to come back
+    from ncnn with its sequence axis unreduced (pnnx writes such reductions with no axes);
+    reduce-matmul makes it a MatMul and the artifact passes."""
+    from tests.models import quick_convert
+
+    t = quick_convert("ncnn", tiny_onnx, tmp_path).targets["ncnn"]
+    assert t.status == "passed", (t.reason, _steps(t))
+    assert "lower reduce-matmul: ReduceSum x2 over constant axes" in _steps(t)
