@@ -72,18 +72,6 @@ def test_pt2_source(fixtures_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx2tf_equal_size_trap_is_caught_and_explained(fixtures_dir, tmp_path):
-    """onnx2tf silently swaps axes of equal size: sequence 32 == hidden 32 gives wrong logits.
-    mtconvert must fail it (never pass) and say why; the default shape avoids it."""
-    t = _run(fixtures_dir / "bert_distilled.onnx", tmp_path,
-             input_shapes={"input_ids": "1x32"}).targets["tflite"]
-    assert t.status == "failed" and "logits" in t.reason
-    assert "tflite-ambiguous-shape" in {f["code"] for f in t.findings}
-    first = t.diagnostics["first_divergence"]  # localized: the position-embedding Add
-    assert "embeddings" in first["node"] and first["max_abs"] > 1e-2
-
-
-@pytest.mark.slow
 def test_quantized_sources_fail_with_named_reasons(fixtures_dir, tmp_path):
     qdq = _run(fixtures_dir / "bert_int8_qdq.onnx", tmp_path / "qdq").targets["tflite"]
     assert qdq.status == "failed" and "FLEX:ClipByValue" in qdq.reason
