@@ -445,6 +445,7 @@ def _convert(path, tmp_path):
     return quick_convert("coreml", path, tmp_path / "out").targets["coreml"]
 
 
+@pytest.mark.slow
 def test_default_exporter_model_with_external_data_converts(tmp_path):
     """torch.onnx.export(dynamo=True): opset 20, Cast-19, Reshape allowzero=1, Gelu-20,
     LayerNormalization, Reciprocal, weights in model.onnx.data."""
@@ -460,6 +461,7 @@ def test_default_exporter_model_with_external_data_converts(tmp_path):
     assert t.numerics.worst["max_abs"] < 1e-4
 
 
+@pytest.mark.slow
 def test_torchscript_export_with_clip_tensor_bounds_converts(tmp_path):
     """torch.onnx.export(dynamo=False, opset 17): clamp(min=1e-9) is Clip(x, tensor, '')."""
     path = _export(tmp_path, dynamo=False)
