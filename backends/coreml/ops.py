@@ -27,11 +27,19 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.polynomial import chebyshev as _chebyshev
+from numpy.polynomial import polyutils as pu
 
 Args = dict[str, Any]
 Kernel = Callable[[Args], tuple[np.ndarray, ...]]
 
 OPS: dict[str, Kernel] = {}
+
+
+# Parameters a kernel widens to float32 (``_num`` / ``_f32``) before anything reads them: a
+# float16 constant bound to one of them may be handed over widened already, with the same
+# result (the interpreter widens such weights once per session instead of once per run).
+# Filled in below, next to the kernels.
+WIDENED_PARAMS: dict[str, frozenset[str]] = {}
 
 
 def missing(op_types: Iterable[str]) -> list[str]:
@@ -184,6 +192,7 @@ def _binary_kernel(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Kernel
 
 for _name, _fn in _BINARY.items():
     register(_name)(_binary_kernel(_fn))
+    WIDENED_PARAMS[_name] = frozenset({"x", "y"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,11 +207,45 @@ def _erf_fit() -> Callable[[np.ndarray], np.ndarray]:
 
 
 _ERF_POLY = _erf_fit()
+# The interpolant's evaluation, spelled out: t = off + scl * min(|x|, 6) maps [0, 6] onto
+# [-1, 1], then Clenshaw's recurrence over the coefficients, exactly as numpy's chebval
+# (same operations in the same order, so the same float64 bits), but in place on blocks
+# that stay in cache: the full-array temporaries of chebval cost ten times more.
+_ERF_OFF, _ERF_SCL = (float(v) for v in pu.mapparms(_ERF_POLY.domain, _ERF_POLY.window))
+_ERF_COEF = tuple(float(c) for c in _ERF_POLY.coef)
+_BLOCK = 16384  # float64 elements per block (128 KiB)
 
 
 def _erf64(x: np.ndarray) -> np.ndarray:
+    """erf in float64 (see ``_erf_fit``); evaluated block by block."""
     x = np.asarray(x, dtype=np.float64)
-    return np.sign(x) * _ERF_POLY(np.minimum(np.abs(x), 6.0))
+    out = np.empty(x.shape, np.float64)
+    flat, res = x.reshape(-1), out.reshape(-1)
+    scratch = np.empty((5, min(flat.size, _BLOCK)), np.float64)
+    for start in range(0, flat.size, _BLOCK):
+        block = flat[start:start + _BLOCK]
+        _erf64_block(block, res[start:start + _BLOCK], scratch[:, :block.size])
+    return out
+
+
+def _erf64_block(x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+    t, x2, c0, c1, tmp = scratch
+    np.abs(x, out=t)
+    np.minimum(t, 6.0, out=t)
+    np.multiply(_ERF_SCL, t, out=t)
+    np.add(_ERF_OFF, t, out=t)  # t = off + scl * min(|x|, 6)
+    np.multiply(2, t, out=x2)
+    c0.fill(_ERF_COEF[-2])
+    c1.fill(_ERF_COEF[-1])
+    for i in range(3, len(_ERF_COEF) + 1):  # (c0, c1) <- (c[-i] - c1, c0 + c1 * x2)
+        np.multiply(c1, x2, out=tmp)
+        np.subtract(_ERF_COEF[-i], c1, out=c1)
+        np.add(c0, tmp, out=c0)
+        c0, c1 = c1, c0
+    np.multiply(c1, t, out=tmp)
+    np.add(c0, tmp, out=tmp)  # c0 + c1 * t
+    np.sign(x, out=out)
+    np.multiply(out, tmp, out=out)
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -293,13 +336,31 @@ def cast(args: Args) -> tuple[np.ndarray, ...]:
     return (np.asarray(args["x"]).astype(_dtype(_str(args, "dtype"))),)
 
 
+def _gelu_exact(x: np.ndarray) -> np.ndarray:
+    """0.5 * x * (1 + erf(x / sqrt(2))) in float64, rounded once to float32; block by block
+    (the float64 temporaries of the whole tensor cost more than the arithmetic)."""
+    out = np.empty(x.shape, np.float32)
+    flat, res = x.reshape(-1), out.reshape(-1)
+    scratch = np.empty((8, min(flat.size, _BLOCK)), np.float64)
+    for start in range(0, flat.size, _BLOCK):
+        block = flat[start:start + _BLOCK]
+        x64, u, erf = scratch[:3, :block.size]
+        x64[...] = block
+        np.divide(x64, math.sqrt(2), out=u)
+        _erf64_block(u, erf, scratch[3:, :block.size])
+        np.add(1, erf, out=erf)
+        np.multiply(0.5, x64, out=x64)
+        np.multiply(x64, erf, out=x64)
+        res[start:start + _BLOCK] = x64
+    return out
+
+
 @register("gelu")
 def gelu(args: Args) -> tuple[np.ndarray, ...]:
     mode = _str(args, "mode", "EXACT")
     x = _f32(args["x"])
     if mode == "EXACT":
-        x64 = x.astype(np.float64)
-        return ((0.5 * x64 * (1 + _erf64(x64 / math.sqrt(2)))).astype(np.float32),)
+        return (_gelu_exact(x),)
     if mode == "TANH_APPROXIMATION":
         inner = np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * x * x * x)
         return (np.float32(0.5) * x * (1 + np.tanh(inner)),)
@@ -367,8 +428,10 @@ def softplus_parametric(args: Args) -> tuple[np.ndarray, ...]:
 def softmax(args: Args) -> tuple[np.ndarray, ...]:
     x = _f32(args["x"])
     axis = _int(args, "axis", -1)
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return (e / np.sum(e, axis=axis, keepdims=True),)
+    e = np.subtract(x, np.max(x, axis=axis, keepdims=True))
+    np.exp(e, out=e)
+    np.divide(e, np.sum(e, axis=axis, keepdims=True), out=e)
+    return (e,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,7 +505,8 @@ register("reduce_argmin")(_arg_reduce(np.argmin))
 def _normalize(x: np.ndarray, axes: tuple[int, ...], eps: np.float32) -> np.ndarray:
     centred = x - np.mean(x, axis=axes, keepdims=True)
     var = np.mean(centred * centred, axis=axes, keepdims=True)
-    return centred / np.sqrt(var + eps)
+    np.divide(centred, np.sqrt(var + eps), out=centred)
+    return centred
 
 
 @register("layer_norm")
@@ -453,9 +517,9 @@ def layer_norm(args: Args) -> tuple[np.ndarray, ...]:
     y = _normalize(x, axes, _float(args, "epsilon", 1e-5))
     param_shape = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
     if args.get("gamma") is not None:
-        y = y * _f32(args["gamma"]).reshape(param_shape)
+        np.multiply(y, _f32(args["gamma"]).reshape(param_shape), out=y)
     if args.get("beta") is not None:
-        y = y + _f32(args["beta"]).reshape(param_shape)
+        np.add(y, _f32(args["beta"]).reshape(param_shape), out=y)
     return (y,)
 
 
@@ -502,12 +566,20 @@ def l2_norm(args: Args) -> tuple[np.ndarray, ...]:
 def linear(args: Args) -> tuple[np.ndarray, ...]:
     y = np.matmul(_f32(args["x"]), _f32(args["weight"]).T)
     if args.get("bias") is not None:
-        y = y + _f32(args["bias"])
+        y = y + _f32(args["bias"])  # broadcasting may widen y: not in place
     return (y,)
 
 
 def _swap_last(a: np.ndarray) -> np.ndarray:
     return np.swapaxes(a, -1, -2) if a.ndim >= 2 else a
+
+
+def _blas_ready(a: np.ndarray) -> np.ndarray:
+    """A stack of matrices NumPy hands to BLAS: views with other strides (a transposed
+    [heads, seq, dim] of attention) fall back to NumPy's own loop, 50 times slower."""
+    if a.ndim <= 2 or a.flags.c_contiguous or a.dtype.kind != "f":
+        return a
+    return np.ascontiguousarray(a)
 
 
 @register("matmul")
@@ -519,7 +591,7 @@ def matmul(args: Args) -> tuple[np.ndarray, ...]:
         x = _swap_last(x)
     if _bool(args, "transpose_y", False):
         y = _swap_last(y)
-    return (np.asarray(np.matmul(x, y)),)
+    return (np.asarray(np.matmul(_blas_ready(x), _blas_ready(y))),)
 
 
 @register("einsum")
@@ -1249,5 +1321,12 @@ def constexpr_sparse_blockwise_shift_scale(args: Args) -> tuple[np.ndarray, ...]
     dense = _blockwise_shift_scale(data, args["scale"], args.get("offset"))
     return mask, dense[mask != 0]
 
+
+WIDENED_PARAMS.update({name: frozenset(params) for name, params in {
+    "matmul": ("x", "y"), "linear": ("x", "weight", "bias"), "layer_norm": ("x", "gamma", "beta"),
+    "batch_norm": ("x", "mean", "variance", "gamma", "beta"),
+    "instance_norm": ("x", "gamma", "beta"), "conv": ("x", "weight", "bias"), "select": ("a", "b"),
+    "scaled_dot_product_attention": ("query", "key", "value", "attn_mask"),
+}.items()})
 
 del _name, _fn, _float_math

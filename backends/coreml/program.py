@@ -2,11 +2,15 @@
 
 This reads the package's own files (the Core ML model protobuf and its weight blob), not the
 PyTorch graph it came from and not coremltools' in-memory program: what is checked is what
-ships. coremltools supplies only the protobuf classes and the blob-file reader.
+ships. coremltools supplies only its generated protobuf classes, loaded from its folder
+without importing the coremltools package (``_ct.proto``: importing coremltools costs seconds
+and pulls torch). The weight blob file is read here with NumPy (the MIL blob storage format:
+a 64-byte header, then per blob a 64-byte metadata record and the data, 64-byte aligned).
 """
 from __future__ import annotations
 
 import json
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mtconvert.backends.coreml._ct import coremltools
+from mtconvert.backends.coreml._ct import proto
 from mtconvert.errors import ModelLoadError
 
 # MIL DataType enum value -> numpy dtype name (sub-byte types unpack to (u)int8)
@@ -22,11 +26,18 @@ DTYPES = {1: "bool", 10: "float16", 11: "float32", 12: "float64", 21: "int8", 22
           23: "int32", 24: "int64", 25: "int8", 31: "uint8", 32: "uint16", 33: "uint32",
           34: "uint64", 35: "uint8", 36: "uint8", 37: "uint8", 38: "uint8", 39: "uint8"}
 SUB_BYTE_BITS = {25: 4, 35: 4, 36: 2, 37: 1, 38: 6, 39: 3}
-_BLOB_READ = {37: "read_uint1_data", 36: "read_uint2_data", 39: "read_uint3_data",
-              35: "read_uint4_data", 38: "read_uint6_data", 31: "read_uint8_data",
-              25: "read_int4_data", 21: "read_int8_data", 32: "read_uint16_data",
-              22: "read_int16_data", 10: "read_fp16_data", 11: "read_float_data",
-              23: "read_int32_data", 33: "read_uint32_data"}
+SIGNED_SUB_BYTE = {25}  # int4
+# MIL DataType -> the weight file's BlobDataType (MILBlob/Blob/BlobDataType.hpp) and the
+# little-endian numpy dtype of its data (sub-byte types: packed bytes)
+_BLOB_TYPES = {10: (1, "<f2"), 11: (2, "<f4"), 31: (3, "u1"), 21: (4, "i1"), 22: (6, "<i2"),
+               32: (7, "<u2"), 25: (8, "u1"), 37: (9, "u1"), 36: (10, "u1"), 35: (11, "u1"),
+               39: (12, "u1"), 38: (13, "u1"), 23: (14, "<i4"), 33: (15, "<u4")}
+_BLOB_SENTINEL = 0xDEADBEEF
+# storage_header: uint32 count, uint32 version, 7 x uint64 reserved (64 bytes)
+# blob_metadata: uint32 sentinel, uint32 mil_dtype, uint64 sizeInBytes, uint64 offset,
+#                uint64 padding_size_in_bits, 4 x uint64 reserved (64 bytes)
+_HEADER = struct.Struct("<II")
+_METADATA = struct.Struct("<IIQQQ")
 
 
 @dataclass(frozen=True)
@@ -78,10 +89,9 @@ def model_path(package: Path) -> Path:
 
 
 def load_spec(package: Path) -> Any:
-    coremltools()
-    from coremltools.proto import Model_pb2
-
-    spec = Model_pb2.Model()
+    """The package's root Core ML model (``Model_pb2.Model``), parsed with coremltools'
+    generated classes but without importing coremltools."""
+    spec = proto("Model_pb2").Model()
     try:
         spec.ParseFromString(model_path(package).read_bytes())
     except Exception as exc:  # protobuf's DecodeError and friends
@@ -170,40 +180,63 @@ def _immediate(tensor: Any, mil_type: int, shape: tuple[int, ...]) -> Any:
     return np.array(raw, dtype=dtype).reshape(shape)
 
 
-def _unpack_bits(data: bytes, mil_type: int, count: int) -> np.ndarray:
-    coremltools()
-    from coremltools.optimize import _utils as opt_utils
-
-    signed = mil_type == 25
-    values = np.frombuffer(data, dtype=np.int8 if signed else np.uint8)
-    return opt_utils.restore_elements_from_packed_bits(values, SUB_BYTE_BITS[mil_type], count,
-                                                       signed)
+def _unpack_bits(data: bytes | np.ndarray, mil_type: int, count: int) -> np.ndarray:
+    """``count`` sub-byte values packed least significant bit first, byte after byte (as
+    coremltools packs them: an element may straddle two bytes); int4 sign-extended into
+    int8, the unsigned types as uint8."""
+    nbits = SUB_BYTE_BITS[mil_type]
+    packed = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
+    bits = np.unpackbits(packed.astype(np.uint8, copy=False), bitorder="little")
+    if bits.size < count * nbits:
+        raise ModelLoadError(f"{count} values of {nbits} bits need {count * nbits} bits, "
+                             f"the data holds {bits.size}")
+    values = np.packbits(bits[:count * nbits].reshape(count, nbits), axis=-1,
+                         bitorder="little").reshape(count)
+    if mil_type in SIGNED_SUB_BYTE:  # two's complement in nbits
+        wide = values.astype(np.int16)
+        return (wide - (wide >= 1 << (nbits - 1)) * (1 << nbits)).astype(np.int8)
+    return values
 
 
 class _Weights:
-    """The package's weight blob files, read with coremltools' blob-storage reader."""
+    """The package's weight blob files (MIL blob storage, version 2), each read once into
+    memory; a blob is a read-only NumPy view of it (sub-byte types unpacked)."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self._readers: dict[str, Any] = {}
+        self._files: dict[str, bytes] = {}
 
     def read(self, blob: Any, mil_type: int) -> np.ndarray:
-        reader = self._reader(blob.fileName.split("/")[-1])
-        method = _BLOB_READ.get(mil_type)
-        if method is None:
+        name = blob.fileName.split("/")[-1]
+        data = self._file(name)
+        kind = _BLOB_TYPES.get(mil_type)
+        if kind is None:
             raise ModelLoadError(f"weights of MIL data type {mil_type} are not supported")
-        data = np.asarray(getattr(reader, method)(blob.offset))
-        if mil_type == 10:
-            return np.frombuffer(data.tobytes(), np.float16).copy()
-        return data.copy()
+        at = int(blob.offset)
+        if at < _HEADER.size or at + 64 > len(data):
+            raise ModelLoadError(f"{name}: no blob metadata at offset {at}")
+        sentinel, blob_type, size, offset, padding = _METADATA.unpack_from(data, at)
+        if sentinel != _BLOB_SENTINEL:
+            raise ModelLoadError(f"{name}: invalid blob metadata at offset {at}")
+        if blob_type != kind[0]:
+            raise ModelLoadError(f"{name}: the blob at offset {at} holds data type {blob_type}, "
+                                 f"the program reads MIL data type {mil_type}")
+        if offset + size > len(data):
+            raise ModelLoadError(f"{name}: the blob at offset {at} runs past the file's end")
+        raw = np.frombuffer(data, dtype=kind[1], count=size // np.dtype(kind[1]).itemsize,
+                            offset=offset)
+        if mil_type in SUB_BYTE_BITS:
+            return _unpack_bits(raw, mil_type, (size * 8 - padding) // SUB_BYTE_BITS[mil_type])
+        return raw.astype(DTYPES[mil_type], copy=False)  # native byte order
 
-    def _reader(self, name: str) -> Any:
-        if name not in self._readers:
+    def _file(self, name: str) -> bytes:
+        if name not in self._files:
             path = self.folder / name
             if not path.is_file():
                 raise ModelLoadError(f"the package's weight file {name} is missing")
-            coremltools()
-            from coremltools.libmilstoragepython import _BlobStorageReader
-
-            self._readers[name] = _BlobStorageReader(str(path))
-        return self._readers[name]
+            data = path.read_bytes()
+            if len(data) < 64 or _HEADER.unpack_from(data, 0)[1] != 2:
+                raise ModelLoadError(f"the package's weight file {name} is not MIL blob "
+                                     "storage version 2")
+            self._files[name] = data
+        return self._files[name]
