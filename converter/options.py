@@ -39,6 +39,10 @@ class ConvertOptions:
     batch_sizes: tuple[int, ...] = ()  # dynamic-shape sweep: batch sizes (axis 0)
     max_model_bytes: int | None = None  # refuse larger model files
     bundle: Path | None = None  # write a golden bundle per target here
+    save_baseline: Path | None = None  # keep this run's measurements here
+    baseline: Path | None = None  # gate this run against an earlier run's measurements
+    max_latency_regression: float = 0.10  # with --baseline: 10 % slower fails
+    max_size_growth: float = 0.05  # with --baseline: 5 % larger fails
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -52,6 +56,8 @@ class ConvertOptions:
             raise UsageError("--timeout must be positive")
         if self.jobs < 1:
             raise UsageError("--jobs must be at least 1")
+        if self.max_latency_regression < 0 or self.max_size_growth < 0:
+            raise UsageError("--max-latency-regression and --max-size-growth must be >= 0")
         if any(n < 1 for n in (*self.seq_lens, *self.batch_sizes)):
             raise UsageError("--seq-lens and --batch-sizes take positive integers")
 

@@ -32,7 +32,9 @@ CORE: tuple[Option, ...] = (
     Option("inputs", "data", None, "Validation inputs (.npz by name).", modes=BOTH),
     Option("threads", "int", None, "Threads for reference and targets.", modes=ALL),
     Option("warmup", "int", 3, modes=ALL, show_default=True),
-    Option("iterations", "int", 20, "Timed runs.", modes=ALL, show_default=True),
+    Option("iterations", "int", 20, "Timed runs per side, at least (interleaved timing runs "
+           "rounds of at least 25 ms, and more rounds while the ratio is unclear).", modes=ALL,
+           show_default=True),
     Option("seed", "int", 0, "Seed of generated inputs.", modes=BOTH, show_default=True),
     *(Option(key, "tolerance", None, HELP[key], modes=BOTH, metavar="[OUTPUT:]VALUE")
       for key in TOLERANCES),
@@ -54,6 +56,15 @@ CORE: tuple[Option, ...] = (
            metavar="1,4"),
     Option("localize", "bool", False, "Name the first diverging operator even when numerics "
            "pass."),
+    Option("save_baseline", "path", None, "Keep this run's measurements (latency samples, "
+           "size, errors) here, for a later --baseline.", modes=BOTH),
+    Option("baseline", "path", None, "Fail a target that got slower, larger or less exact "
+           "than in this baseline (written by --save-baseline).", modes=BOTH),
+    Option("max_latency_regression", "float", 0.10, "With --baseline: the p50 latency "
+           "increase that fails (0.10: 10 %), judged with its confidence interval.",
+           modes=BOTH, show_default=True),
+    Option("max_size_growth", "float", 0.05, "With --baseline: the artifact size growth that "
+           "fails (0.05: 5 %).", modes=BOTH, show_default=True),
     Option("bundle", "path", None, "Write a golden bundle per target here (artifact, inputs, "
            "reference outputs, tolerances, tool versions) for `mtconvert verify`."),
 )

@@ -106,6 +106,22 @@ class TargetReport:
     latency_unavailable: str | None = None  # why ``latency`` is absent although the target ran
     # deployment snippets from the backend: language (kotlin, swift, cpp, python) -> code
     snippets: dict[str, str] = field(default_factory=dict)
+    # target vs reference timed interleaved: ratio_p50, ci95, rounds, spreads, noisy (see
+    # validators.latency.interleaved); None where the two could not be timed together
+    latency_vs_reference: dict[str, Any] | None = None
+    # --baseline: {file, same_source, checks: [{check, status, message, ...}]}
+    baseline: dict[str, Any] | None = None
+
+    def ratio_to_reference(self, ref_p50_ms: float | None) -> tuple[float, bool] | None:
+        """(target p50 / reference p50, whether the machine was too noisy to tell): from the
+        interleaved timing when there is one, else from the two separate timings (never noisy
+        by that measure, but then only as good as two timings at different moments)."""
+        vs = self.latency_vs_reference or {}
+        if "ratio_p50" in vs:
+            return vs["ratio_p50"], bool(vs.get("noisy"))
+        if self.latency and ref_p50_ms:
+            return self.latency.p50_ms / ref_p50_ms, False
+        return None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -134,7 +150,9 @@ class TargetReport:
                    input_shapes=dict(d.get("input_shapes", {})),
                    sweep=tuple(d.get("sweep", ())), diagnostics=d.get("diagnostics"),
                    latency_unavailable=d.get("latency_unavailable"),
-                   snippets=dict(d.get("snippets") or {}))
+                   snippets=dict(d.get("snippets") or {}),
+                   latency_vs_reference=d.get("latency_vs_reference"),
+                   baseline=d.get("baseline"))
 
 
 @dataclass(frozen=True)

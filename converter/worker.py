@@ -61,6 +61,9 @@ def _child(job_path: Path) -> None:
         if job.get("intermediates"):
             _dump_intermediates(session, feeds, Path(job["intermediates"]))
             return
+        if job.get("serve"):
+            _serve(session, feeds)
+            return
         outputs = session.run(feeds)
         no_latency = session.latency_unavailable
         stats = None if no_latency else measure(lambda: session.run(feeds),
@@ -71,6 +74,95 @@ def _child(job_path: Path) -> None:
         "latency": stats.to_dict() if stats else {}, "latency_unavailable": no_latency,
         "peak_rss_mb": _peak_rss_mb(), "baseline_rss_mb": baseline,
         "runtime": runtime}))
+
+
+READY, SAMPLES = "MTCONVERT-READY", "MTCONVERT-SAMPLES "
+
+
+def _serve(session: Any, feeds: dict[str, np.ndarray]) -> None:
+    """Keep the session warm for interleaved timing: each line ``N`` on stdin runs N timed
+    inferences and answers one ``MTCONVERT-SAMPLES [ms, ...]`` line; anything else ends."""
+    import time
+
+    session.run(feeds)
+    print(READY, flush=True)
+    for line in sys.stdin:
+        if not line.strip().isdigit():
+            break
+        samples = []
+        for _ in range(int(line)):
+            t0 = time.perf_counter()
+            session.run(feeds)
+            samples.append((time.perf_counter() - t0) * 1000.0)
+        print(SAMPLES + json.dumps(samples), flush=True)
+
+
+class WarmSession:
+    """A session opened once in its own child process and kept warm; ``time(n)`` runs it n times
+    and returns the milliseconds. For timing two sessions in alternating rounds, so that a
+    change of machine load or CPU state lands on both sides."""
+
+    def __init__(self, *, name: str, backend: str, artifact: dict[str, Any],
+                 feeds: dict[str, np.ndarray], threads: int, timeout_s: float | None):
+        self._tmp = tempfile.TemporaryDirectory(prefix="mtconvert-warm-")
+        t = Path(self._tmp.name)
+        np.savez(t / "feeds.npz", **feeds)
+        job = {"name": name, "backend": backend, "artifact": artifact,
+               "feeds": str(t / "feeds.npz"), "threads": threads, "serve": True,
+               "result": str(t / "result.json")}
+        (t / "job.json").write_text(json.dumps(job))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.name, self.timeout_s = name, timeout_s
+        self._stderr = (t / "stderr.txt").open("w")
+        self._proc = subprocess.Popen([sys.executable, "-m", "mtconvert.worker",
+                                       str(t / "job.json")], env=env, text=True,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr)
+        self._expect(READY)
+
+    def time(self, n: int) -> list[float]:
+        self._proc.stdin.write(f"{n}\n")
+        self._proc.stdin.flush()
+        return json.loads(self._expect(SAMPLES))
+
+    def _expect(self, prefix: str) -> str:
+        """The rest of the next stdout line starting with ``prefix`` (runtimes may print)."""
+        import selectors
+
+        from mtconvert.errors import RuntimeFailure
+
+        sel = selectors.DefaultSelector()
+        sel.register(self._proc.stdout, selectors.EVENT_READ)
+        while True:
+            if not sel.select(self.timeout_s):
+                self.close()
+                raise RuntimeFailure(f"timed out after {self.timeout_s:g} s", target=self.name,
+                                     step="latency")
+            line = self._proc.stdout.readline()
+            if not line:
+                self.close()
+                raise RuntimeFailure("the runtime exited while being timed", target=self.name,
+                                     step="latency")
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                self._proc.stdin.write("quit\n")
+                self._proc.stdin.close()
+                self._proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.kill()
+                self._proc.wait()
+        self._stderr.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> WarmSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 MAX_DUMP_BYTES = 2 * 2**30  # intermediate tensors kept for localization, at most

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,7 @@ class FakeSession(Session):
                                           providers=["CPUExecutionProvider"])
         self._path = artifact.primary
         self._noise = float(artifact.meta.get("noise", 0.0))
+        self._delay_ms = float(artifact.meta.get("delay_ms", 0.0))
         self._batch_noise = bool(artifact.meta.get("batch_noise"))
         self._broken = {op: extra for key, extra in (("noise_if_op", 0.5), ("inf_if_op", np.inf))
                         if (op := artifact.meta.get(key))}
@@ -84,6 +86,10 @@ class FakeSession(Session):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self._sess.get_outputs()]
         outs = self._sess.run(names, feeds)
+        if self._delay_ms:  # a slower target: the busy wait a slower kernel would be
+            end = time.perf_counter() + self._delay_ms / 1000
+            while time.perf_counter() < end:
+                pass
         noise = self._noise + (1.0 if self._batch_noise and outs[0].shape[0] > 1 else 0.0)
         return {n: o + np.asarray(noise, dtype=o.dtype) for n, o in zip(names, outs)}
 

@@ -52,3 +52,42 @@ def nonfinite(outputs: dict[str, np.ndarray]) -> bool:
 def verdict(reasons: list[str]) -> tuple[str, str | None]:
     """A checked artifact's status from the reasons it failed (none: passed)."""
     return ("failed", "; ".join(reasons)) if reasons else ("passed", None)
+
+
+def median_ratio(current: list[float], before: list[float], *, seed: int = 0,
+                 resamples: int = 2000) -> tuple[float, float, float]:
+    """median(current) / median(before) and its 95 % bootstrap interval (two independent sets
+    of latency samples, e.g. this run's and a baseline's)."""
+    a, b = np.asarray(current, np.float64), np.asarray(before, np.float64)
+    rng = np.random.default_rng(seed)
+    boot = (np.median(rng.choice(a, (resamples, a.size)), axis=1)
+            / np.median(rng.choice(b, (resamples, b.size)), axis=1))
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(np.median(a) / np.median(b)), float(lo), float(hi)
+
+
+def regression(change: float, lo: float, hi: float, limit: float) -> str:
+    """A latency change judged against ``limit`` (0.10: 10 % slower) with its interval:
+    ``failed`` when even the interval's low end is past the limit, ``passed`` when its high end
+    is within it, ``inconclusive`` when the noise straddles the limit."""
+    if lo > 1 + limit:
+        return "failed"
+    if hi <= 1 + limit:
+        return "passed"
+    return "inconclusive"
+
+
+def worsened(current: dict[str, Any], before: dict[str, Any],
+             tolerance: dict[str, Any]) -> str | None:
+    """Why an output's error grew beyond its tolerance since the baseline (None: it did not):
+    max abs by more than atol, cosine down by more than 1 - min_cosine."""
+    why = []
+    atol, min_cos = tolerance.get("atol"), tolerance.get("min_cosine")
+    now, then = current.get("max_abs"), before.get("max_abs")
+    if atol is not None and now is not None and then is not None and now > then + atol:
+        why.append(f"max abs {now:.3g} vs {then:.3g} (> +atol {atol:g})")
+    now, then = current.get("cosine"), before.get("cosine")
+    if min_cos is not None and now is not None and then is not None \
+            and now < then - (1 - min_cos):
+        why.append(f"cosine {now:.6f} vs {then:.6f} (> -{1 - min_cos:.2g})")
+    return "; ".join(why) or None

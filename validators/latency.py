@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -45,3 +46,39 @@ def measure(fn: Callable[[], object], *, warmup: int, iterations: int) -> Latenc
         fn()
         samples.append((time.perf_counter() - t0) * 1000.0)
     return summarize(samples, warmup)
+
+
+NOISY_CI_WIDTH = 0.2  # a 95 % interval wider than ±10 % of the ratio cannot tell a 10 % change
+
+
+def interleaved(ref_rounds: list[list[float]], tgt_rounds: list[list[float]], *,
+                seed: int = 0, resamples: int = 2000) -> dict[str, Any]:
+    """Target/reference latency from rounds timed alternately. Each round's ratio of medians
+    pairs the two sides under one machine state; the ratio is the median of those ratios and
+    its 95 % confidence interval a bootstrap over rounds. ``noisy``: the interval is too wide
+    (> NOISY_CI_WIDTH of the ratio) to tell a 10 % change from noise."""
+    if not ref_rounds or len(ref_rounds) != len(tgt_rounds):
+        raise ValueError("interleaved timing needs as many reference rounds as target rounds")
+    r = np.array([np.median(x) for x in ref_rounds])
+    t = np.array([np.median(x) for x in tgt_rounds])
+    ratios = t / r
+    ratio = float(np.median(ratios))
+    idx = np.random.default_rng(seed).integers(0, len(ratios), (resamples, len(ratios)))
+    lo, hi = (float(v) for v in np.percentile(np.median(ratios[idx], axis=1), [2.5, 97.5]))
+    width = (hi - lo) / ratio if ratio > 0 else float("inf")
+    return {"ratio_p50": round(ratio, 4), "ci95": [round(lo, 4), round(hi, 4)],
+            "rounds": len(ratios), "per_round": len(tgt_rounds[0]),
+            "reference_p50_ms": round(float(np.median(np.concatenate(ref_rounds))), 4),
+            "target_p50_ms": round(float(np.median(np.concatenate(tgt_rounds))), 4),
+            "reference_spread": round(_spread(r), 4), "target_spread": round(_spread(t), 4),
+            "noisy": bool(width > NOISY_CI_WIDTH)}
+
+
+def _spread(round_medians: np.ndarray) -> float:
+    """(max - min) / median of the per-round medians: how much one side moved during the run."""
+    return float((round_medians.max() - round_medians.min()) / np.median(round_medians))
+
+
+def stable(history: list[float], tolerance: float = 0.1) -> bool:
+    """Two consecutive warm-up rounds within ``tolerance`` of each other."""
+    return len(history) >= 2 and abs(history[-1] - history[-2]) <= tolerance * history[-2]

@@ -58,6 +58,13 @@ def write_files(report: Report, paths: dict[str, Path | None]) -> None:
             render(r.name, report, Path(paths[r.option.name]))
 
 
+def ratio_text(ratio: tuple[float, bool] | None) -> str:
+    """``0.92x``; ``0.92x?`` when the interleaved timing was too noisy to tell; ``-``."""
+    if ratio is None:
+        return "-"
+    return f"{ratio[0]:.2f}x" + ("?" if ratio[1] else "")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never half a file."""
     path = Path(path)

@@ -69,7 +69,9 @@ def _render(report: Report, console: Console) -> None:
 def _row(t: TargetReport, ref_p50: float | None) -> list[str]:
     worst = (t.numerics.worst or {}) if t.numerics else {}
     p50 = t.latency.p50_ms if t.latency else None
-    ratio = f"{p50 / ref_p50:.2f}x" if p50 and ref_p50 else "-"
+    from mtconvert.render import ratio_text
+
+    ratio = ratio_text(t.ratio_to_reference(ref_p50))
     size = sum(a.bytes for a in t.artifacts)
     return [f"{t.name} {t.precision}", f"[{_STATUS_STYLE[t.status]}]{t.status}[/]",
             str(worst.get("output", "-")), _num(worst.get("max_abs"), ".2e"),
@@ -95,6 +97,16 @@ def _details(t: TargetReport, console: Console) -> None:
         if m.get("top1_agreement") is not None:
             console.print(f"  {out}: top-1 agreement {m['top1_agreement']:.1%}, top-5 "
                           f"{m['top5_agreement']:.1%}")
+    vs = t.latency_vs_reference or {}
+    if "ratio_p50" in vs:
+        lo, hi = vs["ci95"]
+        console.print(f"  latency vs reference, timed interleaved ({vs['rounds']} rounds): "
+                      f"{vs['ratio_p50']:.2f}x [dim](95% interval {lo:.2f}-{hi:.2f}; round-to-round "
+                      f"spread: reference {vs['reference_spread']:.0%}, target "
+                      f"{vs['target_spread']:.0%})[/]"
+                      + ("  [yellow]too noisy to tell a 10% change[/]" if vs["noisy"] else ""))
+    elif vs.get("error"):
+        console.print(f"  latency: timed alone ({escape(vs['error'])})")
     if t.sweep:
         ok = sum(e["status"] == "passed" for e in t.sweep)
         console.print(f"  shape sweep: {ok}/{len(t.sweep)} extra shapes passed")

@@ -18,6 +18,7 @@ from html import escape
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from mtconvert.render import ratio_text
 from mtconvert.render.console import _fmt_bytes, _num
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ def _summary(report: Report) -> str:
                  f"{_e(t.precision)}</span>", _pill(t.status),
                  _e(worst.get("output", "-")), _num(worst.get("max_abs"), ".2e"),
                  _num(worst.get("cosine"), ".6f"), _num(p50, ".3f"),
-                 f"{p50 / ref_p50:.2f}x" if p50 and ref_p50 else "-",
+                 ratio_text(t.ratio_to_reference(ref_p50)),
                  _fmt_bytes(sum(a.bytes for a in t.artifacts)) if t.artifacts else "-",
                  f"{t.memory.peak_rss_mb:.0f} MB" if t.memory else "-",
                  f"{t.conversion.seconds:.1f} s" + (" (cached)" if t.conversion.cached else "")

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from mtconvert.render import ratio_text
+
 if TYPE_CHECKING:
     from mtconvert.report import Report, TargetReport
 
@@ -72,7 +74,8 @@ def _row(t: TargetReport, ref_p50: float | None, accuracy: bool) -> list[str]:
     cosine = f"{worst['cosine']:.6f}" if worst.get("cosine") is not None else "–"
     if t.latency is not None:
         p50 = f"{t.latency.p50_ms:.2f}"
-        p50 += f" ({t.latency.p50_ms / ref_p50:.2f}x)" if ref_p50 else ""
+        ratio = t.ratio_to_reference(ref_p50)
+        p50 += f" ({ratio_text(ratio)})" if ratio else ""
     else:
         p50 = "–"
     size = _bytes(sum(a.bytes for a in t.artifacts)) if t.artifacts else "–"

@@ -3,6 +3,7 @@ twin, and every sweep shape), localize a divergence. Every failure ends in the T
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,9 +13,10 @@ from mtconvert.backends.base import (Artifact, Backend, Finding, TensorSpec, for
                                      import_path)
 from mtconvert.errors import RuntimeUnavailable, StepError
 from mtconvert.report import Conversion, Latency, Memory, Numerics, TargetReport
+from mtconvert.run import timing
 from mtconvert.run.context import RunContext
 from mtconvert.timing import Clock
-from mtconvert.validators import gates
+from mtconvert.validators import gates, latency
 from mtconvert.worker import SessionResult, run_session
 
 
@@ -40,10 +42,16 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
     if not type(backend).availability().can_run:
         return TargetReport(status="skipped", reason="artifact cannot be run on this machine",
                             **base)
+    together = _can_interleave(ctx)
     try:
         with ctx.validate_lock:
             ctx.say(f"{name}: validating")
-            result = session(ctx, backend, artifact, opts.warmup, opts.iterations)
+            result = session(ctx, backend, artifact, *((0, 1) if together else
+                                                       (opts.warmup, opts.iterations)))
+            timed, vs_ref = result.latency, None
+            if together and not result.latency_unavailable:
+                ctx.say(f"{name}: timing against the reference, interleaved")
+                timed, vs_ref = _interleaved(ctx, backend, artifact)
     except RuntimeUnavailable as exc:
         return TargetReport(status="skipped", reason=f"numerics not checked: {exc.reason}",
                             **base)
@@ -66,8 +74,9 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
     status, reason = gates.verdict(
         ([] if numerics.passed else [gates.numerics_reason(numerics.outputs)]) + bad)
     return TargetReport(status=status, reason=reason, sweep=sweep, diagnostics=diagnostics,
-                        numerics=numerics, latency=latency_of(result.latency, opts.threads),
+                        numerics=numerics, latency=latency_of(timed, opts.threads),
                         latency_unavailable=result.latency_unavailable,
+                        latency_vs_reference=vs_ref,
                         memory=Memory(round(result.peak_rss_mb, 1),
                                       round(result.baseline_rss_mb, 1)), **base)
 
@@ -83,6 +92,26 @@ def snippets(ctx: RunContext, backend: Backend, artifact: Artifact) -> dict[str,
     except Exception as exc:  # noqa: BLE001 - never the target's failure
         ctx.say(f"{backend.name}: no deployment snippets ({type(exc).__name__}: {exc})")
         return {}
+
+
+def _can_interleave(ctx: RunContext) -> bool:
+    """The reference can be timed beside the target when the source is here (not in verify
+    mode, whose bundle holds no source model)."""
+    return ctx.src.torch_module is not None or Path(ctx.src.onnx_path).is_file()
+
+
+def _interleaved(ctx: RunContext, backend: Backend,
+                 artifact: Artifact) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the target's latency statistics, its comparison with the reference), both from one
+    interleaved timing. If the two cannot be timed together, the target alone, as before."""
+    opts = ctx.opts
+    try:
+        vs = timing.versus_reference(ctx.src, backend, artifact, ctx.target_feeds, opts)
+    except (StepError, OSError) as exc:
+        alone = session(ctx, backend, artifact, opts.warmup, opts.iterations)
+        return alone.latency, {"error": getattr(exc, "reason", str(exc))}
+    samples = vs.pop("target_samples_ms")
+    return latency.summarize(samples, opts.warmup).to_dict(), vs
 
 
 def _sweep(ctx: RunContext, backend: Backend, artifact: Artifact) -> tuple[dict[str, Any], ...]:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from mtconvert.version import __version__
-from mtconvert import inputs as feeds_mod, source as source_mod
+from mtconvert import baseline, inputs as feeds_mod, source as source_mod
 from mtconvert.backends.base import PreparedSource
 from mtconvert.cache import ConversionCache, default_root
 from mtconvert.options import ConvertOptions
@@ -51,6 +51,7 @@ class Run:
         self.settings: dict[str, Any] = opts.settings() | ({} if mode == "convert"
                                                            else {"mode": mode})
         self._points: dict[tuple, Point] = {}
+        self.baseline = baseline.load(opts.baseline) if opts.baseline else None
 
     # --- source, feeds, reference -------------------------------------------------------------
     def load(self, model: Any, work_dir: Path, example_inputs: Any = None) -> PreparedSource:
@@ -103,12 +104,20 @@ class Run:
                source: SourceInfo | None = None) -> Report:
         """The Report: the source as loaded (or ``source``), the reference at ``point``."""
         ref = point.reference
-        return Report(source=source or self.source_info(point),
+        source = source or self.source_info(point)
+        if self.baseline is not None:
+            targets = baseline.apply(targets, self.baseline, source.sha256, {
+                "max_latency_regression": self.opts.max_latency_regression,
+                "max_size_growth": self.opts.max_size_growth}, self.opts.baseline)
+        report = Report(source=source,
                       reference=ReferenceInfo(ref.runtime, ref.version,
                                               latency_of(ref.latency, self.opts.threads)),
                       targets=TargetMap(targets), settings=self.settings,
                       timings=self.clock.laps, mtconvert_version=__version__,
                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        if self.opts.save_baseline:
+            baseline.save(report, self.opts.save_baseline)
+        return report
 
     def source_info(self, point: Point) -> SourceInfo:
         assert self.loaded is not None

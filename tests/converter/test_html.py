@@ -108,7 +108,8 @@ def test_error_histogram_counts_every_value():
 
 def test_latency_samples_round_trip_and_old_reports_load(fake_report):
     lat = fake_report.targets["fake"].latency
-    assert len(lat.samples_ms) == lat.iterations == 12 and all(s > 0 for s in lat.samples_ms)
+    # interleaved timing: at least the 12 asked for (rounds of at least 25 ms per side)
+    assert len(lat.samples_ms) == lat.iterations >= 12 and all(s > 0 for s in lat.samples_ms)
     assert len(fake_report.reference.latency.samples_ms) == 12
     assert Report.from_json(fake_report.to_json()) == fake_report
     d = json.loads(fake_report.to_json())
@@ -283,7 +284,7 @@ def test_hostile_strings_stay_text_in_chromium(fake_report, tmp_path):
 def test_real_onnx_mobile_report_in_chromium(bert_run, tmp_path):
     page, report = bert_run
     t = report.targets["onnx-mobile"]
-    assert t.status == "passed" and len(t.latency.samples_ms) == 15
+    assert t.status == "passed" and len(t.latency.samples_ms) >= 15  # interleaved: at least
     expected = {"latency distribution per runtime", "metrics of onnx-mobile per output"}
     if any(m["abs_error_histogram"]["counts"] for m in t.numerics.outputs.values()):
         expected.add("error histograms of onnx-mobile")
