@@ -42,8 +42,8 @@ def write(root: Path, ctx: RunContext, artifact: Artifact, report: TargetReport,
             _copy(path, stage / path.relative_to(out_dir))
         np.savez(stage / "inputs.npz", **ctx.target_feeds)
         np.savez(stage / "reference.npz", **ctx.ref_out)
-        (stage / MANIFEST).write_text(json.dumps(_manifest(ctx, artifact, report, out_dir),
-                                                 indent=2))
+        manifest = _manifest(ctx, artifact, report, out_dir) | {"files_sha256": _hashes(stage)}
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if final.exists():
             shutil.rmtree(final)
         stage.replace(final)
@@ -70,6 +70,28 @@ def _manifest(ctx: RunContext, artifact: Artifact, report: TargetReport,
             else None, "worst": report.numerics.worst if report.numerics else None},
         "mtconvert_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` but the manifest, by relative path."""
+    from mtconvert.source import sha256_of
+
+    return {str(p.relative_to(folder)): sha256_of(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+
+
+def _check_hashes(folder: Path, expected: dict[str, str]) -> None:
+    """Every file the manifest lists is there and unchanged (a bundle moved between machines
+    must not be validated with a swapped artifact or reference)."""
+    from mtconvert.source import sha256_of
+
+    for rel, digest in expected.items():
+        path = folder / rel
+        if not path.is_file():
+            raise ModelLoadError(f"bundle {folder.name}: {rel} is missing")
+        if sha256_of(path) != digest:
+            raise ModelLoadError(f"bundle {folder.name}: {rel} does not match the SHA-256 in "
+                                 f"{MANIFEST} (changed after the bundle was written)")
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -106,16 +128,14 @@ def read(folder: Path) -> dict[str, Any]:
     for name in ("inputs.npz", "reference.npz", manifest["artifact"]["primary"]):
         if not (folder / name).exists():
             raise ModelLoadError(f"bundle {folder.name} lacks {name}")
+    _check_hashes(folder, manifest.get("files_sha256") or {})
     return manifest
 
 
 def load(bundle: Path, manifest: dict[str, Any]) -> tuple[PreparedSource, dict[str, np.ndarray],
                                                        dict[str, np.ndarray]]:
     """The bundle's source description, inputs and reference outputs."""
-    with np.load(bundle / "inputs.npz") as data:
-        feeds = {k: data[k] for k in data.files}
-    with np.load(bundle / "reference.npz") as data:
-        ref_out = {k: data[k] for k in data.files}
+    feeds, ref_out = _arrays(bundle / "inputs.npz"), _arrays(bundle / "reference.npz")
     source = manifest["source"]
     src = PreparedSource(format=source["format"], name=source["name"], onnx_path=Path(),
                          inputs=tuple(TensorSpec.from_dict(d) for d in source["inputs"]),
@@ -123,6 +143,16 @@ def load(bundle: Path, manifest: dict[str, Any]) -> tuple[PreparedSource, dict[s
                          input_shapes={k: tuple(v.shape) for k, v in feeds.items()},
                          work_dir=bundle)
     return src, feeds, ref_out
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    """An .npz of plain arrays; never unpickles (an object array is refused)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError) as exc:
+        raise ModelLoadError(f"bundle {path.parent.name}: {path.name} is not an array file "
+                             f"without pickles ({exc})") from None
 
 
 def artifact(bundle: Path, manifest: dict[str, Any]) -> Artifact:

@@ -119,8 +119,8 @@ _PATH = click.Path(path_type=Path)
 def convert_cmd(model: Path, **values: Any) -> int:
     from mtconvert import api
 
-    show, files, options = _split(values)
-    report = api.convert(model, options.pop("targets", None), options.pop("out_dir"), None,
+    show, files, options = _split(values, "convert")
+    report = api.convert(model, options.pop("targets", None), options.pop("out_dir", "build"), None,
                          progress=_progress(show), **options)
     return _finish(report, files)
 
@@ -134,7 +134,7 @@ def convert_cmd(model: Path, **values: Any) -> int:
 def validate_cmd(source: Path, artifacts: tuple[Path, ...], **values: Any) -> int:
     from mtconvert import api
 
-    show, files, options = _split(values)
+    show, files, options = _split(values, "validate")
     report = api.validate(source, list(artifacts), progress=_progress(show), **options)
     return _finish(report, files)
 
@@ -146,25 +146,31 @@ def validate_cmd(source: Path, artifacts: tuple[Path, ...], **values: Any) -> in
 def verify_cmd(bundle_dir: Path, **values: Any) -> int:
     from mtconvert import api
 
-    show, files, options = _split(values)
+    show, files, options = _split(values, "verify")
     report = api.verify(bundle_dir, progress=_progress(show), **options)
     return _finish(report, files)
 
 
-def _split(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(presentation, report files, run options); options not given on the command line (None,
-    or an empty repeatable) are left to the API's defaults."""
-    from mtconvert import optspec, render
+def _split(values: dict[str, Any], mode: str) -> tuple[dict[str, Any], dict[str, Any],
+                                                     dict[str, Any]]:
+    """(presentation, report files, run options). Run options and report files come from the
+    config file (--config, or found in the current folder) overridden by those given on the
+    command line; the rest is left to the API's defaults (the spec's)."""
+    from click.core import ParameterSource
 
+    from mtconvert import config, optspec, render
+    from mtconvert.registry import default_registry
+
+    ctx = click.get_current_context()
     show_names = {o.name for o in optspec.PRESENTATION} | {JSON_STDOUT.name}
-    file_names = {o.name for o in render.options("convert") + render.options("validate")
-                  + render.options("verify")}
+    file_names = {o.name for o in render.options(mode)}
     show = {k: v for k, v in values.items() if k in show_names}
-    files = {k: v for k, v in values.items() if k in file_names}
-    options = {k: v for k, v in values.items() if k not in show_names | file_names
-               and v is not None and (v != () or k == "targets")}
-    if options.get("targets") == ():
-        del options["targets"]
+    given = {k: v for k, v in values.items() if k not in show_names
+             and ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    path = values.get("config") or config.find(Path.cwd())
+    merged = (config.load(path, mode, default_registry()) if path else {}) | given
+    files = {k: v for k, v in merged.items() if k in file_names}
+    options = {k: v for k, v in merged.items() if k not in file_names and v is not None}
     return show, files, options
 
 

@@ -69,8 +69,11 @@ CORE: tuple[Option, ...] = (
            "reference outputs, tolerances, tool versions) for `mtconvert verify`."),
 )
 
-# How the CLI shows progress and errors; not options of a run.
+# How the CLI reads its options and shows progress and errors; not options of a run.
 PRESENTATION: tuple[Option, ...] = (
+    Option("config", "path", None, "Read options from this TOML file (default: ./mtconvert.toml, "
+           "or [tool.mtconvert] in ./pyproject.toml); command-line options override it.",
+           modes=ALL),
     Option("quiet", "bool", False, "No progress lines, only the report.", modes=ALL, short="-q"),
     Option("verbose", "bool", False, "Progress lines on stderr even when it is not a terminal.",
            modes=ALL, short="-v"),

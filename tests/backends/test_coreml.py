@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mtconvert.backends.coreml.backend import CoremlBackend
+from mtconvert.source import sha256_of
 from tests.models import quick_convert
 
 pytestmark = pytest.mark.skipif(not CoremlBackend.availability().can_convert,
@@ -208,7 +209,12 @@ def test_golden_bundle_verifies_and_catches_a_changed_reference(fixtures_dir, tm
         ref = {k: data[k] for k in data.files}
     ref["logits"] = ref["logits"] * 1.01
     np.savez(gold / "coreml" / "reference.npz", **ref)
-    bad = subprocess.run(cmd, capture_output=True, text=True)
+    tampered = subprocess.run(cmd, capture_output=True, text=True)  # not what was bundled
+    assert tampered.returncode == 2 and "reference.npz does not match" in tampered.stderr
+    manifest = json.loads((gold / "coreml" / "bundle.json").read_text())
+    manifest["files_sha256"]["reference.npz"] = sha256_of(gold / "coreml" / "reference.npz")
+    (gold / "coreml" / "bundle.json").write_text(json.dumps(manifest))
+    bad = subprocess.run(cmd, capture_output=True, text=True)  # a re-made, wrong reference
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "numerics" in bad.stdout
 
