@@ -195,6 +195,7 @@ class Backend(ABC):
     convert_requires: ClassVar[dict[str, str]] = {}
     run_requires: ClassVar[dict[str, str]] = {}
     artifact_suffixes: ClassVar[tuple[str, ...]] = ()  # files `mtconvert validate` maps here
+    sidecar_suffixes: ClassVar[tuple[str, ...]] = ()  # files that ship beside an artifact
     fixed_shapes: ClassVar[bool] = False  # artifacts run only at the shapes they were made for
     addressable_intermediates: ClassVar[bool] = False  # its Session implements intermediates()
     # the backend's own options (TargetOptions.extra keys), shown by the CLI, API and config

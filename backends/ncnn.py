@@ -46,6 +46,7 @@ class NcnnBackend(Backend):
     convert_requires = {"pnnx": "pnnx", "ncnn": "ncnn", "onnxsim": "onnxsim"}
     run_requires = {"ncnn": "ncnn"}
     artifact_suffixes = (".param",)
+    sidecar_suffixes = (".bin",)
     addressable_intermediates = True
     options = (Option("keep_intermediate", "bool", False, "ncnn: also keep pnnx's intermediate "
                       "files (in <model>.ncnn-intermediate/)."),)

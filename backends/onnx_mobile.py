@@ -29,6 +29,7 @@ class OnnxMobileBackend(Backend):
     precisions = ("fp32", "int8")
     convert_requires = {"onnx": "onnx", "onnxsim": "onnxsim", "onnxruntime": "onnxruntime"}
     run_requires = {"onnxruntime": "onnxruntime"}
+    sidecar_suffixes = (".config",)  # the operator list for a reduced ORT build
     artifact_suffixes = (".ort", ".onnx")
 
     def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:

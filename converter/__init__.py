@@ -39,7 +39,8 @@ def convert(model: Any, targets: list[str] | tuple[str, ...] | str | None = None
     return _convert(model, targets, out_dir, example_inputs, **options)
 
 
-def validate(source: Any, artifacts: list[Any], **options: Any) -> Report:
+def validate(source: Any, artifacts: list[Any] | tuple[Any, ...] = (),
+             **options: Any) -> Report:
     """Check artifacts built elsewhere (.tflite, .ort, .onnx, .mlpackage) against ``source`` without
     converting. Same options (but targets/out_dir) and Report as ``convert``."""
     from mtconvert.api import validate as _validate

@@ -23,7 +23,8 @@ def convert(model: Any, targets: Any, out_dir: Any, example_inputs: Any, **optio
                     progress=progress)
 
 
-def validate(source: Any, artifacts: list[Any], **options: Any) -> Report:
+def validate(source: Any, artifacts: list[Any] | tuple[Any, ...] = (),
+             **options: Any) -> Report:
     from mtconvert.run import validate as mode
 
     progress, registry, extra = _split(options)

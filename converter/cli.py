@@ -127,7 +127,7 @@ def convert_cmd(model: Path, **values: Any) -> int:
 
 @spec_command(cli, "validate", "validate",
               [click.Argument(["source"], type=_PATH),
-               click.Argument(["artifacts"], nargs=-1, required=True, type=_PATH)],
+               click.Argument(["artifacts"], nargs=-1, type=_PATH)],
               "Check ARTIFACTS built elsewhere (.tflite, .ort, .onnx, .mlpackage, .param) "
               "against SOURCE, without converting: the release gate. Same checks, report and "
               "exit codes as a conversion.")

@@ -39,6 +39,7 @@ class ConvertOptions:
     batch_sizes: tuple[int, ...] = ()  # dynamic-shape sweep: batch sizes (axis 0)
     max_model_bytes: int | None = None  # refuse larger model files
     bundle: Path | None = None  # write a golden bundle per target here
+    from_report: Path | None = None  # validate: the artifacts a convert report lists
     save_baseline: Path | None = None  # keep this run's measurements here
     baseline: Path | None = None  # gate this run against an earlier run's measurements
     max_latency_regression: float = 0.10  # with --baseline: 10 % slower fails

@@ -65,6 +65,8 @@ CORE: tuple[Option, ...] = (
            modes=BOTH, show_default=True),
     Option("max_size_growth", "float", 0.05, "With --baseline: the artifact size growth that "
            "fails (0.05: 5 %).", modes=BOTH, show_default=True),
+    Option("from_report", "path", None, "Validate the artifacts this convert report (JSON) "
+           "lists, by their role (side files and logs are not artifacts).", modes=("validate",)),
     Option("bundle", "path", None, "Write a golden bundle per target here (artifact, inputs, "
            "reference outputs, tolerances, tool versions) for `mtconvert verify`."),
 )

@@ -38,6 +38,9 @@ class Latency:
 class ArtifactFile:
     path: str
     bytes: int
+    # "artifact": the file the runtime loads (what `mtconvert validate` takes); "sidecar": a
+    # file that ships beside it (ncnn's .bin, ORT's operator config); the log is TargetReport.log
+    role: str = "artifact"
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,9 @@ def keep_log(log_path: Path, out_dir: Path) -> Path | None:
 
 
 def file_entries(artifact: Artifact) -> tuple[ArtifactFile, ...]:
-    return tuple(ArtifactFile(str(p), size_of(p)) for p in artifact.files)
+    return tuple(ArtifactFile(str(p), size_of(p),
+                              "artifact" if p == artifact.primary else "sidecar")
+                 for p in artifact.files)
 
 
 def size_of(p: Path) -> int:

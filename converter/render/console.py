@@ -84,8 +84,9 @@ def _row(t: TargetReport, ref_p50: float | None) -> list[str]:
 def _details(t: TargetReport, console: Console) -> None:
     from rich.markup import escape
 
-    if t.reason:
-        console.print(f"[{_STATUS_STYLE[t.status]}]{t.name}[/]: {escape(t.reason)}")
+    style = _STATUS_STYLE[t.status]
+    console.print(f"[{style}]{escape(t.name)}[/] [dim]{t.precision}[/] [{style}]{t.status}[/]"
+                  + (f": {escape(t.reason)}" if t.reason else ""))
     if t.numerics and t.numerics.vs_fp32:
         for out, m in t.numerics.vs_fp32.items():
             fp32 = t.numerics.fp32_worst or {}
@@ -144,6 +145,8 @@ def _details(t: TargetReport, console: Console) -> None:
         style = {"error": "red", "warning": "yellow"}.get(f["severity"], "dim")
         console.print(f"  [{style}]{f['severity']}[/] {escape(f['message'])}")
     if t.artifacts:
-        console.print(f"  [dim]artifacts: {', '.join(a.path for a in t.artifacts)}[/]")
+        console.print("  [dim]" + ", ".join(
+            f"{escape(a.path)}" + ("" if a.role == "artifact" else f" ({a.role})")
+            for a in t.artifacts) + "[/]")
     if t.log and t.status == "error":
         console.print(f"  [dim]log: {t.log}[/]")

@@ -34,10 +34,23 @@ def backend_for(registry: Registry, path: Path) -> str:
 def run(model: Any, artifacts: list[Path], opts: ConvertOptions, *,
         registry: Registry | None = None, progress: Progress | None = None) -> Report:
     skeleton = Run("validate", opts, registry, progress)
+    artifacts = [Path(p) for p in artifacts] + (_listed(opts.from_report) if opts.from_report
+                                                else [])
+    if not artifacts:
+        raise UsageError("give the ARTIFACT files to validate, or --from-report REPORT.json")
     for path in artifacts:
         if not Path(path).exists():
             raise ModelLoadError(f"artifact not found: {path}")
-    pairs = [(Path(p).resolve(), backend_for(skeleton.registry, Path(p))) for p in artifacts]
+    sidecars = _sidecars(skeleton.registry)
+    skipped = [p.name for p in artifacts if p.suffix.lower() in sidecars]
+    if skipped:
+        skeleton.settings["side_files_skipped"] = skipped
+        skeleton.say(f"side files, validated with their artifact: {', '.join(skipped)}")
+    pairs = [(p.resolve(), backend_for(skeleton.registry, p)) for p in artifacts
+             if p.suffix.lower() not in sidecars]
+    if not pairs:
+        raise UsageError(f"only side files given ({', '.join(skipped)}); give the artifacts "
+                         "they ship with")
     with tempfile.TemporaryDirectory(prefix="mtconvert-") as tmp:
         src = skeleton.load(model, Path(tmp))
         skeleton.clock.lap("load_source_s")
@@ -48,6 +61,29 @@ def run(model: Any, artifacts: list[Path], opts: ConvertOptions, *,
             first = first or point
         skeleton.clock.lap("validate_s")
     return skeleton.report(reports, first)
+
+
+def _listed(report_path: Path) -> list[Path]:
+    """The artifacts (role "artifact") of a convert report's targets."""
+    from mtconvert.report import Report
+
+    try:
+        report = Report.from_json(Path(report_path).read_text())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"--from-report {report_path}: not a mtconvert report "
+                             f"({type(exc).__name__}: {exc})") from None
+    return [Path(a.path) for t in report.targets.values() for a in t.artifacts
+            if a.role == "artifact"]
+
+
+def _sidecars(registry: Registry) -> set[str]:
+    found = set()
+    for name in registry.names():
+        try:
+            found |= set(registry.get(name).sidecar_suffixes)
+        except Exception:  # a broken plugin declares nothing
+            continue
+    return found
 
 
 def _unique(name: str, path: Path, done: list[TargetReport]) -> str:

@@ -1,4 +1,5 @@
 """`mtconvert validate`: artifacts built elsewhere, checked against the source."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,30 @@ def test_failure_is_localized_from_tflite_tensors(built, tmp_path):
     assert t.status == "failed"
     first = t.diagnostics["first_divergence"]
     assert first["node"] == node and t.diagnostics["exact"]
+
+
+def test_validate_from_report_and_side_files(tiny_onnx, tmp_path):
+    """The artifacts a convert report lists, by role; side files on the command line are
+    validated with their artifact, not refused."""
+    mtc = str(Path(sys.executable).parent / "mtconvert")
+    out, report = tmp_path / "o", tmp_path / "r.json"
+    subprocess.run([mtc, str(tiny_onnx), "--to", "onnx-mobile", "--out", str(out),
+                    "--report-json", str(report), "-q", "--iterations", "2"], check=True,
+                   capture_output=True)
+    entries = json.loads(report.read_text())["targets"][0]["artifacts"]
+    roles = {Path(a["path"]).suffix: a["role"] for a in entries}
+    assert roles == {".ort": "artifact", ".config": "sidecar"}
+    proc = subprocess.run([mtc, "validate", str(tiny_onnx), "--from-report", str(report),
+                           "--report-json", str(tmp_path / "v.json"), "-q",
+                           "--iterations", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert [t["name"] for t in v["targets"]] == ["onnx-mobile"]
+    files = [a["path"] for a in entries]
+    proc = subprocess.run([mtc, "validate", str(tiny_onnx), *files, "--report-json",
+                           str(tmp_path / "w.json"), "-q", "--iterations", "2"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    w = json.loads((tmp_path / "w.json").read_text())
+    assert w["settings"]["side_files_skipped"] == [Path(f).name for f in files
+                                                   if f.endswith(".config")]
