@@ -40,6 +40,8 @@ class ConvertOptions:
     max_model_bytes: int | None = None  # refuse larger model files
     bundle: Path | None = None  # write a golden bundle per target here
     from_report: Path | None = None  # validate: the artifacts a convert report lists
+    eval_data: Path | None = None  # task accuracy on this dataset (.npz: inputs, labels)
+    max_accuracy_drop: float | None = None  # points; None: by profile (fp32 0, else 0.5)
     save_baseline: Path | None = None  # keep this run's measurements here
     baseline: Path | None = None  # gate this run against an earlier run's measurements
     max_latency_regression: float = 0.10  # with --baseline: 10 % slower fails

@@ -65,6 +65,11 @@ CORE: tuple[Option, ...] = (
            modes=BOTH, show_default=True),
     Option("max_size_growth", "float", 0.05, "With --baseline: the artifact size growth that "
            "fails (0.05: 5 %).", modes=BOTH, show_default=True),
+    Option("eval_data", "path", None, "Task accuracy on this dataset (.npz: the inputs by name, "
+           "items stacked on axis 0, and `labels`: class ids per item or per token, -100 "
+           "ignored; without labels, embeddings' nearest-neighbour agreement).", modes=BOTH),
+    Option("max_accuracy_drop", "float", None, "With --eval-data: the drop in percentage "
+           "points that fails (default 0 at fp32, 0.5 at fp16/int8).", modes=BOTH),
     Option("from_report", "path", None, "Validate the artifacts this convert report (JSON) "
            "lists, by their role (side files and logs are not artifacts).", modes=("validate",)),
     Option("bundle", "path", None, "Write a golden bundle per target here (artifact, inputs, "

@@ -114,6 +114,9 @@ class TargetReport:
     latency_vs_reference: dict[str, Any] | None = None
     # --baseline: {file, same_source, checks: [{check, status, message, ...}]}
     baseline: dict[str, Any] | None = None
+    # --eval-data: {metric, reference, target, drop_points, max_drop_points, items, passed,
+    # output}
+    accuracy: dict[str, Any] | None = None
 
     def ratio_to_reference(self, ref_p50_ms: float | None) -> tuple[float, bool] | None:
         """(target p50 / reference p50, whether the machine was too noisy to tell): from the
@@ -155,7 +158,7 @@ class TargetReport:
                    latency_unavailable=d.get("latency_unavailable"),
                    snippets=dict(d.get("snippets") or {}),
                    latency_vs_reference=d.get("latency_vs_reference"),
-                   baseline=d.get("baseline"))
+                   baseline=d.get("baseline"), accuracy=d.get("accuracy"))
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,14 @@ def _child(job_path: Path) -> None:
         if job.get("serve"):
             _serve(session, feeds)
             return
+        if job.get("chunk"):  # a dataset: items in chunks of the artifact's batch
+            outputs = _chunked(session, feeds, job["chunk"])
+            np.savez(job["outputs"], **outputs)
+            Path(job["result"]).write_text(json.dumps({
+                "latency": {}, "latency_unavailable": "dataset run",
+                "peak_rss_mb": _peak_rss_mb(), "baseline_rss_mb": baseline,
+                "runtime": session.runtime or cls.name}))
+            return
         outputs = session.run(feeds)
         no_latency = session.latency_unavailable
         stats = None if no_latency else measure(lambda: session.run(feeds),
@@ -74,6 +82,22 @@ def _child(job_path: Path) -> None:
         "latency": stats.to_dict() if stats else {}, "latency_unavailable": no_latency,
         "peak_rss_mb": _peak_rss_mb(), "baseline_rss_mb": baseline,
         "runtime": runtime}))
+
+
+def _chunked(session: Any, feeds: dict[str, np.ndarray], chunk: int) -> dict[str, np.ndarray]:
+    """Run every item of ``feeds`` (stacked on axis 0) in chunks of ``chunk`` items, the last one
+    padded with copies of its last item; the outputs stacked back, padding dropped."""
+    n = next(iter(feeds.values())).shape[0]
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, chunk):
+        take = {k: v[start:start + chunk] for k, v in feeds.items()}
+        short = chunk - next(iter(take.values())).shape[0]
+        if short:
+            take = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)])
+                    for k, v in take.items()}
+        for name, value in session.run(take).items():
+            parts.setdefault(name, []).append(value[:chunk - short])
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 READY, SAMPLES = "MTCONVERT-READY", "MTCONVERT-SAMPLES "
@@ -189,7 +213,8 @@ def _dump_intermediates(session: Any, feeds: dict[str, np.ndarray], folder: Path
 
 def run_session(*, name: str, backend: str, artifact: dict[str, Any],
                 feeds: dict[str, np.ndarray], threads: int, warmup: int, iterations: int,
-                timeout_s: float | None, intermediates: Path | None = None) -> SessionResult:
+                timeout_s: float | None, intermediates: Path | None = None,
+                chunk: int | None = None) -> SessionResult:
     """Open the artifact and run it in a child; raise RuntimeFailure on crash or time-out.
     With ``intermediates`` (a folder), the child only writes the session's intermediate
     tensors there (see _dump_intermediates) and the result has no outputs."""
@@ -203,7 +228,8 @@ def run_session(*, name: str, backend: str, artifact: dict[str, Any],
                "feeds": str(t / "feeds.npz"), "threads": threads, "warmup": warmup,
                "iterations": iterations, "outputs": str(t / "outputs.npz"),
                "result": str(t / "result.json"),
-               "intermediates": str(intermediates) if intermediates else None}
+               "intermediates": str(intermediates) if intermediates else None,
+               "chunk": chunk}
         (t / "job.json").write_text(json.dumps(job))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:

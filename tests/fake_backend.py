@@ -74,6 +74,7 @@ class FakeSession(Session):
         self._path = artifact.primary
         self._noise = float(artifact.meta.get("noise", 0.0))
         self._delay_ms = float(artifact.meta.get("delay_ms", 0.0))
+        self._skew = float(artifact.meta.get("skew", 0.0))
         self._batch_noise = bool(artifact.meta.get("batch_noise"))
         self._broken = {op: extra for key, extra in (("noise_if_op", 0.5), ("inf_if_op", np.inf))
                         if (op := artifact.meta.get(key))}
@@ -91,7 +92,10 @@ class FakeSession(Session):
             while time.perf_counter() < end:
                 pass
         noise = self._noise + (1.0 if self._batch_noise and outs[0].shape[0] > 1 else 0.0)
-        return {n: o + np.asarray(noise, dtype=o.dtype) for n, o in zip(names, outs)}
+        outs = [o + np.asarray(noise, dtype=o.dtype) for o in outs]
+        if self._skew:  # the first class's score raised: predictions change
+            outs = [o + np.eye(o.shape[-1], dtype=o.dtype)[0] * self._skew for o in outs]
+        return dict(zip(names, outs))
 
 
     def intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:

@@ -91,3 +91,12 @@ def worsened(current: dict[str, Any], before: dict[str, Any],
             and now < then - (1 - min_cos):
         why.append(f"cosine {now:.6f} vs {then:.6f} (> -{1 - min_cos:.2g})")
     return "; ".join(why) or None
+
+
+def accuracy_reason(result: dict[str, Any]) -> str:
+    """``accuracy: 0.812 vs the reference's 0.850 (-3.8 points > 0.5)`` for a failed gate."""
+    if "error" in result:
+        return f"accuracy: not measured ({result['error']})"
+    return (f"accuracy: {result['metric']} {result['target']:.4g} vs the reference's "
+            f"{result['reference']:.4g} (-{result['drop_points']:.2f} points > "
+            f"{result['max_drop_points']:g})")

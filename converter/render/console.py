@@ -98,6 +98,11 @@ def _details(t: TargetReport, console: Console) -> None:
         if m.get("top1_agreement") is not None:
             console.print(f"  {out}: top-1 agreement {m['top1_agreement']:.1%}, top-5 "
                           f"{m['top5_agreement']:.1%}")
+    acc = t.accuracy or {}
+    if "metric" in acc:
+        console.print(f"  {acc['metric']} on {acc['items']} items: {acc['target']:.4g} "
+                      f"(reference {acc['reference']:.4g}, {-acc['drop_points']:+.2f} points; "
+                      f"limit -{acc['max_drop_points']:g})")
     vs = t.latency_vs_reference or {}
     if "ratio_p50" in vs:
         lo, hi = vs["ci95"]

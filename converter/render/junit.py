@@ -207,10 +207,21 @@ def _latency(c: _Cases) -> None:
 
 
 def _accuracy(t: TargetReport) -> list[TestCase]:
-    """Hook for the accuracy gate: one testcase per task-level metric once TargetReport carries
-    accuracy data (a dataset metric of the artifact against the reference's, with its
-    threshold). Reports have none yet, so no testcase."""
-    return []
+    """The accuracy gate (--eval-data): one testcase with the metric, the reference's value and
+    the drop against its limit."""
+    from junitparser import Failure, TestCase
+
+    a = t.accuracy
+    if not a:
+        return []
+    case = TestCase(_text(f"accuracy: {a.get('metric', 'task metric')}"), f"mtconvert.{t.name}")
+    if "error" in a:
+        case.result = [Failure(_text(f"not measured: {a['error']}"), "failed")]
+    elif not a["passed"]:
+        case.result = [Failure(_text(
+            f"{a['target']:.4g} vs the reference's {a['reference']:.4g} on {a['items']} items: "
+            f"-{a['drop_points']:.2f} points > {a['max_drop_points']:g}"), "failed")]
+    return [case]
 
 
 def _figures(m: dict[str, Any]) -> str:

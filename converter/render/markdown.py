@@ -118,9 +118,14 @@ def _snippets(t: TargetReport) -> list[str]:
 
 
 def _accuracy(t: TargetReport) -> Any:
-    """Hook for the accuracy column: the target's task-level accuracy once TargetReport carries
-    it. Reports have none yet, so the column is left out."""
-    return None
+    """The accuracy column (--eval-data): the target's metric and its drop against the
+    reference's; None leaves the column out when no target has one."""
+    a = t.accuracy
+    if not a:
+        return None
+    if "error" in a:
+        return "not measured"
+    return f"{a['target']:.4g} ({-a['drop_points']:+.2f} pt)"
 
 
 def _longest_backticks(code: str) -> int:

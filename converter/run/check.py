@@ -13,7 +13,7 @@ from mtconvert.backends.base import (Artifact, Backend, Finding, TensorSpec, for
                                      import_path)
 from mtconvert.errors import RuntimeUnavailable, StepError
 from mtconvert.report import Conversion, Latency, Memory, Numerics, TargetReport
-from mtconvert.run import timing
+from mtconvert.run import accuracy, timing
 from mtconvert.run.context import RunContext
 from mtconvert.timing import Clock
 from mtconvert.validators import gates, latency
@@ -71,12 +71,15 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
         clock.lap("localize_s")
     bad = [f"shape {format_shapes(e['input_shapes'])}: {e['reason']}" for e in sweep
            if e["status"] in ("failed", "error")]
+    acc = _accuracy(ctx, backend, artifact)
+    if acc and not acc.get("passed", True):
+        bad.append(gates.accuracy_reason(acc))
     status, reason = gates.verdict(
         ([] if numerics.passed else [gates.numerics_reason(numerics.outputs)]) + bad)
     return TargetReport(status=status, reason=reason, sweep=sweep, diagnostics=diagnostics,
                         numerics=numerics, latency=latency_of(timed, opts.threads),
                         latency_unavailable=result.latency_unavailable,
-                        latency_vs_reference=vs_ref,
+                        latency_vs_reference=vs_ref, accuracy=acc,
                         memory=Memory(round(result.peak_rss_mb, 1),
                                       round(result.baseline_rss_mb, 1)), **base)
 
@@ -92,6 +95,17 @@ def snippets(ctx: RunContext, backend: Backend, artifact: Artifact) -> dict[str,
     except Exception as exc:  # noqa: BLE001 - never the target's failure
         ctx.say(f"{backend.name}: no deployment snippets ({type(exc).__name__}: {exc})")
         return {}
+
+
+def _accuracy(ctx: RunContext, backend: Backend, artifact: Artifact) -> dict[str, Any] | None:
+    """--eval-data: the task metric of the target against the reference's (None without)."""
+    if ctx.evals is None:
+        return None
+    ctx.say(f"{backend.name}: task accuracy on {ctx.evals.items} items")
+    try:
+        return accuracy.measure(ctx.evals, backend, artifact, ctx.opts)
+    except (StepError, ValueError) as exc:
+        return {"error": getattr(exc, "reason", str(exc)), "passed": False}
 
 
 def _can_interleave(ctx: RunContext) -> bool:

@@ -31,6 +31,7 @@ class RunContext:
     reference_info: dict[str, Any] | None = None  # {runtime, version}, for golden bundles
     # conversions may overlap; timed validation runs never do, or latency figures would lie
     validate_lock: threading.Lock = field(default_factory=threading.Lock)
+    evals: Any = None  # run.accuracy.EvalSet with --eval-data
 
     @property
     def target_feeds(self) -> dict[str, np.ndarray]:

@@ -51,6 +51,7 @@ class Run:
         self.settings: dict[str, Any] = opts.settings() | ({} if mode == "convert"
                                                            else {"mode": mode})
         self._points: dict[tuple, Point] = {}
+        self._evals_by_shape: dict[tuple, Any] = {}
         self.baseline = baseline.load(opts.baseline) if opts.baseline else None
 
     # --- source, feeds, reference -------------------------------------------------------------
@@ -92,12 +93,24 @@ class Run:
         """What a target's check reads. ``src.input_shapes`` is set to the point's shapes (the
         shapes fixed-shape backends convert at)."""
         src.input_shapes = _shapes({s.name: point.feeds[s.name] for s in src.inputs})
+        evals = self._evals(src, point) if self.opts.eval_data else None
         return RunContext(
             self.registry, src, point.feeds, point.reference.outputs, opts or self.opts,
             self.say, ConversionCache(default_root() if cache and self.opts.cache else None),
             report_name=report_name, sweep=[(p.feeds, p.reference.outputs) for p in sweep],
             reference_info={"runtime": point.reference.runtime,
-                            "version": point.reference.version})
+                            "version": point.reference.version}, evals=evals)
+
+    def _evals(self, src: PreparedSource, point: Point) -> Any:
+        """The --eval-data set at the point's shapes, the reference run on it once."""
+        from mtconvert.run import accuracy
+
+        key = ("eval", tuple(sorted(point.shapes.items())))
+        if key not in self._evals_by_shape:
+            self.say("reference: running the evaluation data")
+            self._evals_by_shape[key] = accuracy.load(self.opts.eval_data, src, point.feeds,
+                                                      self.opts)
+        return self._evals_by_shape[key]
 
     # --- the report ---------------------------------------------------------------------------
     def report(self, targets: list[TargetReport], point: Point,
