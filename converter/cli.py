@@ -17,6 +17,7 @@ import click
 
 from mtconvert.version import __version__
 from mtconvert.backends.options import Option
+from mtconvert import matrix_spec
 from mtconvert.errors import EXIT_INTERNAL, EXIT_USAGE, MtConvertError
 
 # --json: scripts read stdout; the console table goes to stderr (nowhere with -q)
@@ -104,6 +105,7 @@ def cli() -> None:
     mtconvert MODEL --to onnx-mobile,tflite [--out DIR] [--report-json PATH]
     mtconvert validate SOURCE ARTIFACT...
     mtconvert verify BUNDLE_DIR
+    mtconvert matrix ZOO.toml [--executor ray]
     mtconvert backends
 
     Exit codes: 0 every target passed, 1 a check failed, 2 usage error or unreadable model,
@@ -120,8 +122,9 @@ def convert_cmd(model: Path, **values: Any) -> int:
     from mtconvert import api
 
     show, files, options = _split(values, "convert")
-    report = api.convert(model, options.pop("targets", None), options.pop("out_dir", "build"), None,
-                         progress=_progress(show), **options)
+    with _progress(show) as progress:
+        report = api.convert(model, options.pop("targets", None),
+                             options.pop("out_dir", "build"), None, progress=progress, **options)
     return _finish(report, files)
 
 
@@ -135,7 +138,8 @@ def validate_cmd(source: Path, artifacts: tuple[Path, ...], **values: Any) -> in
     from mtconvert import api
 
     show, files, options = _split(values, "validate")
-    report = api.validate(source, list(artifacts), progress=_progress(show), **options)
+    with _progress(show) as progress:
+        report = api.validate(source, list(artifacts), progress=progress, **options)
     return _finish(report, files)
 
 
@@ -147,8 +151,22 @@ def verify_cmd(bundle_dir: Path, **values: Any) -> int:
     from mtconvert import api
 
     show, files, options = _split(values, "verify")
-    report = api.verify(bundle_dir, progress=_progress(show), **options)
+    with _progress(show) as progress:
+        report = api.verify(bundle_dir, progress=progress, **options)
     return _finish(report, files)
+
+
+@spec_command(cli, "matrix", "matrix",
+              [click.Argument(["matrix_file"], type=_PATH),
+               *map(click_option, matrix_spec.CLI_OPTIONS)],
+              "Run every model x target x precision cell of MATRIX_FILE (TOML: models, targets, "
+              "precisions, run options) and write one combined report; each cell in a process "
+              "of its own, locally or on Ray (--executor ray). Exit codes as for one run.")
+def matrix_cmd(matrix_file: Path, **values: Any) -> int:
+    from mtconvert import matrix_cli
+
+    return matrix_cli.main(matrix_file, values,
+                           click.get_current_context().meta.get("mtconvert.stdout"))
 
 
 def _split(values: dict[str, Any], mode: str) -> tuple[dict[str, Any], dict[str, Any],
@@ -175,11 +193,16 @@ def _split(values: dict[str, Any], mode: str) -> tuple[dict[str, Any], dict[str,
 
 
 def _progress(shared: dict[str, Any]) -> Any:
+    """A live display per target on a terminal, plain lines with -v or in logs, none with -q
+    (a context manager either way)."""
+    import contextlib
+
     show = not shared["quiet"] and (shared["verbose"] or sys.stderr.isatty())
     if not show:
-        return None
-    console = _console(stderr=True)
-    return lambda msg: console.print(f"[dim]· {msg}[/]")
+        return contextlib.nullcontext(None)
+    from mtconvert.render.progress import Display
+
+    return Display(live=sys.stderr.isatty())
 
 
 def _finish(report: Any, files: dict[str, Any]) -> int:
