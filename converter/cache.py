@@ -3,7 +3,15 @@
 Keyed by the ONNX handed to backends, target, precision, backend options, input shapes,
 calibration data, tool versions and mtconvert's own backend code. Lives under
 ``MTCONVERT_CACHE_DIR``, else ``$XDG_CACHE_HOME/mtconvert``, else ``~/.cache/mtconvert``.
-Entries are written to a temporary folder and renamed into place, so a reader never sees half.
+Entries are written to a temporary folder and renamed into place, so a reader never sees half,
+and two writers of one key never mix: the first rename wins. Processes sharing the cache (a
+matrix's workers, Ray tasks, parallel CI jobs) also take a lock file per key
+(``.KEY.lock``, fcntl.flock) from a miss until the entry is stored: a second process asking
+for the same conversion waits, then reuses it, instead of converting it twice at once. The
+lock file goes once the entry is in place (a later locker finds the entry and never converts).
+The lock is released by ``store``, ``release``, or when the cache object goes (a conversion that
+failed), and the kernel drops it when the process dies; a waiter gives up after
+``LOCK_WAIT_S`` and converts by itself.
 """
 from __future__ import annotations
 
@@ -13,6 +21,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -25,6 +35,12 @@ from mtconvert.backends.base import (Artifact, Backend, PreparedSource, TargetOp
                                      import_path)
 from mtconvert.source import sha256_of
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; the atomic rename still keeps entries whole
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_WAIT_S = 3600.0  # longest wait for another process converting the same key
 
 
 def default_root() -> Path:
@@ -109,6 +125,8 @@ def _imports(source: bytes) -> list[str]:
 class ConversionCache:
     def __init__(self, root: Path | None):
         self.root = root  # None: disabled
+        self._held: dict[str, int] = {}  # key -> descriptor of its lock file, miss to store
+        self._mutex = threading.Lock()
 
     def key(self, backend: type[Backend], src: PreparedSource, opts: TargetOptions) -> str | None:
         if self.root is None:
@@ -121,8 +139,21 @@ class ConversionCache:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     def load(self, key: str | None, staging: Path, work: Path) -> tuple[Artifact, float] | None:
-        """Copy a cached artifact into ``staging`` (variants into ``work``); None on a miss."""
-        if key is None or self.root is None or not (self.root / key / "entry.json").is_file():
+        """Copy a cached artifact into ``staging`` (variants into ``work``); None on a miss.
+        A miss takes the key's lock (waiting while another process converts it, then looking
+        again): the caller converts and ``store``s, which releases it."""
+        if key is None or self.root is None:
+            return None
+        hit = self._read(key, staging, work)
+        if hit is None and self._lock(key):
+            hit = self._read(key, staging, work)  # stored while we waited
+            if hit is not None:
+                self.release(key)
+        return hit
+
+    def _read(self, key: str, staging: Path, work: Path) -> tuple[Artifact, float] | None:
+        assert self.root is not None
+        if not (self.root / key / "entry.json").is_file():
             return None
         entry_dir = self.root / key
         entry = json.loads((entry_dir / "entry.json").read_text())
@@ -158,6 +189,53 @@ class ConversionCache:
                     pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            self.release(key)
+
+    def _lock(self, key: str) -> bool:
+        """Hold ``key``'s lock file (True), or give up after LOCK_WAIT_S (False)."""
+        if fcntl is None or self.root is None:
+            return False
+        with self._mutex:
+            if key in self._held:
+                return True
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # held in this very process (another run's cache object, not yet collected,
+                # after a failed conversion): waiting could never end; convert alongside
+                if os.pread(fd, 32, 0) == str(os.getpid()).encode() \
+                        or time.monotonic() > deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)  # who holds it
+        with self._mutex:
+            self._held[key] = fd
+        return True
+
+    def _lock_path(self, key: str) -> Path:
+        assert self.root is not None
+        return self.root / f".{key}.lock"
+
+    def release(self, key: str | None) -> None:
+        """Let other processes convert ``key`` (after a failed conversion; ``store`` does it)."""
+        with self._mutex:
+            fd = self._held.pop(key, None) if key is not None else None
+        if fd is not None:
+            if self.root is not None and (self.root / key / "entry.json").is_file():
+                self._lock_path(key).unlink(missing_ok=True)  # stored: no one needs it now
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __del__(self) -> None:
+        for key in list(getattr(self, "_held", {})):
+            self.release(key)
 
 
 def _all_files(artifact: Artifact) -> list[Path]:

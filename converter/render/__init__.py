@@ -41,19 +41,38 @@ RENDERERS: dict[str, Renderer] = {r.name: r for r in (
 )}
 
 
+# A MatrixReport (mtconvert matrix) has renderers of its own, behind the same options.
+MATRIX_RENDERERS: dict[str, Renderer] = {r.name: r for r in (
+    Renderer("console", "mtconvert.render.matrix_console"),
+    Renderer("json", "mtconvert.render.matrix_json", RENDERERS["json"].option),
+    Renderer("html", "mtconvert.render.matrix_html", RENDERERS["html"].option),
+    Renderer("junit", "mtconvert.render.matrix_junit", RENDERERS["junit"].option),
+    Renderer("markdown", "mtconvert.render.matrix_markdown", RENDERERS["markdown"].option),
+)}
+
+
 def options(mode: str) -> list[Option]:
+    if mode == "matrix":
+        return [r.option for r in MATRIX_RENDERERS.values() if r.option]
     return [r.option for r in RENDERERS.values() if r.option and mode in r.option.modes]
+
+
+def _table(report: Any) -> dict[str, Renderer]:
+    """The renderers for this kind of report."""
+    from mtconvert.matrix_report import MatrixReport
+
+    return MATRIX_RENDERERS if isinstance(report, MatrixReport) else RENDERERS
 
 
 def render(name: str, report: Report, destination: Path | IO[str] | Any) -> None:
     """Render ``report`` with the named renderer into ``destination``."""
-    module = importlib.import_module(RENDERERS[name].module)
+    module = importlib.import_module(_table(report)[name].module)
     module.render(report, destination)
 
 
 def write_files(report: Report, paths: dict[str, Path | None]) -> None:
     """Every file renderer whose option (``report_json`` ...) names a path."""
-    for r in RENDERERS.values():
+    for r in _table(report).values():
         if r.option is not None and paths.get(r.option.name) is not None:
             render(r.name, report, Path(paths[r.option.name]))
 
