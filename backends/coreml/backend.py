@@ -39,7 +39,9 @@ class CoremlBackend(Backend):
     precisions = ("fp32", "fp16", "int8")
     fixed_shapes = True
     convert_requires = {"coremltools": "coremltools", "torch": "torch"}
-    run_requires = {"coremltools": "coremltools"}  # its protobuf classes and blob reader
+    # the session and the lint use coremltools' generated protobuf classes, loaded from its
+    # folder by the protobuf runtime: coremltools itself (and torch) is never imported there
+    run_requires = {"coremltools": "coremltools", "google.protobuf": "protobuf"}
     artifact_suffixes = (".mlpackage",)
     addressable_intermediates = True  # through the mil-reference interpreter
     options = (
@@ -134,6 +136,7 @@ class CoremlBackend(Backend):
                         input_shapes={k: tuple(v) for k, v in shapes.items()})
 
     def lint(self, artifact: Artifact) -> list[Finding]:
+        """The op histogram from the package's protobuf alone (no weights, no coremltools)."""
         from mtconvert.backends.coreml import ops as kernels
         from mtconvert.backends.coreml.program import op_counts
 

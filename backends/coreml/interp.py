@@ -12,9 +12,19 @@ operations whose inputs are all constants are evaluated then too; and every rema
 operation gets a plan: its kernel, its parameters already bound to constants, the variables
 it reads, the declared dtypes of its outputs, and the variables no later operation reads
 (dropped from memory as soon as they are dead). A run is then one loop over the plans.
+
+BLAS runs single-threaded during a run (``blas_threads``; through threadpoolctl, which the
+coreml extra's scikit-learn brings, else left alone). The interpreter is a reference, no
+latency is reported from it, and where the cores are shared a multi-threaded BLAS keeps
+waiting for its threads: OpenBLAS with 2 threads took 30 ms for a [128, 384] x [384, 384]
+matmul on the loaded 2-core CI machine, 1 ms with one. OpenBLAS splits a product over
+threads by output blocks, so the thread count does not change the results (the 6-layer
+BERT's outputs are bit-identical either way).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -76,7 +86,8 @@ class MilInterpreter:
     decompression ``constexpr_*`` ops, and operations of constants alone) are evaluated once,
     when the program is opened."""
 
-    def __init__(self, program: Program):
+    def __init__(self, program: Program, blas_threads: int | None = 1):
+        self.blas_threads = blas_threads  # None: BLAS as configured
         missing = kernels.missing(program.op_types)
         missing += sorted({op.type for op in program.ops if op.has_blocks} - set(missing))
         if missing:
@@ -107,8 +118,8 @@ class MilInterpreter:
         self._mark_dead()
 
     @classmethod
-    def open(cls, package: Path) -> MilInterpreter:
-        return cls(load(package))
+    def open(cls, package: Path, blas_threads: int | None = 1) -> MilInterpreter:
+        return cls(load(package), blas_threads)
 
     @property
     def operation_count(self) -> int:
@@ -121,7 +132,8 @@ class MilInterpreter:
         env: dict[str, Any] = {}
         for var in self.program.inputs:
             env[var.name] = np.asarray(feeds[var.name]).astype(var.dtype, copy=False)
-        with np.errstate(all="ignore"):  # as on device: inf / NaN without warnings
+        # as on device: inf / NaN without warnings
+        with np.errstate(all="ignore"), _blas_limited(self.blas_threads):
             if trace is None:
                 for plan in self._live:
                     self._store(plan, plan.call(env), env)
@@ -193,6 +205,22 @@ class MilInterpreter:
         for plan in self._live:
             unread = tuple(n for n, _ in plan.outputs if n not in seen and n not in keep)
             plan.dead += unread
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def _blas_limited(threads: int | None) -> Any:
+    controller = _blas_controller() if threads is not None else None
+    if controller is None:
+        return contextlib.nullcontext()
+    return controller.limit(limits=threads, user_api="blas")
 
 
 def _numpy_dtype(dtype: str) -> np.dtype | None:
