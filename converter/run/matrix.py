@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import signal
 import tempfile
@@ -304,12 +305,12 @@ def _run_ray(todo: list[CellSpec], mopts: MatrixOptions, registry: Registry | No
         raise UsageError("--executor ray needs Ray: pip install 'mtconvert[ray]'") from None
     ours = not ray.is_initialized()
     if ours:
+        quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
         if mopts.ray_address:
-            ray.init(address=mopts.ray_address, log_to_driver=False)
+            ray.init(address=mopts.ray_address, **quiet)
         else:  # a small local instance: the cells' CPUs, no dashboard
             ray.init(num_cpus=max(1, int(_local_jobs(mopts) * mopts.cpus_per_cell + 0.999)),
-                     include_dashboard=False, log_to_driver=False,
-                     object_store_memory=100 * 2**20)
+                     include_dashboard=False, object_store_memory=100 * 2**20, **quiet)
     try:
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
         jobs = mopts.jobs or max(1, int(cluster_cpus // mopts.cpus_per_cell))
