@@ -84,6 +84,14 @@ def ratio_text(ratio: tuple[float, bool] | None) -> str:
     return f"{ratio[0]:.2f}x" + ("?" if ratio[1] else "")
 
 
+def emit(destination: Path | IO[str] | str, text: str) -> None:
+    """A renderer's text to a file (written atomically) or to a text stream."""
+    if isinstance(destination, (str, Path)):
+        write_atomic(Path(destination), text)
+    else:
+        destination.write(text)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never half a file."""
     path = Path(path)

@@ -34,13 +34,9 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 def render(report: Report, destination: Path | IO[str]) -> None:
     """To a file (written atomically) or a text stream."""
-    from mtconvert.render import write_atomic
+    from mtconvert.render import emit
 
-    text = to_html(report)
-    if isinstance(destination, (str, Path)):
-        write_atomic(Path(destination), text)
-    else:
-        destination.write(text)
+    emit(destination, to_html(report))
 
 
 def to_html(report: Report) -> str:

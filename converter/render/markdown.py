@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from mtconvert.render import ratio_text
+from mtconvert.render.console import _fmt_bytes
 
 if TYPE_CHECKING:
     from mtconvert.report import Report, TargetReport
@@ -20,13 +21,9 @@ _REASON_CHARS = 600  # a comment stays readable; the JSON report holds the whole
 
 def render(report: Report, destination: Path | IO[str]) -> None:
     """To a file (written atomically) or a text stream."""
-    from mtconvert.render import write_atomic
+    from mtconvert.render import emit
 
-    text = to_markdown(report)
-    if isinstance(destination, (str, Path)):
-        write_atomic(Path(destination), text)
-    else:
-        destination.write(text)
+    emit(destination, to_markdown(report))
 
 
 def to_markdown(report: Report) -> str:
@@ -78,7 +75,7 @@ def _row(t: TargetReport, ref_p50: float | None, accuracy: bool) -> list[str]:
         p50 += f" ({ratio_text(ratio)})" if ratio else ""
     else:
         p50 = "–"
-    size = _bytes(sum(a.bytes for a in t.artifacts)) if t.artifacts else "–"
+    size = _fmt_bytes(sum(a.bytes for a in t.artifacts)) if t.artifacts else "–"
     row = [f"{_esc(t.name)} {t.precision}", _STATUS[t.status], error, cosine, p50, size]
     if accuracy:
         acc = _accuracy(t)
@@ -130,14 +127,6 @@ def _accuracy(t: TargetReport) -> Any:
 
 def _longest_backticks(code: str) -> int:
     return max((len(m) for m in re.findall(r"`+", code)), default=0)
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _num(x: Any) -> str:
