@@ -234,8 +234,11 @@ class ConversionCache:
             os.close(fd)
 
     def __del__(self) -> None:
-        for key in list(getattr(self, "_held", {})):
-            self.release(key)
+        try:
+            for key in list(getattr(self, "_held", {})):
+                self.release(key)
+        except Exception:  # interpreter shutdown: the kernel drops the locks anyway
+            pass
 
 
 def _all_files(artifact: Artifact) -> list[Path]:

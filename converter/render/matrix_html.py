@@ -20,13 +20,9 @@ STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;color:#1f2328}"
 
 
 def render(report: MatrixReport, destination: Path | IO[str]) -> None:
-    from mtconvert.render import write_atomic
+    from mtconvert.render import emit
 
-    text = to_html(report)
-    if isinstance(destination, (str, Path)):
-        write_atomic(Path(destination), text)
-    else:
-        destination.write(text)
+    emit(destination, to_html(report))
 
 
 def to_html(report: MatrixReport) -> str:

@@ -10,9 +10,6 @@ if TYPE_CHECKING:
 
 
 def render(report: MatrixReport, destination: Path | IO[str]) -> None:
-    from mtconvert.render import write_atomic
+    from mtconvert.render import emit
 
-    if isinstance(destination, (str, Path)):
-        write_atomic(Path(destination), report.to_json())
-    else:
-        destination.write(report.to_json() + "\n")
+    emit(destination, report.to_json() + "\n")

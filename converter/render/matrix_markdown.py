@@ -14,13 +14,9 @@ _REASON_CHARS = 400
 
 
 def render(report: MatrixReport, destination: Path | IO[str]) -> None:
-    from mtconvert.render import write_atomic
+    from mtconvert.render import emit
 
-    text = to_markdown(report)
-    if isinstance(destination, (str, Path)):
-        write_atomic(Path(destination), text)
-    else:
-        destination.write(text)
+    emit(destination, to_markdown(report))
 
 
 def to_markdown(report: MatrixReport) -> str:

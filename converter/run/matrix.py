@@ -383,6 +383,7 @@ class RichProgress:
                             transient=True)
         self.task = self.bar.add_task("matrix", total=total)
         self.running: list[str] = []
+        self._lock = threading.Lock()  # cells start from the pool's threads
 
     def __enter__(self) -> RichProgress:
         self.bar.__enter__()
@@ -392,6 +393,10 @@ class RichProgress:
         self.bar.__exit__(*exc)
 
     def __call__(self, e: Event) -> None:
+        with self._lock:
+            self._show(e)
+
+    def _show(self, e: Event) -> None:
         from rich.markup import escape
 
         if e.kind == "start":
