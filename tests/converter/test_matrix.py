@@ -314,18 +314,23 @@ def local_ray():
 def test_ray_executor_on_a_local_instance(tmp_path, local_ray):
     path = _write(tmp_path, 'targets = ["onnx-mobile"]\n' + QUICK
                   + '[models.tiny_a]\npath = "tiny_a.onnx"\n'
-                  + '[models.missing]\npath = "missing.onnx"\n')
+                  + '[models.missing]\npath = "missing.onnx"\n'
+                  + '[models.killed]\npath = "tiny_a.onnx"\ntargets = ["fake-killed"]\n')
     out = tmp_path / "out"
     events = []
-    report = matrix.run(matrix_spec.load(path, out),
+    reg = _registry()
+    reg.add(next(e for e in Registry.from_entry_points().entries.values()
+                 if e.name == "onnx-mobile"))
+    report = matrix.run(matrix_spec.load(path, out, reg),
                         matrix.MatrixOptions(out, executor="ray", memory_per_cell=300 * 2**20),
-                        progress=events.append)
-    assert [(c.model, c.status) for c in report.cells] == [("tiny_a", "passed"),
-                                                           ("missing", "error")]
+                        registry=reg, progress=events.append)
+    assert [(c.model, c.status) for c in report.cells] == [
+        ("tiny_a", "passed"), ("missing", "error"), ("killed", "error")]
     assert "not found" in report.cells[1].error and report.exit_code == 3
+    assert "SIGKILL" in report.cells[2].error  # the task's cell process died; the task did not
     assert report.settings["executor"] == "ray" and report.settings["memory_per_cell"]
     assert sorted(e.id for e in events if e.kind == "done") == [
-        "missing/onnx-mobile/fp32", "tiny_a/onnx-mobile/fp32"]
+        "killed/fake-killed/fp32", "missing/onnx-mobile/fp32", "tiny_a/onnx-mobile/fp32"]
     assert (out / "cells" / "tiny_a.onnx-mobile.fp32.json").is_file()
     assert local_ray.is_initialized()  # the matrix used the running instance, left it running
 
