@@ -24,7 +24,7 @@ def main(matrix_file: Path, values: dict[str, Any], stdout: IO[str] | None) -> i
         ray_address=given.get("ray_address"),
         cpus_per_cell=float(given.get("cpus_per_cell", 1.0)),
         memory_per_cell=matrix_spec.parse_bytes(given.get("memory_per_cell")))
-    spec = matrix_spec.load(matrix_file, mopts.out_dir.resolve())
+    spec = matrix_spec.load(matrix_file, mopts.out_dir.resolve(), defaults=_config(values))
     mopts = mode.MatrixOptions(**{**mopts.__dict__, "out_dir": mopts.out_dir.resolve()})
     quiet, verbose = values.get("quiet"), values.get("verbose")
     if quiet:
@@ -43,3 +43,22 @@ def main(matrix_file: Path, values: dict[str, Any], stdout: IO[str] | None) -> i
         render.render("json", report, stdout)
         stdout.flush()
     return report.exit_code
+
+
+# decided by the matrix for each cell, so a config file's value is not used
+_PER_CELL = {"targets", "precision", "out_dir", "jobs"}
+
+
+def _config(values: dict[str, Any]) -> dict[str, Any]:
+    """Run options of the config file (--config, or mtconvert.toml / [tool.mtconvert] in the
+    current folder), beneath the matrix file's own; report files and what the matrix decides
+    per cell left out."""
+    from mtconvert import config
+    from mtconvert.registry import default_registry
+
+    path = values.get("config") or config.find(Path.cwd())
+    if not path:
+        return {}
+    files = {o.name for o in render.options("convert")}
+    return {k: v for k, v in config.load(path, "convert", default_registry()).items()
+            if k not in _PER_CELL | files}

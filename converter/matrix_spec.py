@@ -78,8 +78,10 @@ class MatrixSpec:
     cells: tuple[CellSpec, ...]
 
 
-def load(path: Path, out_dir: Path, registry: Registry | None = None) -> MatrixSpec:
-    """Read and check the matrix file; every cell's options are built once here."""
+def load(path: Path, out_dir: Path, registry: Registry | None = None,
+         defaults: dict[str, Any] | None = None) -> MatrixSpec:
+    """Read and check the matrix file; every cell's options are built once here. ``defaults``:
+    run options beneath the file's ``[options]`` (a config file's, mtconvert.toml)."""
     import tomllib
 
     path = Path(path)
@@ -89,11 +91,11 @@ def load(path: Path, out_dir: Path, registry: Registry | None = None) -> MatrixS
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
-    return parse(data, path.resolve().parent, Path(out_dir), registry, str(path))
+    return parse(data, path.resolve().parent, Path(out_dir), registry, str(path), defaults)
 
 
 def parse(data: dict[str, Any], base: Path, out_dir: Path, registry: Registry | None = None,
-          where: str = "matrix") -> MatrixSpec:
+          where: str = "matrix", defaults: dict[str, Any] | None = None) -> MatrixSpec:
     from mtconvert.backends.base import PRECISIONS
     from mtconvert.registry import default_registry
 
@@ -105,7 +107,7 @@ def parse(data: dict[str, Any], base: Path, out_dir: Path, registry: Registry | 
     models = data.get("models")
     if not isinstance(models, dict) or not models:
         raise UsageError(f"{where}: no models; add a [models.NAME] table with a path")
-    shared = _table(data.get("options", {}), f"{where}: [options]")
+    shared = dict(defaults or {}) | _table(data.get("options", {}), f"{where}: [options]")
     specs = _option_specs(registry)
     cells: list[CellSpec] = []
     for name, model in models.items():

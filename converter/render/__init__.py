@@ -5,7 +5,7 @@ the API come from this table; the console renderer always runs.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -45,9 +45,14 @@ RENDERERS: dict[str, Renderer] = {r.name: r for r in (
 MATRIX_RENDERERS: dict[str, Renderer] = {r.name: r for r in (
     Renderer("console", "mtconvert.render.matrix_console"),
     Renderer("json", "mtconvert.render.matrix_json", RENDERERS["json"].option),
-    Renderer("html", "mtconvert.render.matrix_html", RENDERERS["html"].option),
-    Renderer("junit", "mtconvert.render.matrix_junit", RENDERERS["junit"].option),
-    Renderer("markdown", "mtconvert.render.matrix_markdown", RENDERERS["markdown"].option),
+    Renderer("html", "mtconvert.render.matrix_html", replace(
+        RENDERERS["html"].option, help="Write the grid as one self-contained HTML page here.")),
+    Renderer("junit", "mtconvert.render.matrix_junit", replace(
+        RENDERERS["junit"].option, help="Write JUnit XML here: a testsuite per model, a "
+        "testcase per cell.")),
+    Renderer("markdown", "mtconvert.render.matrix_markdown", replace(
+        RENDERERS["markdown"].option, help="Write the grid and why each cell did not pass "
+        "as Markdown here.")),
 )}
 
 

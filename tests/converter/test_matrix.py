@@ -365,3 +365,18 @@ def test_cache_shared_by_processes_converts_each_entry_once(tmp_path, monkeypatc
     entries = [p for p in cache.iterdir() if not p.name.startswith(".")]
     assert len(entries) == 1 and json.loads((entries[0] / "entry.json").read_text())
     assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]  # nothing torn
+
+
+def test_config_file_options_sit_beneath_the_matrix_files(tmp_path, monkeypatch):
+    from mtconvert import matrix_cli
+
+    (tmp_path / "mtconvert.toml").write_text('seed = 3\niterations = 9\nprecision = "fp16"\n'
+                                             'report_json = "r.json"\n')
+    monkeypatch.chdir(tmp_path)
+    defaults = matrix_cli._config({"config": None})
+    assert defaults == {"seed": 3, "iterations": 9}  # precision and report files: the matrix's
+    path = _write(tmp_path, 'targets = ["ort"]\n[options]\niterations = 2\n'
+                  '[models.tiny_a]\npath = "tiny_a.onnx"\n')
+    (cell,) = matrix_spec.load(path, tmp_path / "out", defaults=defaults).cells
+    opts = matrix_spec.build_options(cell)
+    assert (opts.seed, opts.iterations, opts.precision) == (3, 2, "fp32")
