@@ -39,7 +39,7 @@ def test_json_contract_fields():
     t = d["targets"][0]
     assert set(t) >= {"name", "status", "reason", "artifacts", "conversion", "numerics",
                       "latency", "memory"}
-    assert t["artifacts"] == [{"path": "/x/m.ort", "bytes": 10}]
+    assert t["artifacts"] == [{"path": "/x/m.ort", "bytes": 10, "role": "artifact"}]  # role: added
     assert set(t["conversion"]) >= {"seconds", "steps", "tool_versions"}
     assert t["conversion"]["steps"] == ["a", "b"]
     assert set(t["numerics"]) >= {"passed", "worst", "outputs"}
