@@ -147,6 +147,7 @@ def _cases(t: TargetReport, mode: str) -> list[TestCase]:
     _latency(c)
     for case in _accuracy(t):
         c.cases.append(case)
+    _baseline(c)
     verdict = {"failed": Failure(_text(reason), "failed"),
                "error": Error(_text(reason), "error"),
                "skipped": Failure(_text(f"skipped: {reason}; a target that was not checked does "
@@ -204,6 +205,18 @@ def _latency(c: _Cases) -> None:
         c.not_run("latency", "the artifact did not run")
     else:
         c.add("latency", Skipped("not measured"))
+
+
+def _baseline(c: _Cases) -> None:
+    """--baseline: one testcase per comparison (latency, size, each output's error); an
+    inconclusive latency change is skipped with its figures, never passed or failed."""
+    from junitparser import Failure, Skipped
+
+    for check in (c.t.baseline or {}).get("checks", ()):
+        status, message = check["status"], _text(check["message"])
+        result = {"failed": Failure(message, "baseline"), "skipped": Skipped(message),
+                  "inconclusive": Skipped(f"inconclusive: {message}")}.get(status)
+        c.add(f"baseline: {check['check']}", result, None if result else message)
 
 
 def _accuracy(t: TargetReport) -> list[TestCase]:

@@ -80,3 +80,18 @@ def test_a_bad_baseline_file_is_a_usage_error(tiny_onnx, tmp_path, fake_registry
     with pytest.raises(mtconvert.MtConvertError, match="not a mtconvert baseline"):
         _run(tiny_onnx, tmp_path / "o", fake_registry, baseline=tmp_path / "b.json")
     assert not (tmp_path / "o").exists()
+
+
+def test_baseline_checks_are_junit_testcases(tiny_onnx, tmp_path, fake_registry):
+    from junitparser import Failure, JUnitXml
+
+    from mtconvert import render
+
+    base = tmp_path / "base.json"
+    _run(tiny_onnx, tmp_path / "a", fake_registry, save_baseline=base)
+    slow = _run(tiny_onnx, tmp_path / "b", fake_registry, baseline=base,
+                extra={"fake": {"delay_ms": 5}})
+    render.write_files(slow, {"report_junit": tmp_path / "j.xml"})
+    cases = {c.name: c for suite in JUnitXml.fromfile(str(tmp_path / "j.xml")) for c in suite}
+    assert isinstance(cases["baseline: latency"].result[0], Failure)
+    assert not cases["baseline: size"].result  # passed
