@@ -26,7 +26,11 @@ def prepare(src: str, dst: str, shapes: dict[str, list[int]]) -> dict[str, Any]:
     import onnx
     import onnxsim
 
-    original, ok = onnxsim.simplify(onnx.load(src), overwrite_input_shapes=shapes)
+    from mtconvert.backends.lowering import GEMM_FUSIONS
+
+    # MatMul + Add stay as they are (no Reshape -> Gemm -> Reshape): see lowering.NCNN
+    original, ok = onnxsim.simplify(onnx.load(src), overwrite_input_shapes=shapes,
+                                    skipped_optimizers=list(GEMM_FUSIONS))
     if not ok:
         raise RuntimeError("onnxsim could not simplify the graph with fixed input shapes")
     masks = [i.name for i in original.graph.input if "mask" in i.name.lower()
@@ -164,7 +168,10 @@ def _rewrite(model: Any, masks: list[str], shapes: dict[str, list[int]]) -> Any:
     keep = [n for n in g.node if not (n.output and all(o in drop for o in n.output))]
     del g.node[:]
     g.node.extend(new_nodes + keep)
-    simplified, ok = onnxsim.simplify(model, overwrite_input_shapes=shapes)
+    from mtconvert.backends.lowering import GEMM_FUSIONS
+
+    simplified, ok = onnxsim.simplify(model, overwrite_input_shapes=shapes,
+                                      skipped_optimizers=list(GEMM_FUSIONS))
     if not ok:
         raise RuntimeError("the rewritten graph failed onnxsim's check")
     onnx.checker.check_model(simplified)

@@ -29,12 +29,16 @@ class Capability:
     max_rank: int = 6
     bool_tensors: bool = True
     max_opset: int | None = None
+    # onnxsim optimizers the simplifications between passes skip (and ncnn's prepare)
+    skipped_optimizers: tuple[str, ...] = ()
 
     def runs(self, op: str) -> bool:
         if op in self.unsupported:
             return False
         return self.supported is None or op in self.supported
 
+
+GEMM_FUSIONS = ("fuse_matmul_add_bias_into_gemm", "fuse_matmul_add_bias_into_gemm_batched")
 
 _LOGIC = frozenset({"Not", "And", "Or", "Xor", "Equal", "Less", "Greater", "LessOrEqual",
                     "GreaterOrEqual", "Where", "IsNaN", "IsInf", "Cast", "CumSum",
@@ -43,11 +47,16 @@ _LOGIC = frozenset({"Not", "And", "Or", "Xor", "Equal", "Less", "Greater", "Less
 # pnnx 20261020 -> ncnn: ops seen reaching the .param as layers ncnn cannot create
 NCNN = Capability(
     name="ncnn",
-    passes=("opset", "default-attributes", "finite-masks", "nan-checks", "gather-select", "logic-to-float", "cumsum-matmul",
+    passes=("opset", "default-attributes", "instance-norm", "finite-masks", "nan-checks", "gather-select", "logic-to-float", "cumsum-matmul",
             "gather-select", "clip-bounds", "reduce-matmul", "explicit-reshape", "mask-broadcast",
             "strided-slice", "rank-reduce"),
     unsupported=_LOGIC | {"Gather"},  # Gather only as an embedding (constant table, input ids)
-    max_rank=4, bool_tensors=False, max_opset=None)
+    max_rank=4, bool_tensors=False, max_opset=None,
+    # onnxsim turns MatMul [1, S, K] x W + b into Reshape [S, K] -> Gemm -> Reshape; pnnx
+    # writes the Reshape dropping the size-1 batch as an ncnn Reshape with batch axes
+    # (12=0 13=0) that ncnn runs as S batch items of [K]: the MultiHeadAttention pnnx fuses
+    # after it then reads the wrong shape (extract returns -1 or a crash)
+    skipped_optimizers=GEMM_FUSIONS)
 
 COREML = Capability(name="coreml", passes=("opset", "nan-checks", "clip-bounds", "rank-reduce"),
                     max_rank=5, bool_tensors=True)
@@ -95,7 +104,7 @@ def lower(model: Any, shapes: dict[str, list[int]], capability: Capability,
             continue
         candidate, detail = out
         try:
-            candidate = simplify(candidate, shapes)
+            candidate = simplify(candidate, shapes, capability.skipped_optimizers)
             onnx.checker.check_model(candidate)
             diff = check.max_diff(reference, check.run(candidate, feeds))
         except Exception as exc:
@@ -115,13 +124,15 @@ def lower(model: Any, shapes: dict[str, list[int]], capability: Capability,
     return result
 
 
-def simplify(model: Any, shapes: dict[str, list[int]]) -> Any:
+def simplify(model: Any, shapes: dict[str, list[int]],
+             skipped_optimizers: tuple[str, ...] = ()) -> Any:
     """onnxsim with the fixed shapes (folds what became constant), the model as it is when
-    onnxsim cannot; Constant nodes kept as initializers."""
+    onnxsim cannot; Constant nodes kept as initializers; ``skipped_optimizers`` not run."""
     import onnxsim
 
     try:
-        out, ok = onnxsim.simplify(model, overwrite_input_shapes=_current(model, shapes))
+        out, ok = onnxsim.simplify(model, overwrite_input_shapes=_current(model, shapes),
+                                   skipped_optimizers=list(skipped_optimizers) or None)
     except Exception:
         return model
     return out if ok else model
@@ -146,5 +157,5 @@ def unsupported_ops(model: Any, capability: Capability) -> list[str]:
     return sorted(bad)
 
 
-__all__ = ["Capability", "NCNN", "COREML", "Lowered", "lower", "simplify", "unsupported_ops",
+__all__ = ["Capability", "GEMM_FUSIONS", "NCNN", "COREML", "Lowered", "lower", "simplify", "unsupported_ops",
            "ATOL"]

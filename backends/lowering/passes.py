@@ -541,12 +541,47 @@ def gather_at_constant_indices(g: Graph, ctx: Context) -> tuple[Any, str] | None
             # GatherElements at constant indices that pick the same position along every
             # other axis reduces to a Gather along axis
             moved = np.moveaxis(idx, axis, -1).reshape(-1, idx.shape[axis])
-            if not (moved == moved[:1]).all() or list(idx.shape) != oshape:
-                raise NotApplicable("GatherElements at constant non-uniform indices")
-            sel = emit("Gather", [data, g.add_const(moved[0], "idx", np.int64)], axis=axis)
-            emit("Identity", [sel], o)
-            kinds.append("GatherElements")
+            if list(idx.shape) != oshape:
+                raise NotApplicable("GatherElements with broadcast indices")
+            if (moved == moved[:1]).all():
+                sel = emit("Gather", [data, g.add_const(moved[0], "idx", np.int64)], axis=axis)
+                emit("Identity", [sel], o)
+                kinds.append("GatherElements")
+                continue
+            _row_select(g, emit, data, shape, axis, np.where(idx < 0, idx + shape[axis], idx),
+                        o, oshape)
+            kinds.append("GatherElements (per row)")
     return g.model(new), ", ".join(kinds) + " at constant indices -> Slice/Reshape/MatMul"
+
+
+_ROW_SELECT_MAX = 1 << 22  # elements of the per-row selection tensor (16 MB in fp32)
+
+
+def _row_select(g: Graph, emit: Callable[..., str], x: str, shape: list[int], axis: int,
+                idx: np.ndarray, out: str, oshape: list[int]) -> None:
+    """GatherElements on the last axis whose constant indices vary with the row (the axis
+    before it) but not with the axes in front (DeBERTa's relative-position gathers:
+    out[..., i, j] = x[..., i, idx[i, j]]): each row times its own 0/1 selection matrix, a
+    batched MatMul [L, R, 1, K] x [R, K, J] -> [L, R, 1, J]."""
+    rank = len(shape)
+    if rank < 2 or axis != rank - 1:
+        raise NotApplicable("GatherElements at constant per-row indices off the last axis")
+    rows, k, j = shape[-2], shape[-1], oshape[-1]
+    if oshape[:-1] != shape[:-1]:
+        raise NotApplicable("GatherElements whose output and data differ in front of the axis")
+    lead = idx.reshape(-1, rows, j)
+    if not (lead == lead[:1]).all():
+        raise NotApplicable("GatherElements at constant indices that vary in front of the rows")
+    if rows * k * j > _ROW_SELECT_MAX:
+        raise NotApplicable(f"GatherElements per-row selection too large ({rows}x{k}x{j})")
+    sel = np.zeros((rows, k, j), np.float32)
+    r_i, c_i = np.meshgrid(np.arange(rows), np.arange(j), indexing="ij")
+    sel[r_i, lead[0], c_i] = 1
+    shp = lambda s: g.add_const(s, "shape", np.int64)  # noqa: E731
+    lead_n = int(np.prod(shape[:-2]))
+    y = emit("Reshape", [x, shp([lead_n, rows, 1, k])])
+    y = emit("MatMul", [y, g.add_const(sel, "row_select")])
+    emit("Reshape", [y, shp(oshape)], out)
 
 
 def _eval_gather(n: Any, data: np.ndarray, idx: np.ndarray, g: Graph) -> np.ndarray:
@@ -901,3 +936,60 @@ def strided_slice(g: Graph, ctx: Context) -> tuple[Any, str] | None:
             cur = emit("Reshape", [cur, shp(cur_shape)])
         emit("Identity", [cur], n.output[0])
     return g.model(new), f"{len(found)} strided Slice(s) -> Reshape + unit-step Slice"
+
+
+# --- InstanceNormalization -> LayerNormalization over the spatial axes ---------------------
+
+@lowering_pass("instance-norm")
+def instance_norm_to_layer_norm(g: Graph, ctx: Context) -> tuple[Any, str] | None:
+    """InstanceNormalization(x[N, C, *spatial], scale, bias) -> Reshape to [N, C, prod(spatial)]
+    + LayerNormalization over the last axis (unit scale, zero bias, same epsilon; both use the
+    biased variance) + Reshape back + the per-channel scale and bias as Mul/Add (skipped when
+    1 and 0). pnnx turns a rank-3 InstanceNormalization into nn.InstanceNorm1d, a layer ncnn
+    cannot create (wav2vec2's GroupNorm with groups == channels is one); LayerNorm it runs."""
+    found = [n for n in g.nodes if n.op_type == "InstanceNormalization"]
+    if not found:
+        return None
+    opset = next((o.version for o in g._m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 17:
+        raise NotApplicable(f"LayerNormalization needs opset 17 (the graph has {opset})")
+    new: list[Any] = []
+    shp = lambda s: g.add_const(list(s), "shape", np.int64)  # noqa: E731
+
+    def emit(op: str, inputs: list[str], out: str | None = None, **attrs: Any) -> str:
+        node, name = g.make(op, inputs, out, hint=op.lower(), **attrs)
+        new.append(node)
+        return name
+
+    for n in g.nodes:
+        if n not in found:
+            new.append(n)
+            continue
+        shape = g.shape(n.input[0])
+        if shape is None or len(shape) < 3:
+            raise NotApplicable("InstanceNormalization of unknown shape")
+        if g.elem(n.input[0]) != FLOAT:
+            raise NotApplicable("InstanceNormalization on a non-fp32 tensor")
+        scale, bias = g.const(n.input[1]), g.const(n.input[2])
+        eps = float(g.attr(n, "epsilon", 1e-5))
+        c, spatial = shape[1], int(np.prod(shape[2:]))
+        flat = [shape[0], c, spatial]
+        cur = n.input[0] if len(shape) == 3 else emit("Reshape", [n.input[0], shp(flat)])
+        cur = emit("LayerNormalization", [cur, g.add_const(np.ones(spatial), "ln_scale"),
+                                          g.add_const(np.zeros(spatial), "ln_bias")],
+                   axis=-1, epsilon=eps)
+        if len(shape) != 3:
+            cur = emit("Reshape", [cur, shp(shape)])
+        per_channel = [c] + [1] * (len(shape) - 2)
+        if scale is None or not np.all(scale == 1):
+            s = n.input[1] if scale is None else g.add_const(scale.reshape(per_channel), "in_scale")
+            if scale is None:
+                s = emit("Reshape", [s, shp(per_channel)])
+            cur = emit("Mul", [cur, s])
+        if bias is None or not np.all(bias == 0):
+            b = n.input[2] if bias is None else g.add_const(bias.reshape(per_channel), "in_bias")
+            if bias is None:
+                b = emit("Reshape", [b, shp(per_channel)])
+            cur = emit("Add", [cur, b])
+        emit("Identity", [cur], n.output[0])
+    return g.model(new), f"{len(found)} InstanceNormalization -> LayerNormalization"

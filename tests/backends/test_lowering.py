@@ -311,6 +311,61 @@ def test_softmax_bias_expanded_and_default_attributes_dropped():
                                   "ids": np.array([0, 3, 9, 2])}])
 
 
+@pytest.mark.parametrize("shape", [[1, 4, 10], [2, 3, 4, 5]])
+@pytest.mark.parametrize("affine", [False, True])
+def test_instance_norm_becomes_layer_norm(shape, affine):
+    """GroupNorm with groups == channels (wav2vec2's feature encoder) exports as
+    InstanceNormalization; pnnx writes it as nn.InstanceNorm1d, a layer ncnn cannot create."""
+    rng = np.random.default_rng(11)
+    c = shape[1]
+    scale = rng.standard_normal(c).astype(np.float32) if affine else np.ones(c, np.float32)
+    bias = rng.standard_normal(c).astype(np.float32) if affine else np.zeros(c, np.float32)
+    m = _model([helper.make_node("InstanceNormalization", ["x", "scale", "bias"], ["out"],
+                                 epsilon=1e-3)],
+               [("x", F, shape)], [("out", F, shape)], {"scale": scale, "bias": bias})
+    done = lower(m, _shapes(m), _only("instance-norm"))
+    assert done.applied == ["instance-norm"], done.steps
+    assert "InstanceNormalization" not in _ops(done.model)
+    assert "LayerNormalization" in _ops(done.model)
+    _assert_same(m, done.model, [{"x": rng.standard_normal(shape).astype(np.float32) * 3 + 1}
+                                 for _ in range(2)])
+
+
+def test_batched_matmul_bias_is_not_fused_into_gemm_for_ncnn():
+    """onnxsim fuses MatMul [1, S, K] + bias into Reshape [S, K] -> Gemm -> Reshape; pnnx writes
+    that batch-dropping Reshape with ncnn batch axes (12=0 13=0), which ncnn runs as S items of
+    [K] (an attention after it then fails): ncnn's simplifications keep MatMul + Add."""
+    rng = np.random.default_rng(12)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]),
+             helper.make_node("Add", ["y", "b"], ["z"]),
+             helper.make_node("Relu", ["z"], ["out"])]
+    m = _model(nodes, [("x", F, [1, 6, 8])], [("out", F, [1, 6, 4])],
+               {"w": rng.standard_normal((8, 4)).astype(np.float32),
+                "b": rng.standard_normal(4).astype(np.float32)})
+    assert "Gemm" in _ops(simplify(m, _shapes(m)))  # onnxsim's default
+    assert _ops(simplify(m, _shapes(m), NCNN.skipped_optimizers)) == {"MatMul", "Add", "Relu"}
+    done = lower(m, _shapes(m), NCNN)
+    assert "Gemm" not in _ops(done.model) and "Reshape" not in _ops(done.model)
+    _assert_same(m, done.model, [{"x": rng.standard_normal((1, 6, 8)).astype(np.float32)}])
+
+
+def test_gather_elements_at_per_row_constant_indices():
+    """DeBERTa's relative-position gather: out[h, i, j] = c2p[h, i, clip(i - j + k)], indices
+    that vary with the row i but not with the heads -> a per-row selection MatMul."""
+    s, k = 6, 4
+    rel = np.clip(np.arange(s)[:, None] - np.arange(s)[None, :] + k, 0, 2 * k - 1)
+    idx = np.broadcast_to(rel, (1, 2, s, s)).astype(np.int64).copy()
+    m = _model([helper.make_node("GatherElements", ["x", "idx"], ["g"], axis=-1),
+                helper.make_node("Relu", ["g"], ["out"])],
+               [("x", F, [1, 2, s, 2 * k])], [("out", F, [1, 2, s, s])], {"idx": idx})
+    done = lower(m, _shapes(m), _only("gather-select"))
+    assert done.applied == ["gather-select"], done.steps
+    assert "GatherElements" not in _ops(done.model)
+    rng = np.random.default_rng(13)
+    _assert_same(m, done.model, [{"x": rng.standard_normal((1, 2, s, 2 * k)).astype(np.float32)}
+                                 for _ in range(2)])
+
+
 # --- 7. opsets 17..21, version conversion, external data ------------------------------------
 
 @pytest.mark.parametrize("opset", [17, 18, 19, 20, 21])
