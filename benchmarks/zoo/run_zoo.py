@@ -159,6 +159,10 @@ def read_cell(zoo: Path, manifest: dict, model: str, export: str, target: str) -
             rec["first_divergence"] = f"{diag.get('node')} ({diag.get('op_type')})"
         if cell:
             rec |= {"exit_code": cell["exit_code"], "seconds": cell["seconds"]}
+            if cell["exit_code"] == 4:  # crashed after writing its report
+                tail = [ln for ln in cell["stderr_tail"] if ln.strip()
+                        and "internal error" not in ln]
+                rec["internal_error"] = one_line(tail[-1] if tail else "")
         return rec
     if cell is None:
         return None
@@ -349,6 +353,14 @@ def write_outputs(zoo: Path, manifest: dict, models: list[str], exports: list[st
                 else ""
             w(f"- **{c['model']} / {c['export']}**: {c['status']} — "
               f"{one_line(c.get('reason'), 300) or '(no reason given)'}{extra}")
+        w("")
+    crashed = [c for c in ran if c.get("internal_error")]
+    if crashed:
+        w("## CLI internal errors after the report was written\n")
+        w("These cells' report JSON is complete (their status above is the report's), but the "
+          "CLI then exited 4 (internal error); the last line of its stderr:\n")
+        for c in crashed:
+            w(f"- {c['model']} / {c['export']} / {c['target']}: {c['internal_error']}")
         w("")
     doc.parent.mkdir(parents=True, exist_ok=True)
     tmpd = doc.with_suffix(".md.tmp")
