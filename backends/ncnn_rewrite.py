@@ -8,9 +8,12 @@ float32. It is kept only when ONNX Runtime gives the same outputs before and aft
 padding patterns (exp of scores - 1e4 underflows to 0 in fp32 exactly as with finfo.min).
 
 Then the general lowering passes for ncnn (mtconvert.backends.lowering, capability ``NCNN``):
-IsNaN on finite values, logic/compare/Where -> float arithmetic, CumSum -> MatMul, gathers at
-constant indices, Clip bounds, explicit Reshapes, ranks above 4, opset; each kept only when
-ONNX Runtime agrees with the fixed-shape source, each a step in ``result["steps"]``.
+InstanceNormalization -> LayerNormalization, IsNaN on finite values, logic/compare/Where ->
+float arithmetic, CumSum -> MatMul, gathers at constant indices (GatherElements per row too),
+Clip bounds, explicit Reshapes, ranks above 4, bias-free attention projections, opset; each kept
+only when ONNX Runtime agrees with the fixed-shape source, each a step in ``result["steps"]``.
+Every onnxsim run here skips the MatMul + Add -> Gemm fusions (lowering.GEMM_FUSIONS): the
+Reshape it puts in front of a Gemm reaches ncnn as a batch-axis Reshape ncnn runs wrongly.
 """
 from __future__ import annotations
 

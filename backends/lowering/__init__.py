@@ -47,9 +47,10 @@ _LOGIC = frozenset({"Not", "And", "Or", "Xor", "Equal", "Less", "Greater", "Less
 # pnnx 20261020 -> ncnn: ops seen reaching the .param as layers ncnn cannot create
 NCNN = Capability(
     name="ncnn",
-    passes=("opset", "default-attributes", "instance-norm", "finite-masks", "nan-checks", "gather-select", "logic-to-float", "cumsum-matmul",
-            "gather-select", "clip-bounds", "reduce-matmul", "explicit-reshape", "mask-broadcast",
-            "strided-slice", "rank-reduce"),
+    passes=("opset", "default-attributes", "instance-norm", "finite-masks", "nan-checks",
+            "gather-select", "logic-to-float", "cumsum-matmul", "gather-select", "clip-bounds",
+            "reduce-matmul", "explicit-reshape", "mask-broadcast", "strided-slice", "rank-reduce",
+            "attention-bias"),
     unsupported=_LOGIC | {"Gather"},  # Gather only as an embedding (constant table, input ids)
     max_rank=4, bool_tensors=False, max_opset=None,
     # onnxsim turns MatMul [1, S, K] x W + b into Reshape [S, K] -> Gemm -> Reshape; pnnx
@@ -157,5 +158,5 @@ def unsupported_ops(model: Any, capability: Capability) -> list[str]:
     return sorted(bad)
 
 
-__all__ = ["Capability", "GEMM_FUSIONS", "NCNN", "COREML", "Lowered", "lower", "simplify", "unsupported_ops",
-           "ATOL"]
+__all__ = ["Capability", "GEMM_FUSIONS", "NCNN", "COREML", "Lowered", "lower", "simplify",
+           "unsupported_ops", "ATOL"]

@@ -993,3 +993,59 @@ def instance_norm_to_layer_norm(g: Graph, ctx: Context) -> tuple[Any, str] | Non
             cur = emit("Add", [cur, b])
         emit("Identity", [cur], n.output[0])
     return g.model(new), f"{len(found)} InstanceNormalization -> LayerNormalization"
+
+
+# --- bias-free attention projections get an explicit (negligible) bias ---------------------
+
+_TINY = float(np.finfo(np.float32).smallest_subnormal)  # x + 1.4e-45 == x for every normal x
+
+
+def _through_layout(g: Graph, name: str) -> Any:
+    """The producer of ``name`` skipping Reshape/Transpose."""
+    n = g.producer(name)
+    while n is not None and n.op_type in ("Reshape", "Transpose"):
+        n = g.producer(n.input[0])
+    return n
+
+
+@lowering_pass("attention-bias")
+def attention_projection_bias(g: Graph, ctx: Context) -> tuple[Any, str] | None:
+    """Attention projections without a bias (MatMul by a constant weight, no Add after it) get
+    an Add of the smallest fp32 subnormal (x + 1.4e-45 rounds back to x for any normal x; not
+    zero, so neither onnxsim nor pnnx drops it). pnnx fuses such an attention into
+    nn.MultiheadAttention(bias=False), and its ncnn writer then reads in_proj_bias and
+    out_proj.bias unconditionally: pnnx aborts with map::at (BART/Marian dynamo exports, whose
+    zero biases the exporter folded away). Projections: two or more bias-free MatMuls reading
+    the same tensor (q/k/v), and a bias-free MatMul reading the softmax-weighted values."""
+    def bias_free(n: Any) -> bool:
+        if n.op_type != "MatMul":
+            return False
+        w = g.const(n.input[1])
+        if w is None or w.ndim != 2 or g.elem(n.output[0]) != FLOAT:
+            return False
+        return not any(c.op_type == "Add" and any(g.const(i) is not None for i in c.input)
+                       for c in g.consumers(n.output[0]))
+
+    cands = [n for n in g.nodes if bias_free(n)]
+    found = []
+    for n in cands:
+        siblings = [m for m in cands if m.input[0] == n.input[0]]
+        src = _through_layout(g, n.input[0])
+        weighted = src is not None and src.op_type == "MatMul" and any(
+            (p := g.producer(i)) is not None and p.op_type == "Softmax" for i in src.input)
+        if len(siblings) >= 2 or weighted:
+            found.append(n)
+    if not found:
+        return None
+    new: list[Any] = []
+    for n in g.nodes:
+        if n not in found:
+            new.append(n)
+            continue
+        cols = int(g.const(n.input[1]).shape[1])
+        node, mm = g.make("MatMul", list(n.input), hint="matmul")
+        new.append(node)
+        node, _ = g.make("Add", [mm, g.add_const(np.full(cols, _TINY, np.float32), "tiny_bias")],
+                         n.output[0])
+        new.append(node)
+    return g.model(new), f"{len(found)} bias-free attention projection(s) + a 1.4e-45 bias"

@@ -366,6 +366,29 @@ def test_gather_elements_at_per_row_constant_indices():
                                  for _ in range(2)])
 
 
+def test_bias_free_attention_projections_get_a_negligible_bias():
+    """pnnx's ncnn writer for nn.MultiheadAttention(bias=False) aborts (map::at): the q/k/v
+    projections (bias-free MatMuls sharing an input) and the output projection (after the
+    softmax-weighted values) get an Add of the smallest subnormal, which onnxsim keeps."""
+    rng = np.random.default_rng(14)
+    w = {k: rng.standard_normal((8, 8)).astype(np.float32) for k in ("wq", "wk", "wv", "wo")}
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]),
+             helper.make_node("MatMul", ["x", "wk"], ["k"]),
+             helper.make_node("MatMul", ["x", "wv"], ["v"]),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["a"]),
+             helper.make_node("MatMul", ["a", "wo"], ["out"])]
+    m = _model(nodes, [("x", F, [1, 5, 8])], [("out", F, [1, 5, 8])], w)
+    done = lower(m, _shapes(m), _only("attention-bias",
+                                      skipped_optimizers=NCNN.skipped_optimizers))
+    assert done.applied == ["attention-bias"], done.steps
+    assert "4 bias-free attention projection(s)" in done.steps[0]
+    assert [n.op_type for n in done.model.graph.node].count("Add") == 4
+    _assert_same(m, done.model, [{"x": rng.standard_normal((1, 5, 8)).astype(np.float32)}])
+
+
 # --- 7. opsets 17..21, version conversion, external data ------------------------------------
 
 @pytest.mark.parametrize("opset", [17, 18, 19, 20, 21])
