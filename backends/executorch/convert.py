@@ -1,0 +1,252 @@
+"""ExecuTorch conversion, run in a child process: ``python -m mtconvert.backends.executorch.convert
+JOB``.
+
+A PyTorch program (a .pt2 the parent exported at the validation shapes) or an ONNX source
+(bridged to PyTorch with onnx2torch, shape scalars folded, see coreml's onnx_bridge) becomes a
+``torch.export`` program; int8 quantizes it with the XNNPACK quantizer (PT2E: prepare, calibrate,
+convert, export again); fp16 casts the module's floating-point weights and activations to
+float16 (inputs and outputs stay as the source declares them). Then
+``to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()])`` and
+``.to_executorch()`` write the ``.pte``. What was delegated to XNNPACK (and what was not) is
+read with ``get_delegation_info`` on the lowered graph, and the written file is described
+(``pte.describe``: its kernel calls checked against the runtime's registry). Prints one
+``MTCONVERT-RESULT {json}``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from mtconvert.backends.executorch.pte import describe
+
+
+def convert(job: dict[str, Any]) -> dict[str, Any]:
+    clock = time.perf_counter()
+    steps: list[str] = []
+    program, args = _exported(job, steps)
+    result: dict[str, Any] = {"steps": steps}
+    if job.get("fp32_twin"):  # the same program at fp32: the yardstick for the precision loss
+        _lower(program, Path(job["fp32_twin"]), [])
+    if job["precision"] == "int8":
+        program = _quantized(program, args, job, steps)
+    elif job["precision"] == "fp16":
+        program = _half(program, args, steps)
+    result["delegation"] = _lower(program, Path(job["out"]), steps)
+    result["program"] = describe(Path(job["out"]))
+    result["seconds"] = round(time.perf_counter() - clock, 2)
+    return result
+
+
+def _example_args(job: dict[str, Any]) -> tuple[Any, ...]:
+    import torch
+
+    return tuple((torch.ones if "mask" in name.lower() else torch.zeros)(
+        shape, dtype=getattr(torch, dtype)) for name, shape, dtype in
+        zip(job["input_order"], job["input_shapes"], job["input_dtypes"], strict=True))
+
+
+def _exported(job: dict[str, Any], steps: list[str]) -> tuple[Any, tuple[Any, ...]]:
+    import torch
+
+    args = _example_args(job)
+    if job["kind"] == "pt2":
+        return torch.export.load(job["model"]), args
+    import onnx
+
+    from mtconvert.backends.coreml.onnx_bridge import export, to_torch
+
+    t0 = time.perf_counter()
+    module = to_torch(onnx.load(job["model"]))
+    program = export(module, args)
+    steps.append(f"onnx2torch: ONNX -> torch.fx module; traced (make_fx, shape scalars "
+                 f"folded) and torch.export at the fixed shapes [{time.perf_counter() - t0:.1f} s]")
+    linears = _linears(program)
+    if linears:
+        steps.append(f"{linears} addmm/mm of a transposed weight written as aten.linear "
+                     "(XNNPACK delegates linear; the traced form stayed on portable kernels)")
+    return program, args
+
+
+def _linears(program: Any) -> int:
+    """``addmm(b, x, t(W))`` and ``mm(x, t(W))`` with W a parameter or constant, as
+    ``linear(x, W, b)``: what ``nn.Linear`` is before make_fx decomposed it (onnx2torch's Gemm).
+    XNNPACK's partitioner takes ``linear`` with a static weight; the decomposed form, without
+    its source-module metadata, was left to the portable ``addmm`` kernel. Same arithmetic."""
+    import torch
+
+    aten = torch.ops.aten
+    graph = program.graph_module.graph
+    static = {spec.arg.name for spec in program.graph_signature.input_specs
+              if spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR")}
+
+    def weight(node: Any) -> Any:
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node.target is aten.t.default or (node.target is aten.permute.default
+                                             and list(node.args[1]) == [1, 0]):
+            w = node.args[0]
+            if isinstance(w, torch.fx.Node) and w.op == "placeholder" and w.name in static:
+                return w
+        return None
+
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.kwargs:
+            continue
+        if node.target is aten.addmm.default and len(node.args) == 3:
+            bias, x, wt = node.args
+            ok = isinstance(bias, torch.fx.Node) and bias.meta["val"].dim() == 1
+            args = (x, weight(wt), bias) if ok else None
+        elif node.target is aten.mm.default and len(node.args) == 2:
+            x, wt = node.args
+            args = (x, weight(wt))
+        else:
+            continue
+        if args is None or args[1] is None:
+            continue
+        with graph.inserting_before(node):
+            linear = graph.call_function(aten.linear.default, args)
+        linear.meta = dict(node.meta)
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+        count += 1
+    if count:
+        graph.eliminate_dead_code()
+        program.graph_module.recompile()
+    return count
+
+
+def _calibration(job: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The calibration samples (an .npz of arrays stacked on a first axis), as argument tuples."""
+    import numpy as np
+    import torch
+
+    if not job.get("calibration"):
+        return [_example_args(job)]
+    with np.load(job["calibration"]) as data:
+        arrays = [data[name] for name in job["input_order"]]
+    return [tuple(torch.from_numpy(np.ascontiguousarray(a[i])).to(getattr(torch, d))
+                  for a, d in zip(arrays, job["input_dtypes"], strict=True))
+            for i in range(arrays[0].shape[0])]
+
+
+def _quantized(program: Any, args: tuple[Any, ...], job: dict[str, Any],
+               steps: list[str]) -> Any:
+    """PT2E int8 with the XNNPACK quantizer, per-channel int8 weights. ``dynamic`` (default):
+    activations quantized at run time per tensor, linear layers only, the rest float; ``full``:
+    static int8 activations everywhere, calibrated on the run's samples."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    t0 = time.perf_counter()
+    dynamic = job.get("int8_scheme", "dynamic") == "dynamic"
+    quantizer = XNNPACKQuantizer().set_global(
+        get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
+    samples = [args] if dynamic else _calibration(job)
+    with torch.no_grad():
+        prepared = prepare_pt2e(program.module(), quantizer)
+        for sample in samples:
+            prepared(*sample)
+        converted = convert_pt2e(prepared)
+        program = torch.export.export(converted, args, strict=False)
+    what = ("int8 per-channel weights, activations quantized dynamically (per tensor, at run "
+            "time)" if dynamic else "int8 per-channel weights, static int8 activations "
+            f"calibrated on {len(samples)} sample(s)")
+    steps.append(f"XNNPACK quantizer (PT2E): {what} [{time.perf_counter() - t0:.1f} s]")
+    return program
+
+
+FP16_MAX = 65504.0
+
+
+def _half(program: Any, args: tuple[Any, ...], steps: list[str]) -> Any:
+    """Weights and activations in float16; floating-point inputs and outputs keep their type
+    (cast at the edges), so the .pte takes what the source takes. The traced graph names
+    float32 in its casts and factories (``mask.float()``, ``full(..., dtype=float32)``): those
+    become float16, and finite literals beyond float16's range (an attention mask's
+    ``finfo(float32).min``) are clamped to +-65504, since in float16 they would be infinite and
+    ``0 * -inf`` is NaN."""
+    import torch
+    from torch.fx.node import map_aggregate
+
+    t0 = time.perf_counter()
+    module = program.module()
+    changed = {"dtypes": 0, "literals": 0}
+
+    def fix(value: Any) -> Any:
+        if value is torch.float32:
+            changed["dtypes"] += 1
+            return torch.float16
+        if isinstance(value, float) and abs(value) > FP16_MAX and value == value \
+                and abs(value) != float("inf"):
+            changed["literals"] += 1
+            return FP16_MAX if value > 0 else -FP16_MAX
+        return value
+
+    for node in module.graph.nodes:
+        if node.op == "call_function":
+            node.args = map_aggregate(node.args, fix)
+            node.kwargs = map_aggregate(node.kwargs, fix)
+        elif node.op == "get_attr":  # constants that are neither parameters nor buffers
+            owner, _, attr = node.target.rpartition(".")
+            holder = module.get_submodule(owner) if owner else module
+            value = getattr(holder, attr)
+            if (isinstance(value, torch.Tensor) and value.dtype == torch.float32
+                    and not isinstance(value, torch.nn.Parameter)
+                    and attr not in holder._buffers):  # .half() below takes those
+                setattr(holder, attr, value.half())
+    module.recompile()
+
+    class Half(torch.nn.Module):
+        def __init__(self, inner: Any):
+            super().__init__()
+            self.inner = inner.half()
+
+        def forward(self, *xs: Any) -> Any:
+            xs = tuple(x.half() if x.is_floating_point() else x for x in xs)
+            out = self.inner(*xs)
+            return torch.utils._pytree.tree_map(
+                lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                else t, out)
+
+    with torch.no_grad():
+        program = torch.export.export(Half(module), args, strict=False)
+    steps.append(f"fp16: weights and activations cast to float16 ({changed['dtypes']} float32 "
+                 f"casts/factories retyped, {changed['literals']} literal(s) clamped to "
+                 f"+-{FP16_MAX:g}), inputs/outputs keep their type "
+                 f"[{time.perf_counter() - t0:.1f} s]")
+    return program
+
+
+def _lower(program: Any, out: Path, steps: list[str]) -> dict[str, Any]:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+
+    t0 = time.perf_counter()
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    info = get_delegation_info(edge.exported_program().graph_module)
+    t1 = time.perf_counter()
+    executorch_program = edge.to_executorch()
+    out.write_bytes(executorch_program.buffer)
+    by_op = {op: {"delegated": b.delegated, "non_delegated": b.non_delegated}
+             for op, b in sorted(info.delegation_by_operator.items())
+             if op != "getitem"}  # tuple unpacking of a delegate's outputs, no operator
+    delegated = sum(c["delegated"] for c in by_op.values())
+    steps.append(f"to_edge_transform_and_lower with XnnpackPartitioner: {delegated} operators "
+                 f"delegated in {info.num_delegated_subgraphs} subgraph(s), "
+                 f"{sum(c['non_delegated'] for c in by_op.values())} not [{t1 - t0:.1f} s]")
+    steps.append(f"to_executorch: {out.name} [{time.perf_counter() - t1:.1f} s]")
+    return {"subgraphs": info.num_delegated_subgraphs,
+            "delegated": sum(c["delegated"] for c in by_op.values()),
+            "non_delegated": sum(c["non_delegated"] for c in by_op.values()),
+            "by_operator": by_op}
+
+
+if __name__ == "__main__":
+    from mtconvert.backends.process import child_main
+
+    child_main(convert)

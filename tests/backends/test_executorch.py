@@ -1,0 +1,203 @@
+"""executorch with the real toolchain: torch.export / onnx2torch, the XNNPACK partitioner and
+quantizer, and ExecuTorch's own runtime (executorch.runtime) running each .pte."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mtconvert
+from mtconvert.backends.executorch.backend import ExecutorchBackend, findings
+from mtconvert.backends.executorch.pte import unrunnable
+from mtconvert.backends.snippets import Port
+from mtconvert.errors import ModelLoadError
+from tests.models import quick_convert
+
+pytestmark = pytest.mark.skipif(not ExecutorchBackend.availability().can_convert,
+                                reason="executorch not installed")
+
+
+def _run(model, out, **kw):
+    return quick_convert("executorch", model, out, **kw).targets["executorch"]
+
+
+def _codes(target):
+    return {f["code"]: f for f in target.findings}
+
+
+# --- fast: lint and snippets from program descriptions --------------------------------------
+
+DESCRIBED = {"inputs": [{"shape": [1, 8], "dtype": "int64"}],
+             "outputs": [{"shape": [1, 3], "dtype": "float32"}],
+             "operators": {"aten::native_layer_norm.out": 2, "aten::embedding.out": 1},
+             "delegates": {"XnnpackBackend": 3}}
+DELEGATION = {"subgraphs": 3, "delegated": 5, "non_delegated": 3,
+              "by_operator": {"aten_linear_default": {"delegated": 4, "non_delegated": 0},
+                              "aten_native_layer_norm_default": {"delegated": 0,
+                                                                 "non_delegated": 2},
+                              "aten_add_tensor": {"delegated": 1, "non_delegated": 1}}}
+
+
+def test_lint_names_delegated_and_portable_ops():
+    program = DESCRIBED | unrunnable(DESCRIBED, {
+        "operators": ["aten::native_layer_norm.out", "aten::embedding.out"],
+        "backends": ["XnnpackBackend"]})
+    found = {f.code: f for f in findings(program, DELEGATION)}
+    assert "aten_linear_defaultx4" in found["executorch-delegation"].message
+    assert "not delegated: aten_native_layer_norm_defaultx2, aten_add_tensorx1" in \
+        found["executorch-delegation"].message
+    assert "XnnpackBackendx3" in found["executorch-program"].message
+    assert found["executorch-not-delegated"].severity == "warning"
+    assert all(f.severity != "error" for f in found.values())
+
+
+def test_an_op_without_a_kernel_fails_the_lint_by_name():
+    program = DESCRIBED | unrunnable(DESCRIBED, {"operators": ["aten::embedding.out"],
+                                                 "backends": []})
+    errors = [f for f in findings(program, None) if f.severity == "error"]
+    assert {f.code for f in errors} == {"executorch-missing-kernel", "executorch-missing-backend"}
+    assert "aten::native_layer_norm.out" in errors[0].message
+    assert "XnnpackBackend" in errors[1].message
+
+
+def test_the_runtime_registers_what_the_lowered_programs_call():
+    from mtconvert.backends.executorch.pte import runtime_registry
+
+    registry = runtime_registry()
+    assert "XnnpackBackend" in registry["backends"]
+    assert {"aten::native_layer_norm.out", "aten::embedding.out"} <= set(registry["operators"])
+
+
+def test_snippets_use_the_module_api_and_positions():
+    from mtconvert.backends.executorch import snippets as et
+
+    ins = [Port("input_ids", "input_ids", (1, 8), "int64", 0),
+           Port("attention_mask", "attention_mask", (1, 8), "int64", 1)]
+    outs = [Port("logits", "logits", (1, 3), "float32", 0)]
+    kotlin = et.kotlin("bert.pte", ins, outs)
+    assert "Module.load(file.absolutePath)" in kotlin
+    assert "Tensor.fromBlob(LongArray(8), longArrayOf(1L, 8L))" in kotlin
+    assert "module.forward(EValue.from(inputIds), EValue.from(attentionMask))" in kotlin
+    assert "outputs[0].toTensor().dataAsFloatArray" in kotlin
+    python = et.python("bert.pte", ins, outs)
+    compile(python, "snippet.py", "exec")
+    assert "torch.zeros((1, 8), dtype=torch.int64)" in python and "logits, = " in python
+
+
+# --- slow: real conversions -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def onnx_built(fixtures_dir, tmp_path_factory):
+    """bert_encoder.onnx to a .pte once, with a golden bundle: (target report, out, bundle)."""
+    root = tmp_path_factory.mktemp("executorch")
+    t = _run(fixtures_dir / "bert_encoder.onnx", root / "out",
+             extra={"bundle": str(root / "gold")})
+    return t, root / "out", root / "gold"
+
+
+@pytest.mark.slow
+def test_onnx_fixture_passes_in_the_executorch_runtime(onnx_built, tmp_path):
+    t, out, _ = onnx_built
+    assert t.status == "passed", t.reason
+    assert t.numerics.runtime.startswith("executorch")
+    assert t.numerics.worst["max_abs"] < 1e-5
+    assert t.latency is not None and t.latency.p50_ms > 0
+    assert t.artifacts[0].path == str(out / "bert_encoder.pte")
+    assert any(s.startswith("onnx2torch: ONNX -> torch.fx") for s in t.conversion.steps)
+    assert any("written as aten.linear" in s for s in t.conversion.steps)
+    lint = _codes(t)
+    delegated, _, kept = lint["executorch-delegation"]["message"].partition("not delegated")
+    assert "aten_linear_defaultx11" in delegated  # every linear layer runs in XNNPACK
+    assert "native_layer_norm" in kept
+    assert "XnnpackBackend" in lint["executorch-program"]["message"]
+    assert "executorch-missing-kernel" not in lint
+    assert "Module.load" in t.snippets["kotlin"] and "bert_encoder.pte" in t.snippets["python"]
+
+
+@pytest.mark.slow
+def test_validate_a_built_pte_and_a_corrupted_one(onnx_built, fixtures_dir, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    _, out, _ = onnx_built
+    source = fixtures_dir / "bert_encoder.onnx"
+    garbage = tmp_path / "garbage.pte"
+    garbage.write_bytes(b"not a program" * 64)
+    with pytest.raises(ModelLoadError, match="not an ExecuTorch program"):
+        mtconvert.validate(source, [garbage])
+    # the classifier's weights, stored as they are, changed by 5%: a well-formed wrong program
+    data = (out / "bert_encoder.pte").read_bytes()
+    weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(source)).graph.initializer}
+    old = weights["model.classifier.weight"].astype(np.float32).tobytes()
+    assert data.count(old) == 1
+    changed = tmp_path / "changed.pte"
+    changed.write_bytes(data.replace(old, (np.frombuffer(old, np.float32) * 1.05).tobytes()))
+    report = mtconvert.validate(source, [out / "bert_encoder.pte", changed], iterations=2,
+                                warmup=1)
+    good, bad = report.targets["executorch"], report.targets["executorch:changed.pte"]
+    assert good.status == "passed", good.reason
+    assert good.input_shapes == {"input_ids": [1, 32], "attention_mask": [1, 32]}
+    assert "adopted" in _codes(good)
+    assert bad.status == "failed" and "logits" in bad.reason
+    assert report.exit_code == 1
+
+
+@pytest.mark.slow
+def test_golden_bundle_carries_the_pte(onnx_built):
+    _, _, gold = onnx_built
+    assert (gold / "executorch" / "bert_encoder.pte").is_file()
+    report = mtconvert.verify(gold, iterations=2, warmup=1)
+    t = report.targets["executorch"]
+    assert t.status == "passed", t.reason
+    assert report.exit_code == 0
+
+
+@pytest.mark.slow
+def test_torch_program_takes_the_torch_export_route(fixtures_dir, tmp_path):
+    t = _run(fixtures_dir / "bert_encoder.pt2", tmp_path)
+    assert t.status == "passed", t.reason
+    assert "route torch.export: chosen (passed)" in t.conversion.steps
+    assert t.numerics.worst["max_abs"] < 1e-5
+    assert "aten_linear_defaultx14" in _codes(t)["executorch-delegation"]["message"]
+
+
+class TinyEncoder:
+    """A small nn.Module Transformer (embedding, one encoder layer, masked mean, head)."""
+
+    @staticmethod
+    def make():
+        import torch
+
+        class Tiny(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.emb = torch.nn.Embedding(100, 32)
+                self.layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0,
+                                                              batch_first=True)
+                self.head = torch.nn.Linear(32, 3)
+
+            def forward(self, input_ids, attention_mask):
+                h = self.layer(self.emb(input_ids), src_key_padding_mask=attention_mask == 0)
+                m = attention_mask.unsqueeze(-1).float()
+                return self.head((h * m).sum(1) / m.sum(1))
+
+        ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(1, 16, dtype=torch.int64)
+        mask[0, 12:] = 0
+        return Tiny().eval(), (ids, mask)
+
+
+@pytest.mark.slow
+def test_torch_module_int8_is_judged_with_its_fp32_twin(tmp_path):
+    module, example = TinyEncoder.make()
+    t = _run(module, tmp_path, example_inputs=example, precision="int8")
+    assert t.status == "passed", t.reason
+    assert "route torch.export: chosen (passed)" in t.conversion.steps
+    assert any("XNNPACK quantizer (PT2E)" in s for s in t.conversion.steps)
+    assert Path(t.artifacts[0].path).name.endswith(".int8.pte")
+    assert t.numerics.fp32_worst["max_abs"] < 1e-5  # the twin: exact
+    change = next(iter(t.numerics.vs_fp32.values()))
+    assert 0 < change["max_abs"] and change["cosine"] > 0.999  # int8 costs something
+    assert "quantized_decomposed" in _codes(t)["executorch-delegation"]["message"]
