@@ -85,9 +85,10 @@ class NcnnBackend(Backend):
                         input_shapes={k: tuple(v) for k, v in fixed.items()})
 
     def routes(self, source: PreparedSource) -> list[str]:
-        """TorchScript first for PyTorch sources (pnnx's native input), then the legalized
+        """TorchScript first for PyTorch sources (pnnx's native input), then the lowered
         fixed-shape ONNX, then the ONNX as given (pnnx simplifies it itself): pnnx mis-converts
-        some fixed-shape graphs (ViT: broken Reshapes) and some traced ones."""
+        some traced graphs (HF's mask logic survives tracing), and a graph the lowering cannot
+        legalize may still convert as given."""
         onnx_routes = ["onnx-fixed", "onnx-as-given"]
         return ["torchscript", *onnx_routes] if source.torch_module is not None else onnx_routes
 
