@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
+from mtconvert.backends import torch_inputs
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
                                      TargetOptions, TensorSpec, format_shapes, match_names)
 from mtconvert.backends.options import Option
@@ -53,7 +54,8 @@ class CoremlBackend(Backend):
 
     def routes(self, source: PreparedSource) -> list[str]:
         if source.torch_module is not None:
-            return ["torch.export", "onnx2torch"] if _has_onnx2torch() else ["torch.export"]
+            bridge = ["onnx2torch"] if torch_inputs.has_onnx2torch() else []
+            return ["torch.export", *bridge]
         return ["onnx2torch"]
 
     def convert(self, source: PreparedSource, out_dir: Path, opts: TargetOptions) -> Artifact:
@@ -64,10 +66,12 @@ class CoremlBackend(Backend):
         shapes = {s.name: list(source.input_shapes[s.name]) for s in source.inputs}
         steps: list[str] = []
         if opts.route == "torch.export":
-            kind, model = "pt2", _export_module(source, shapes, work / "program.pt2")
+            kind, model = "pt2", torch_inputs.export_module(source, shapes,
+                                                            work / "program.pt2", self.name)
             steps.append(f"torch.export of the PyTorch module at {format_shapes(shapes)}")
         else:
-            kind, model = "onnx", self._fixed_onnx(source, shapes, work, log, opts, steps)
+            kind, model = "onnx", torch_inputs.fixed_onnx(source, shapes, work, log,
+                                                          opts.timeout_s, steps, self.name)
         suffix = "" if opts.precision == "fp32" else f".{opts.precision}"
         suffix += f".palettized{settings['palettize']}" if settings["palettize"] else ""
         out = out_dir / f"{source.name}{suffix}.mlpackage"
@@ -95,21 +99,6 @@ class CoremlBackend(Backend):
         return Artifact(target=self.name, primary=out, files=(out,), precision=opts.precision,
                         steps=tuple(steps), tool_versions=deps.versions(TOOLS), log_path=log,
                         meta=meta, fp32_twin=fp32, tolerance_profile=profile, input_shapes=fixed)
-
-    def _fixed_onnx(self, source: PreparedSource, shapes: dict[str, list[int]], work: Path,
-                    log: Path, opts: TargetOptions, steps: list[str]) -> Path:
-        from mtconvert.backends.onnx_tools import run_onnx_tool
-
-        if not _has_onnx2torch():
-            raise ConversionError("ONNX sources need onnx2torch: pip install --no-deps "
-                                  "onnx2torch (it needs torchvision only for NMS/RoiAlign)",
-                                  target=self.name, step="onnx2torch")
-        fixed = work / f"{source.name}.fixed.onnx"
-        info = run_onnx_tool("fix-shapes", source.onnx_path, fixed, shapes, step="fix-shapes",
-                             log=log, timeout=opts.timeout_s, target=self.name)
-        steps.append(f"fix shapes: {format_shapes(shapes)}; onnxsim {info['nodes_before']} -> "
-                     f"{info['nodes_after']} nodes [{info['seconds']:.1f} s]")
-        return fixed
 
     def _run_child(self, job: dict[str, Any], work: Path, log: Path,
                    timeout: float | None) -> dict[str, Any]:
@@ -195,27 +184,6 @@ def _settings(opts: TargetOptions) -> dict[str, Any]:
         raise ConversionError("choose int8 linear quantization or palettization, not both",
                               target="coreml", step="options")
     return {"deployment_target": target, "palettize": int(bits) if bits else None}
-
-
-def _export_module(source: PreparedSource, shapes: dict[str, list[int]], path: Path) -> Path:
-    """torch.export of the in-memory module (it lives in this process), saved for the child."""
-    import torch
-
-    args = tuple((torch.ones if "mask" in s.name.lower() else torch.zeros)(
-        shapes[s.name], dtype=getattr(torch, s.dtype)) for s in source.inputs)
-    try:
-        with torch.no_grad():
-            program = torch.export.export(source.torch_module, args, strict=False)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"torch.export failed: {first}", target="coreml",
-                              step="torch.export") from None
-    torch.export.save(program, str(path))
-    return path
-
-
-def _has_onnx2torch() -> bool:
-    return not deps.missing_modules({"onnx2torch": "onnx2torch"})
 
 
 def _has_coreml_runtime() -> bool:

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
+from mtconvert.backends import torch_inputs
 from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
                                      TargetOptions, TensorSpec, format_shapes, match_names)
 from mtconvert.backends.options import Option
 from mtconvert.backends.process import expect_files, run_job
-from mtconvert.errors import ConversionError, ModelLoadError, RuntimeFailure
+from mtconvert.errors import ModelLoadError, RuntimeFailure
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,7 +52,8 @@ class ExecutorchBackend(Backend):
 
     def routes(self, source: PreparedSource) -> list[str]:
         if source.torch_module is not None:
-            return ["torch.export", "onnx2torch"] if _has_onnx2torch() else ["torch.export"]
+            bridge = ["onnx2torch"] if torch_inputs.has_onnx2torch() else []
+            return ["torch.export", *bridge]
         return ["onnx2torch"]
 
     def convert(self, source: PreparedSource, out_dir: Path, opts: TargetOptions) -> Artifact:
@@ -61,10 +63,12 @@ class ExecutorchBackend(Backend):
         shapes = {s.name: list(source.input_shapes[s.name]) for s in source.inputs}
         steps: list[str] = []
         if opts.route == "torch.export":
-            kind, model = "pt2", _export_module(source, shapes, work / "program.pt2")
+            kind, model = "pt2", torch_inputs.export_module(source, shapes,
+                                                            work / "program.pt2", self.name)
             steps.append(f"torch.export of the PyTorch module at {format_shapes(shapes)}")
         else:
-            kind, model = "onnx", self._fixed_onnx(source, shapes, work, log, opts, steps)
+            kind, model = "onnx", torch_inputs.fixed_onnx(source, shapes, work, log,
+                                                          opts.timeout_s, steps, self.name)
         suffix = "" if opts.precision == "fp32" else f".{opts.precision}"
         out = out_dir / f"{source.name}{suffix}.pte"
         twin = work / f"{source.name}.fp32-twin.pte" if opts.precision != "fp32" else None
@@ -92,21 +96,6 @@ class ExecutorchBackend(Backend):
         return Artifact(target=self.name, primary=out, files=(out,), precision=opts.precision,
                         steps=tuple(steps), tool_versions=deps.versions(TOOLS), log_path=log,
                         meta=meta, fp32_twin=fp32, input_shapes=fixed)
-
-    def _fixed_onnx(self, source: PreparedSource, shapes: dict[str, list[int]], work: Path,
-                    log: Path, opts: TargetOptions, steps: list[str]) -> Path:
-        from mtconvert.backends.onnx_tools import run_onnx_tool
-
-        if not _has_onnx2torch():
-            raise ConversionError("ONNX sources need onnx2torch: pip install --no-deps "
-                                  "onnx2torch (it needs torchvision only for NMS/RoiAlign)",
-                                  target=self.name, step="onnx2torch")
-        fixed = work / f"{source.name}.fixed.onnx"
-        info = run_onnx_tool("fix-shapes", source.onnx_path, fixed, shapes, step="fix-shapes",
-                             log=log, timeout=opts.timeout_s, target=self.name)
-        steps.append(f"fix shapes: {format_shapes(shapes)}; onnxsim {info['nodes_before']} -> "
-                     f"{info['nodes_after']} nodes [{info['seconds']:.1f} s]")
-        return fixed
 
     def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
         """A .pte built elsewhere: inputs and outputs mapped to the source's in order (a .pte
@@ -194,27 +183,6 @@ def _describe(path: Path, log: Path | None, timeout: float | None) -> dict[str, 
     if "error" in result:
         raise ModelLoadError(result["error"])
     return result["program"]
-
-
-def _export_module(source: PreparedSource, shapes: dict[str, list[int]], path: Path) -> Path:
-    """torch.export of the in-memory module (it lives in this process), saved for the child."""
-    import torch
-
-    args = tuple((torch.ones if "mask" in s.name.lower() else torch.zeros)(
-        shapes[s.name], dtype=getattr(torch, s.dtype)) for s in source.inputs)
-    try:
-        with torch.no_grad():
-            program = torch.export.export(source.torch_module, args, strict=False)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"torch.export failed: {first}", target=NAME,
-                              step="torch.export") from None
-    torch.export.save(program, str(path))
-    return path
-
-
-def _has_onnx2torch() -> bool:
-    return not deps.missing_modules({"onnx2torch": "onnx2torch"})
 
 
 class PteSession(Session):

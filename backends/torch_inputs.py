@@ -1,0 +1,48 @@
+"""What the targets that convert through PyTorch (coreml, executorch) share: the source as a
+saved torch.export program, or as a fixed-shape ONNX for the onnx2torch bridge."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mtconvert import deps
+from mtconvert.backends.base import PreparedSource, format_shapes
+from mtconvert.errors import ConversionError
+
+
+def has_onnx2torch() -> bool:
+    return not deps.missing_modules({"onnx2torch": "onnx2torch"})
+
+
+def export_module(source: PreparedSource, shapes: dict[str, list[int]], path: Path,
+                  target: str) -> Path:
+    """torch.export of the in-memory module (it lives in this process), saved for the child."""
+    import torch
+
+    args = tuple((torch.ones if "mask" in s.name.lower() else torch.zeros)(
+        shapes[s.name], dtype=getattr(torch, s.dtype)) for s in source.inputs)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(source.torch_module, args, strict=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"torch.export failed: {first}", target=target,
+                              step="torch.export") from None
+    torch.export.save(program, str(path))
+    return path
+
+
+def fixed_onnx(source: PreparedSource, shapes: dict[str, list[int]], work: Path, log: Path,
+               timeout: float | None, steps: list[str], target: str) -> Path:
+    """The source ONNX with its shapes fixed (onnxsim in a child), for the onnx2torch bridge."""
+    from mtconvert.backends.onnx_tools import run_onnx_tool
+
+    if not has_onnx2torch():
+        raise ConversionError("ONNX sources need onnx2torch: pip install --no-deps "
+                              "onnx2torch (it needs torchvision only for NMS/RoiAlign)",
+                              target=target, step="onnx2torch")
+    fixed = work / f"{source.name}.fixed.onnx"
+    info = run_onnx_tool("fix-shapes", source.onnx_path, fixed, shapes, step="fix-shapes",
+                         log=log, timeout=timeout, target=target)
+    steps.append(f"fix shapes: {format_shapes(shapes)}; onnxsim {info['nodes_before']} -> "
+                 f"{info['nodes_after']} nodes [{info['seconds']:.1f} s]")
+    return fixed
