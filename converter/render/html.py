@@ -145,8 +145,20 @@ def _target(i: int, t: TargetReport, report: Report, plots: _Plots) -> str:
         parts.append(_conversion(t))
     if t.findings:
         parts.append(_findings(t))
+    if t.snippets:
+        parts.append(_snippets(t))
     parts.append("</section>")
     return "".join(parts)
+
+
+_LANGUAGES = {"kotlin": "Kotlin", "swift": "Swift", "cpp": "C++", "python": "Python"}
+
+
+def _snippets(t: TargetReport) -> str:
+    """The backend's load-and-run code for the artifact, one collapsed block per language."""
+    blocks = "".join(f"<details><summary>{_e(_LANGUAGES.get(lang, lang))}</summary>"
+                     f"<pre>{_e(code)}</pre></details>" for lang, code in t.snippets.items())
+    return f"<h3>Deployment snippets</h3>{blocks}"
 
 
 def _facts(t: TargetReport, report: Report) -> str:

@@ -304,3 +304,16 @@ def test_cli_start_up_imports_no_matplotlib(argv):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "--html" in proc.stdout or argv == ["--help"]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_deployment_snippets_are_in_the_page_escaped():
+    from mtconvert.render.html import to_html
+    from mtconvert.report import ReferenceInfo, SourceInfo, TargetMap, TargetReport
+
+    t = TargetReport("fake", "passed", snippets={"python": "x = run('<model>')\n",
+                                                 "kotlin": "val y = 1"})
+    src = SourceInfo("/m.onnx", "onnx", None, (), (), {})
+    page = to_html(Report(src, ReferenceInfo("onnxruntime-cpu", "1.0", None), TargetMap([t])))
+    assert "Deployment snippets" in page and "Kotlin" in page
+    assert "x = run(&#x27;&lt;model&gt;&#x27;)" in page or "&lt;model&gt;" in page
+    assert "<model>" not in page
