@@ -38,6 +38,8 @@ def fix_shapes(src: str, dst: str, shapes: dict[str, list[int]]) -> dict:
     import onnx
     import onnxsim
 
+    from mtconvert.backends.lowering.graph import constants_to_initializers
+
     model = onnx.load(src)
     info = _describe(model)
     simplified, ok = onnxsim.simplify(model, overwrite_input_shapes=shapes)
@@ -56,21 +58,6 @@ def fix_shapes(src: str, dst: str, shapes: dict[str, list[int]]) -> dict:
                           for d in i.dims if d > 1})
     return info | {"op_counts": counts, "output_shapes": outputs, "weight_dims": weight_dims,
                    "nodes_before": len(model.graph.node), "nodes_after": len(simplified.graph.node)}
-
-
-def constants_to_initializers(model) -> None:  # noqa: ANN001 - onnx.ModelProto
-    keep = []
-    for node in model.graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 \
-                and node.attribute[0].name == "value":
-            tensor = type(node.attribute[0].t)()
-            tensor.CopyFrom(node.attribute[0].t)
-            tensor.name = node.output[0]
-            model.graph.initializer.append(tensor)
-        else:
-            keep.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
 
 
 def quantize_dynamic(src: str, dst: str) -> dict:

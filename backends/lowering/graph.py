@@ -15,6 +15,23 @@ INT_TYPES = {2, 3, 4, 5, 6, 7, 12, 13}  # uint8..int64, uint32, uint64
 FLOAT_TYPES = {1, 10, 11, 16}
 
 
+def constants_to_initializers(model: Any) -> None:
+    """Turn single-value Constant nodes into initializers, in place (passes read constants from
+    the initializers; onnx2tf's strict mode rejects some scalar Constants)."""
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 \
+                and node.attribute[0].name == "value":
+            tensor = type(node.attribute[0].t)()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
 class NotApplicable(Exception):
     """The pass cannot rewrite this graph (reported as the reason it was not applied)."""
 
@@ -25,17 +42,7 @@ class Graph:
 
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        keep = []
-        for n in m.graph.node:
-            if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
-                t = onnx.TensorProto()
-                t.CopyFrom(n.attribute[0].t)
-                t.name = n.output[0]
-                m.graph.initializer.append(t)
-            else:
-                keep.append(n)
-        del m.graph.node[:]
-        m.graph.node.extend(keep)
+        constants_to_initializers(m)
         del m.graph.value_info[:]
         try:
             m = onnx.shape_inference.infer_shapes(m, data_prop=True)

@@ -97,6 +97,25 @@ def emit(destination: Path | IO[str] | str, text: str) -> None:
         destination.write(text)
 
 
+def emit_bytes(destination: Path | IO[Any] | str, data: bytes) -> None:
+    """Encoded output (an XML file) to a file (atomically), a binary stream, or a text stream
+    (through its buffer when it has one)."""
+    if isinstance(destination, (str, Path)):
+        path = Path(destination)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    elif hasattr(destination, "buffer"):
+        destination.flush()
+        destination.buffer.write(data)
+    else:
+        try:
+            destination.write(data)
+        except TypeError:
+            destination.write(data.decode())
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never half a file."""
     path = Path(path)

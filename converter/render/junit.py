@@ -37,20 +37,9 @@ def render(report: Report, destination: Path | IO[Any]) -> None:
     """To a file (written atomically) or a stream (text or binary)."""
     data = build(report).tostring()
     data = b'<?xml version="1.0" encoding="utf-8"?>\n' + data + b"\n"
-    if isinstance(destination, (str, Path)):
-        path = Path(destination)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    elif hasattr(destination, "buffer"):
-        destination.flush()
-        destination.buffer.write(data)
-    else:
-        try:
-            destination.write(data)
-        except TypeError:
-            destination.write(data.decode())
+    from mtconvert.render import emit_bytes
+
+    emit_bytes(destination, data)
 
 
 def build(report: Report) -> JUnitXml:

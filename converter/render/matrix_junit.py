@@ -19,20 +19,9 @@ if TYPE_CHECKING:
 def render(report: MatrixReport, destination: Path | IO[Any]) -> None:
     """To a file (written atomically) or a stream (text or binary)."""
     data = b'<?xml version="1.0" encoding="utf-8"?>\n' + build(report).tostring() + b"\n"
-    if isinstance(destination, (str, Path)):
-        path = Path(destination)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    elif hasattr(destination, "buffer"):
-        destination.flush()
-        destination.buffer.write(data)
-    else:
-        try:
-            destination.write(data)
-        except TypeError:
-            destination.write(data.decode())
+    from mtconvert.render import emit_bytes
+
+    emit_bytes(destination, data)
 
 
 def build(report: MatrixReport) -> JUnitXml:
