@@ -143,6 +143,16 @@ class Artifact:
 
 
 @dataclass(frozen=True)
+class OpTime:
+    """One operator's share of an inference, from the runtime's own profiler: ``ms`` is its
+    mean time per inference over the profiled runs, ``name`` the runtime's node/layer name."""
+
+    name: str
+    op_type: str
+    ms: float
+
+
+@dataclass(frozen=True)
 class Availability:
     can_convert: bool
     can_run: bool
@@ -171,6 +181,14 @@ class Session(ABC):
         and the first non-finite op). Only where ``Backend.addressable_intermediates``; a runtime
         that runs one item at a time (ncnn) may compute batch item 0 only."""
         raise NotImplementedError(f"{type(self).__name__} cannot address intermediate tensors")
+
+    def profile(self, feeds: dict[str, np.ndarray], runs: int) -> list[OpTime] | None:
+        """Each operator's mean time over ``runs`` inferences of ``feeds``, from the runtime's
+        own profiler (``--profile``); None when this runtime has none here, and then
+        ``profile_unavailable`` says why."""
+        return None
+
+    profile_unavailable: str = "this runtime has no per-operator profiler here"
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the runtime's resources."""

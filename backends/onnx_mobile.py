@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
-from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
-                                     TargetOptions, TensorSpec)
+from mtconvert.backends.base import (Artifact, Backend, Finding, OpTime, PreparedSource,
+                                     Session, TargetOptions, TensorSpec)
 from mtconvert.backends.process import expect_files, python_cmd, run_tool
 from mtconvert.backends.onnx_tools import run_onnx_tool
 
@@ -151,9 +151,16 @@ class OrtSession(Session):
         self.inputs = [_spec(i) for i in self._sess.get_inputs()]
         self.outputs = [_spec(o) for o in self._sess.get_outputs()]
         self._names = [o.name for o in self.outputs]
+        self._path, self._threads = Path(path), threads
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._names, self._sess.run(self._names, feeds), strict=True))
+
+    def profile(self, feeds: dict[str, np.ndarray], runs: int) -> list[OpTime]:
+        """ONNX Runtime's own profiler (mtconvert.backends.profiling.ort)."""
+        from mtconvert.backends.profiling import ort as ort_profiling
+
+        return ort_profiling.profile(self._path, self._threads, feeds, runs)
 
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
