@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
-from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
-                                     TargetOptions, TensorSpec, format_shapes, match_names)
+from mtconvert.backends.base import (Artifact, Backend, Finding, OpTime, PreparedSource,
+                                     Session, TargetOptions, TensorSpec, format_shapes,
+                                     match_names)
 from mtconvert.backends.options import Option
 from mtconvert.backends.process import expect_files, run_tool
 from mtconvert.backends.onnx_tools import run_onnx_tool
@@ -390,6 +391,15 @@ class NcnnSession(Session):
                 if ret == 0:
                     found.append((f"{name}:{blob}", kind, np.array(mat.numpy()).copy()))
         return found
+
+    def profile(self, feeds: dict[str, np.ndarray], runs: int) -> list[OpTime]:
+        """Each layer timed through the extractor, batch item 0 (mtconvert.backends.profiling
+        .ncnn says how)."""
+        from mtconvert.backends.profiling import ncnn as ncnn_profiling
+
+        item = {k: v[:1] for k, v in feeds.items()}
+        layers = [(kind, name, tops) for kind, name, _, tops, _ in _layers(self._param)]
+        return ncnn_profiling.profile(lambda: self._extractor(item), layers, runs)
 
     def _run_one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import numpy as np
