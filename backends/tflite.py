@@ -292,6 +292,9 @@ def _layout_perm(tfl: list[int], onnx: list[int | None] | None) -> list[int] | N
 class TfliteSession(Session):
     """LiteRT's Interpreter with its default XNNPACK delegate; tensors addressed by index."""
 
+    profile_unavailable = ("ai-edge-litert's Python API has no op profiler (LiteRT's profiler "
+                           "is C/C++ only, and the wheel ships no benchmark_model tool)")
+
     def __init__(self, artifact: Artifact, threads: int):
         special = [op for op in tflite_ops(artifact.primary) if ":" in op]
         if any(op.startswith("CUSTOM:") for op in special):
