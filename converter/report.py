@@ -117,6 +117,9 @@ class TargetReport:
     # --eval-data: {metric, reference, target, drop_points, max_drop_points, items, passed,
     # output}
     accuracy: dict[str, Any] | None = None
+    # --profile: {runtime, runs, total_ms, operators, ops: [{name, op_type, ms, share}],
+    # op_types: [{op_type, ms, share, count}]}, or {unavailable: why} / {error: why}
+    profile: dict[str, Any] | None = None
 
     def ratio_to_reference(self, ref_p50_ms: float | None) -> tuple[float, bool] | None:
         """(target p50 / reference p50, whether the machine was too noisy to tell): from the
@@ -158,7 +161,8 @@ class TargetReport:
                    latency_unavailable=d.get("latency_unavailable"),
                    snippets=dict(d.get("snippets") or {}),
                    latency_vs_reference=d.get("latency_vs_reference"),
-                   baseline=d.get("baseline"), accuracy=d.get("accuracy"))
+                   baseline=d.get("baseline"), accuracy=d.get("accuracy"),
+                   profile=d.get("profile"))
 
 
 @dataclass(frozen=True)
@@ -183,10 +187,12 @@ class ReferenceInfo:
     runtime: str
     version: str | None
     latency: Latency | None
+    profile: dict[str, Any] | None = None  # --profile, as TargetReport.profile
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReferenceInfo:
-        return cls(d["runtime"], d.get("version"), Latency.from_dict(d.get("latency")))
+        return cls(d["runtime"], d.get("version"), Latency.from_dict(d.get("latency")),
+                   d.get("profile"))
 
 
 class TargetMap(Mapping[str, TargetReport]):

@@ -64,6 +64,9 @@ def _child(job_path: Path) -> None:
         if job.get("serve"):
             _serve(session, feeds)
             return
+        if job.get("profile"):
+            _profile(session, feeds, job["profile"], Path(job["result"]))
+            return
         if job.get("chunk"):  # a dataset: items in chunks of the artifact's batch
             outputs = _chunked(session, feeds, job["chunk"])
             np.savez(job["outputs"], **outputs)
@@ -98,6 +101,42 @@ def _chunked(session: Any, feeds: dict[str, np.ndarray], chunk: int) -> dict[str
         for name, value in session.run(take).items():
             parts.setdefault(name, []).append(value[:chunk - short])
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _profile(session: Any, feeds: dict[str, np.ndarray], runs: int, result: Path) -> None:
+    """--profile: the session's per-operator times, or why it has none, as result JSON."""
+    ops = session.profile(feeds, runs)
+    result.write_text(json.dumps(
+        {"unavailable": session.profile_unavailable} if ops is None else
+        {"ops": [[o.name, o.op_type, o.ms] for o in ops], "runtime": session.runtime}))
+
+
+def run_profile(*, name: str, backend: str, artifact: dict[str, Any],
+                feeds: dict[str, np.ndarray], threads: int, runs: int,
+                timeout_s: float | None) -> dict[str, Any]:
+    """Profile the artifact in a child: {"ops": [[name, op_type, ms], ...]} or
+    {"unavailable": reason}; RuntimeFailure on crash or time-out."""
+    from mtconvert.backends.process import tail
+    from mtconvert.errors import RuntimeFailure
+
+    with tempfile.TemporaryDirectory(prefix="mtconvert-profile-") as tmp:
+        t = Path(tmp)
+        np.savez(t / "feeds.npz", **feeds)
+        job = {"name": name, "backend": backend, "artifact": artifact, "threads": threads,
+               "feeds": str(t / "feeds.npz"), "profile": runs, "result": str(t / "result.json")}
+        (t / "job.json").write_text(json.dumps(job))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            proc = subprocess.run([sys.executable, "-m", "mtconvert.worker", str(t / "job.json")],
+                                  env=env, capture_output=True, text=True, timeout=timeout_s,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise RuntimeFailure(f"timed out after {timeout_s:g} s", target=name,
+                                 step="profile") from None
+        if proc.returncode != 0 or not (t / "result.json").is_file():
+            raise RuntimeFailure(_crash_reason(proc), target=name, step="profile",
+                                 stderr_tail=tail(proc.stderr))
+        return json.loads((t / "result.json").read_text())
 
 
 READY, SAMPLES = "MTCONVERT-READY", "MTCONVERT-SAMPLES "
