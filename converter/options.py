@@ -47,6 +47,12 @@ class ConvertOptions:
     baseline: Path | None = None  # gate this run against an earlier run's measurements
     max_latency_regression: float = 0.10  # with --baseline: 10 % slower fails
     max_size_growth: float = 0.05  # with --baseline: 5 % larger fails
+    # generative models from a Hugging Face folder (mtconvert.generation)
+    task: str | None = None  # None: inferred from config.json's architectures
+    prompt: str | None = None  # text, tokenized by the folder's tokenizer.json
+    prompt_ids: tuple[int, ...] = ()  # token ids, exactly as given
+    max_new_tokens: int = 16
+    max_cache: int | None = None  # KV-cache slots; None: prompt + new tokens, rounded up
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

@@ -77,6 +77,17 @@ CORE: tuple[Option, ...] = (
            "lists, by their role (side files and logs are not artifacts).", modes=("validate",)),
     Option("bundle", "path", None, "Write a golden bundle per target here (artifact, inputs, "
            "reference outputs, tolerances, tool versions) for `mtconvert verify`."),
+    Option("task", "choice", None, "What a Hugging Face model folder is converted for "
+           "(default: from config.json's architectures).",
+           choices=("text-generation", "text2text-generation", "text-encoding")),
+    Option("prompt", "str", None, "Generation: the prompt, tokenized by the folder's "
+           "tokenizer.json."),
+    Option("prompt_ids", "ints", None, "Generation: the prompt as token ids, exactly as given "
+           "(special tokens included).", metavar="5,17,42"),
+    Option("max_new_tokens", "int", 16, "Generation: tokens decoded greedily and compared "
+           "with the reference.", show_default=True),
+    Option("max_cache", "int", None, "Generation: KV-cache slots of the decode-step graph "
+           "(default: prompt + new tokens, rounded up to 16)."),
 )
 
 # How the CLI reads its options and shows progress and errors; not options of a run.

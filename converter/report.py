@@ -109,6 +109,9 @@ class TargetReport:
     latency_unavailable: str | None = None  # why ``latency`` is absent although the target ran
     # deployment snippets from the backend: language (kotlin, swift, cpp, python) -> code
     snippets: dict[str, str] = field(default_factory=dict)
+    # a quantized source: {source {scheme, ops, int8_weights, ...}, route, fallback, bytes,
+    # source_bytes, size_ratio, size_limit, kept {int8_tensors, same_ints_and_scales, ...}}
+    compressed: dict[str, Any] | None = None
     # target vs reference timed interleaved: ratio_p50, ci95, rounds, spreads, noisy (see
     # validators.latency.interleaved); None where the two could not be timed together
     latency_vs_reference: dict[str, Any] | None = None
@@ -120,6 +123,10 @@ class TargetReport:
     # --profile: {runtime, runs, total_ms, operators, ops: [{name, op_type, ms, share}],
     # op_types: [{op_type, ms, share, count}]}, or {unavailable: why} / {error: why}
     profile: dict[str, Any] | None = None
+    # generative models: {steps, tokens_agree, first_mismatch_step, ties, prompt_tokens,
+    # reference_tokens, target_tokens, step_max_abs_error, time_to_first_token_ms,
+    # decode_ms_p50/p90, kv_cache_bytes, ...} (see mtconvert.generation.judge)
+    generation: dict[str, Any] | None = None
 
     def ratio_to_reference(self, ref_p50_ms: float | None) -> tuple[float, bool] | None:
         """(target p50 / reference p50, whether the machine was too noisy to tell): from the
@@ -149,6 +156,7 @@ class TargetReport:
     def from_dict(cls, d: dict[str, Any]) -> TargetReport:
         return cls(name=d["name"], status=d["status"], reason=d.get("reason"),
                    precision=d.get("precision", "fp32"),
+                   compressed=d.get("compressed"),
                    artifacts=tuple(ArtifactFile(**a) for a in d.get("artifacts", ())),
                    conversion=Conversion.from_dict(d.get("conversion")),
                    numerics=Numerics.from_dict(d.get("numerics")),
@@ -162,7 +170,8 @@ class TargetReport:
                    snippets=dict(d.get("snippets") or {}),
                    latency_vs_reference=d.get("latency_vs_reference"),
                    baseline=d.get("baseline"), accuracy=d.get("accuracy"),
-                   profile=d.get("profile"))
+                   profile=d.get("profile"),
+                   generation=d.get("generation"))
 
 
 @dataclass(frozen=True)

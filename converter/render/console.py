@@ -81,6 +81,41 @@ def _row(t: TargetReport, ref_p50: float | None) -> list[str]:
             f"{t.conversion.seconds:.1f} s" if t.conversion else "-"]
 
 
+def _generation(t: TargetReport, console: Console) -> None:
+    """Generative models: tokens agreed, latency per token, the KV cache; the reference's and
+    the target's token ids side by side where they differ."""
+    from rich.markup import escape
+
+    g = t.generation
+    if not g:
+        return
+    if "skipped" in g:
+        console.print(f"  [yellow]generation not checked[/]: {escape(str(g['skipped']))}")
+        return
+    tf = g["teacher_forced"]
+    console.print(f"  generation: {g['tokens_agree']:.0%} of {g['steps']} greedy tokens agree"
+                  + (f", first mismatch at step {g['first_mismatch_step']}"
+                     + (" (a near-tie in the reference)" if g["first_mismatch_is_tie"] else "")
+                     if g["first_mismatch_step"] is not None else "")
+                  + f"; teacher-forced logits max abs {_num(tf['max_abs'], '.2e')} "
+                  f"({'within' if tf['passed'] else 'outside'} tolerance)")
+    timing = (f"time to first token {g['time_to_first_token_ms']:.2f} ms "
+              f"({len(g['prompt_tokens'])} prompt steps)" if "time_to_first_token_ms" in g
+              else f"latency not measured: {escape(str(g.get('latency_unavailable')))}")
+    if "decode_ms_p50" in g:
+        timing += f", decode p50 {g['decode_ms_p50']:.2f} / p90 {g['decode_ms_p90']:.2f} ms/token"
+    console.print(f"  {timing}; KV cache {_fmt_bytes(g['kv_cache_bytes'])} at "
+                  f"{g['max_cache']} slots")
+    differ = [(i, r, o) for i, (r, o) in enumerate(zip(g["reference_tokens"],
+                                                        g["target_tokens"])) if r != o]
+    if differ:
+        console.print("  [dim]step  reference  target[/]")
+        for i, r, o in differ[:12]:
+            console.print(f"  {i:>4}  {r:>9}  {o:>6}")
+        if len(differ) > 12:
+            console.print(f"  [dim]... {len(differ) - 12} more steps differ[/]")
+
+
 def _details(t: TargetReport, console: Console) -> None:
     from rich.markup import escape
 
@@ -144,6 +179,7 @@ def _details(t: TargetReport, console: Console) -> None:
         console.print(f"  first op producing {'inf' if nonfinite['inf'] else 'NaN'}: "
                       f"{nonfinite['op_type']} [cyan]{escape(nonfinite['op'])}[/] "
                       f"({nonfinite['dtype']})")
+    _generation(t, console)
     if t.latency_unavailable:
         console.print(f"  [dim]latency not measured: {escape(t.latency_unavailable)}[/]")
     for f in t.findings:

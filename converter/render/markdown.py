@@ -92,6 +92,12 @@ def _why(t: TargetReport) -> list[str]:
     if first:
         items.append(f"  - first divergence: {_esc(first.get('op_type', ''))} "
                      f"`{first.get('node')}` (max abs {_num(first.get('max_abs'))})")
+    gen = t.generation or {}
+    if gen.get("first_mismatch_step") is not None:
+        k = gen["first_mismatch_step"]
+        items.append(f"  - generation: step {k}: reference token {gen['reference_tokens'][k]}, "
+                     f"target {gen['target_tokens'][k]} ({gen['tokens_agree']:.0%} of "
+                     f"{gen['steps']} agree)")
     if t.log and t.status == "error":
         items.append(f"  - log: `{t.log}`")
     return items

@@ -21,6 +21,10 @@ from mtconvert.shapes import resolve_shapes, sweep_shapes
 
 def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
         registry: Registry | None = None, progress: Progress | None = None) -> Report:
+    from mtconvert.generation.folder import is_hf_folder
+
+    if is_hf_folder(model):
+        return _generative(model, opts, registry, progress)
     skeleton = Run("convert", opts, registry, progress)
     names = resolve_targets(skeleton.registry, opts.targets)
     with tempfile.TemporaryDirectory(prefix="mtconvert-") as tmp:
@@ -38,6 +42,18 @@ def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
         skeleton.clock.lap("reference_s")
         reports = run_targets(ctx, names)
     return skeleton.report(reports, main)
+
+
+def _generative(model: Any, opts: ConvertOptions, registry: Registry | None,
+                progress: Progress | None) -> Report:
+    """A Hugging Face model folder: its decode-step graph to every target, each then judged by
+    what it generates (mtconvert.generation)."""
+    from mtconvert.generation.run import Generation
+
+    skeleton = Run("convert", opts, registry, progress)
+    names = resolve_targets(skeleton.registry, opts.targets)
+    with Generation(skeleton, model) as gen:
+        return gen.report(run_targets(gen.ctx, names))
 
 
 def _points(skeleton: Run) -> tuple[Point, list[Point]]:

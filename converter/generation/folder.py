@@ -1,0 +1,140 @@
+"""A local Hugging Face model folder as a source: ``config.json`` plus ``model.safetensors``
+(or sharded safetensors; a pickled ``pytorch_model.bin`` only with --trust-pickle). Never a hub
+download: the folder is read with ``local_files_only``. Every problem is one line, exit 2."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtconvert.errors import ModelLoadError, UsageError
+
+# architectures suffix -> the task it does
+TASKS_BY_SUFFIX = (("ForCausalLM", "text-generation"), ("LMHeadModel", "text-generation"),
+                   ("ForConditionalGeneration", "text2text-generation"),
+                   ("ForMaskedLM", "fill-mask"), ("ForSequenceClassification",
+                                                   "text-classification"),
+                   ("ForTokenClassification", "token-classification"), ("Model", "text-encoding"))
+SUPPORTED_TASKS = ("text-generation",)
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class HFFolder:
+    path: Path
+    config: dict[str, Any]
+    task: str
+    weights: tuple[Path, ...]
+    sha256: str  # of config.json and the weight files, in order
+
+    @property
+    def tokenizer_file(self) -> Path | None:
+        f = self.path / "tokenizer.json"
+        return f if f.is_file() else None
+
+
+def is_hf_folder(model: Any) -> bool:
+    """A directory given as the model: the generation path reads it (and explains what is
+    missing when it is not a Hugging Face folder)."""
+    return isinstance(model, (str, Path)) and Path(model).is_dir()
+
+
+def open_folder(path: Path, task: str | None, trust_pickle: bool) -> HFFolder:
+    path = Path(path).resolve()
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{path} has no config.json; expected a Hugging Face model folder")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{cfg_file} is not readable JSON: {exc}") from None
+    weights = _weights(path, trust_pickle)
+    archs = config.get("architectures") or []
+    inferred = _task_of(archs)
+    if task is None:
+        if inferred is None:
+            raise UsageError(f"{path.name}: cannot infer the task from architectures "
+                             f"{archs or '(none)'}; give --task")
+        task = inferred
+    if task not in SUPPORTED_TASKS:
+        raise UsageError(f"--task {task}: not supported for model folders yet (supported: "
+                         f"{', '.join(SUPPORTED_TASKS)})")
+    if inferred != task:
+        raise UsageError(f"{path.name} ({', '.join(archs) or 'no architectures'}) cannot do "
+                         f"--task {task}")
+    return HFFolder(path, config, task, weights, _digest([cfg_file, *weights]))
+
+
+def _task_of(archs: list[str]) -> str | None:
+    for arch in archs:
+        for suffix, task in TASKS_BY_SUFFIX:
+            if arch.endswith(suffix):
+                return task
+    return None
+
+
+def _weights(path: Path, trust_pickle: bool) -> tuple[Path, ...]:
+    for name in SAFE_WEIGHTS:
+        if (path / name).is_file():
+            return _with_shards(path, name)
+    for name in PICKLED_WEIGHTS:
+        if (path / name).is_file():
+            if not trust_pickle:
+                raise ModelLoadError(f"{path.name}/{name} is a pickle: loading it can run "
+                                     "arbitrary code; convert it to model.safetensors, or pass "
+                                     "--trust-pickle if you trust its origin")
+            return _with_shards(path, name)
+    raise ModelLoadError(f"{path} has no weights (model.safetensors, or pytorch_model.bin with "
+                         "--trust-pickle)")
+
+
+def _with_shards(path: Path, name: str) -> tuple[Path, ...]:
+    if not name.endswith(".index.json"):
+        return (path / name,)
+    try:
+        index = json.loads((path / name).read_text())
+        shards = sorted(set(index["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise ModelLoadError(f"{path.name}/{name} is not a weight index: {exc}") from None
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+        raise ModelLoadError(f"{path.name}: weight shard(s) missing: {', '.join(missing[:3])}")
+    return (path / name, *(path / s for s in shards))
+
+
+def _digest(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def load_model(folder: HFFolder) -> Any:
+    """The model in eval mode, fp32, eager attention, from the folder only."""
+    from mtconvert.generation import step
+
+    kind = folder.config.get("model_type")
+    if kind not in step.SUPPORTED:
+        raise UsageError(f"{folder.path.name}: architecture {kind!r} "
+                         f"({', '.join(folder.config.get('architectures') or [])}) is not "
+                         f"supported for generation yet (supported: {', '.join(step.SUPPORTED)})")
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ModelLoadError("reading a model folder needs torch and transformers: pip install "
+                             "'mtconvert[torch]' transformers") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder.path), local_files_only=True, dtype=torch.float32,
+            attn_implementation="eager",
+            use_safetensors=folder.weights[0].name.startswith("model.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the user's input
+        text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
+        raise ModelLoadError(f"{folder.path.name}: cannot load the model: {text}") from None
+    return model.eval()

@@ -1,0 +1,82 @@
+"""The host loop: a decode-step session stepped token by token, its KV cache kept here in
+numpy (each step's present K/V written at the token's slot). Run inside a child process per
+target (``python -m mtconvert.generation.loop JOB.json``), so a runtime crash is that target's
+error. Pure numpy but for opening the backend's session."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]  # argmax of each step from the last prompt token on
+    logits: np.ndarray  # [steps, vocab], every position (prompt included)
+    step_ms: list[float]  # each step, session run and cache update
+
+
+def decode(run: Run, geometry: Any, prompt: tuple[int, ...], new_tokens: int,
+           forced: tuple[int, ...] | None = None) -> Decoded:
+    """Step through the prompt, then ``new_tokens`` - 1 more tokens: the model's own argmax
+    (free running) or ``forced`` (teacher forcing). len(prompt) + new_tokens - 1 steps."""
+    g = geometry
+    cache = {f"past_{kv}_{i}": np.zeros(g.cache_shape(), np.float32)
+             for i in range(g.layers) for kv in ("key", "value")}
+    mask = np.zeros((1, g.max_cache + 1), np.float32)
+    mask[0, -1] = 1.0
+    seq, tokens, logits, times = list(prompt), [], [], []
+    for pos in range(len(prompt) + new_tokens - 1):
+        feeds = {"input_ids": np.array([[seq[pos]]], np.int64),
+                 "position_ids": np.array([[pos]], np.int64), "attention_mask": mask.copy(),
+                 **cache}
+        t0 = time.perf_counter()
+        out = run(feeds)
+        for name in cache:
+            cache[name][:, :, pos] = out[name.replace("past_", "present_")][:, :, 0]
+        mask[0, pos] = 1.0
+        times.append((time.perf_counter() - t0) * 1000.0)
+        row = np.asarray(out["logits"], np.float32).reshape(-1)
+        logits.append(row)
+        if pos >= len(prompt) - 1:
+            tokens.append(int(np.argmax(row)))
+            if pos + 1 == len(seq):
+                seq.append(forced[len(tokens) - 1] if forced else tokens[-1])
+    return Decoded(tokens, np.stack(logits), times)
+
+
+def _child(job_path: Path) -> None:
+    from mtconvert.backends.base import Artifact
+    from mtconvert.errors import RuntimeUnavailable
+    from mtconvert.generation.step import Geometry
+    from mtconvert.registry import BackendEntry
+
+    job = json.loads(job_path.read_text())
+    cls = BackendEntry(job["name"], job["backend"]).load()
+    geo = Geometry(**job["geometry"])
+    prompt, n = tuple(job["prompt"]), job["new_tokens"]
+    try:
+        session_cm = cls().open(Artifact.from_dict(job["artifact"]), job["threads"])
+    except RuntimeUnavailable as exc:
+        Path(job["result"]).write_text(json.dumps({"unavailable": exc.reason}))
+        return
+    with session_cm as session:
+        forced = decode(session.run, geo, prompt, n, forced=tuple(job["reference_tokens"]))
+        free = decode(session.run, geo, prompt, n)  # warm: the teacher-forced pass ran first
+        np.savez(job["outputs"], forced_logits=forced.logits, free_logits=free.logits)
+        Path(job["result"]).write_text(json.dumps({
+            "free_tokens": free.tokens, "step_ms": free.step_ms,
+            "runtime": session.runtime or cls.name,
+            "latency_unavailable": session.latency_unavailable}))
+
+
+if __name__ == "__main__":
+    _child(Path(sys.argv[1]))

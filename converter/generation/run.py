@@ -1,0 +1,182 @@
+"""A generative model from a Hugging Face folder to every target, validated by what it
+generates. The decode-step module is exported once and goes through the ordinary run skeleton
+(every target's routes, lint, one-step numerics against the step module in PyTorch eager,
+latency of a step at the full cache); then each target's artifact is stepped token by token
+in a child process, teacher-forced and free-running, against the original model's greedy
+decode. Encoder-decoder models are not handled here yet."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtconvert.backends.base import import_path
+from mtconvert.errors import MtConvertError, RuntimeFailure, StepError, UsageError
+from mtconvert.generation import folder as folder_mod, judge, reference, step
+from mtconvert.generation.loop import decode
+from mtconvert.report import Report, TargetReport
+from mtconvert.run.context import RunContext
+from mtconvert.run.skeleton import Run
+
+CACHE_ROUND = 16  # the default --max-cache: prompt + new tokens, rounded up to this
+
+
+class Generation:
+    """One generative run around the skeleton: entering loads the folder, decodes the reference
+    and exports the decode-step graph (``ctx`` is then what every target reads); ``report``
+    judges each target's generation. Leaving removes the step graph's work folder."""
+
+    def __init__(self, skeleton: Run, model: Any):
+        self.skeleton, self.model = skeleton, model
+        self._tmp = tempfile.TemporaryDirectory(prefix="mtconvert-")
+
+    def __enter__(self) -> Generation:
+        try:
+            return self._prepare()
+        except BaseException:
+            self._tmp.cleanup()
+            raise
+
+    def _prepare(self) -> Generation:
+        sk, opts = self.skeleton, self.skeleton.opts
+        self.folder = folder_mod.open_folder(Path(self.model), opts.task, opts.trust_pickle)
+        sk.say(f"loading {self.folder.path.name} ({self.folder.task})")
+        hf = folder_mod.load_model(self.folder)
+        prompt, how = reference.prompt_ids(self.folder, opts.prompt, opts.prompt_ids,
+                                           hf.config.vocab_size)
+        max_cache = cache_length(hf.config, len(prompt), opts.max_new_tokens, opts.max_cache)
+        sk.clock.lap("load_source_s")
+        sk.say(f"reference: greedy decode of {opts.max_new_tokens} tokens, PyTorch eager")
+        self.ref = reference.greedy(hf, prompt, opts.max_new_tokens)
+        module, self.geo = step.build(hf, max_cache)
+        sk.settings["generation"] = {
+            "task": self.folder.task, "prompt": how, "max_new_tokens": opts.max_new_tokens,
+            "max_cache": max_cache, "reference": f"{self.ref.runtime} {self.ref.version}",
+            "step_module_max_abs_error": reference.step_module_error(module, self.geo, self.ref)}
+        src = sk.load(module, Path(self._tmp.name), example_feeds(module, self.geo, prompt))
+        src.name = stem(self.folder.path)
+        self.point = sk.point()
+        self.ctx = sk.context(src, self.point, cache=True)
+        sk.clock.lap("reference_s")
+        return self
+
+    def report(self, reports: list[TargetReport]) -> Report:
+        judged = [generate(self.ctx, r, self.ref, self.geo) for r in reports]
+        source = replace(self.skeleton.source_info(self.point), path=str(self.folder.path),
+                         format="hf-folder", sha256=self.folder.sha256)
+        return self.skeleton.report(judged, self.point, source)
+
+    def __exit__(self, *exc: object) -> None:
+        self._tmp.cleanup()
+
+
+def cache_length(config: Any, prompt_len: int, new_tokens: int, given: int | None) -> int:
+    """The KV cache's slots: every position but the last generated token's."""
+    if new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    need = prompt_len + new_tokens - 1
+    size = given or -(-need // CACHE_ROUND) * CACHE_ROUND
+    if prompt_len > size:
+        raise UsageError(f"the prompt ({prompt_len} tokens) is longer than --max-cache {size}")
+    if need > size:
+        raise UsageError(f"--max-cache {size} cannot hold the prompt ({prompt_len} tokens) and "
+                         f"{new_tokens} new tokens: give at least {need}")
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
+                                                                        None)
+    if limit and size + 1 > limit:
+        raise UsageError(f"a cache of {size} slots needs {size + 1} positions; the model has "
+                         f"{limit}")
+    return size
+
+
+def stem(path: Path) -> str:
+    return (re.sub(r"[^A-Za-z0-9_.-]+", "_", path.name).strip("._") or "model") + "-step"
+
+
+def example_feeds(module: Any, geo: step.Geometry, prompt: tuple[int, ...]) -> dict[str, Any]:
+    """The step graph's example inputs: the last prompt token with the prompt's real cache
+    (the one-step check and the conversion's shapes use them)."""
+    import torch
+
+    seen: list[dict[str, np.ndarray]] = []
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen.append(feeds)
+        with torch.inference_mode():
+            out = module(*(torch.from_numpy(v) for v in feeds.values()))
+        return {k: v.numpy() for k, v in out.items()}
+
+    decode(run, geo, prompt, 1)
+    return {k: torch.from_numpy(v.copy()) for k, v in seen[-1].items()}
+
+
+def generate(ctx: RunContext, report: TargetReport, ref: reference.Reference,
+             geo: step.Geometry) -> TargetReport:
+    """The target's artifact stepped through the prompt and the new tokens; its report gains
+    ``generation`` and fails on a generation the reference does not make."""
+    art = next((a for a in report.artifacts if a.role == "artifact"), None)
+    if art is None or report.status in ("error", "skipped"):
+        return report
+    backend = ctx.registry.get(report.name)()
+    ctx.say(f"{report.name}: generating {len(ref.tokens)} tokens with its own KV cache")
+    try:
+        artifact = backend.adopt(Path(art.path), ctx.src, ctx.opts.target_options())
+        result = run_loop(ctx, backend, artifact, ref, geo)
+    except StepError as exc:
+        return replace(report, status="error", reason=f"generation: {exc.reason}")
+    except MtConvertError as exc:  # the artifact could not be described again
+        return replace(report, status="error", reason=f"generation: {exc}")
+    if "unavailable" in result:
+        return replace(report, generation={"skipped": result["unavailable"]})
+    tol = ctx.opts.tolerances.resolve(artifact.profile, "logits")
+    section, reasons = judge.judge(ref, result["forced_logits"], result["free_tokens"],
+                                   result["step_ms"], tol, geo.cache_bytes(), geo.max_cache,
+                                   result["latency_unavailable"])
+    section["runtime"] = result["runtime"]
+    if not reasons:
+        return replace(report, generation=section)
+    reason = "; ".join([*([report.reason] if report.reason else []), *reasons])
+    return replace(report, status="failed", reason=reason, generation=section)
+
+
+def run_loop(ctx: RunContext, backend: Any, artifact: Any, ref: reference.Reference,
+             geo: step.Geometry) -> dict[str, Any]:
+    """loop.decode in a child process (a runtime crash or hang is this target's error)."""
+    from mtconvert.backends.process import tail
+
+    with tempfile.TemporaryDirectory(prefix="mtconvert-gen-") as tmp:
+        t = Path(tmp)
+        job = {"name": backend.name, "backend": import_path(type(backend)),
+               "artifact": artifact.to_dict(), "threads": ctx.opts.threads,
+               "geometry": vars(geo), "prompt": list(ref.prompt),
+               "reference_tokens": list(ref.tokens), "new_tokens": len(ref.tokens),
+               "outputs": str(t / "outputs.npz"), "result": str(t / "result.json")}
+        (t / "job.json").write_text(json.dumps(job))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            proc = subprocess.run([sys.executable, "-m", "mtconvert.generation.loop",
+                                   str(t / "job.json")], env=env, capture_output=True,
+                                  text=True, timeout=ctx.opts.timeout_s,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise RuntimeFailure(f"timed out after {ctx.opts.timeout_s:g} s",
+                                 target=backend.name, step="generate") from None
+        if proc.returncode != 0 or not (t / "result.json").is_file():
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            why = (f"the runtime crashed (signal {-proc.returncode})" if proc.returncode < 0
+                   else lines[-1][:300] if lines else f"exit code {proc.returncode}")
+            raise RuntimeFailure(why, target=backend.name, step="generate",
+                                 stderr_tail=tail(proc.stderr))
+        result = json.loads((t / "result.json").read_text())
+        if "unavailable" not in result:
+            with np.load(t / "outputs.npz") as data:
+                result["forced_logits"] = data["forced_logits"]
+    return result
