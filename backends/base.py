@@ -145,7 +145,7 @@ class Artifact:
 @dataclass(frozen=True)
 class OpTime:
     """One operator's share of an inference, from the runtime's own profiler: ``ms`` is its
-    mean time per inference over the profiled runs, ``name`` the runtime's node/layer name."""
+    median time per inference over the profiled runs, ``name`` the runtime's node/layer name."""
 
     name: str
     op_type: str
@@ -183,7 +183,7 @@ class Session(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot address intermediate tensors")
 
     def profile(self, feeds: dict[str, np.ndarray], runs: int) -> list[OpTime] | None:
-        """Each operator's mean time over ``runs`` inferences of ``feeds``, from the runtime's
+        """Each operator's median time over ``runs`` inferences of ``feeds``, from the runtime's
         own profiler (``--profile``); None when this runtime has none here, and then
         ``profile_unavailable`` says why."""
         return None

@@ -6,6 +6,7 @@ that extract is the layer's time, plus ncnn's unpacking of its output blob to a 
 copy, small beside the layer). One batch item, as ncnn runs them."""
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -18,8 +19,9 @@ Layers = list[tuple[str, str, list[str]]]
 
 
 def profile(new_extractor: Callable[[], Any], layers: Layers, runs: int) -> list[OpTime]:
-    """``new_extractor()``: an extractor with the inputs set. The first run is a warm-up."""
-    total: dict[str, float] = defaultdict(float)
+    """``new_extractor()``: an extractor with the inputs set. The first run is a warm-up; a
+    layer's figure is its median over the runs (robust to a preempted run)."""
+    times: dict[str, list[float]] = defaultdict(list)
     for run in range(runs + 1):
         ex = new_extractor()
         ex.set_light_mode(False)
@@ -29,6 +31,6 @@ def profile(new_extractor: Callable[[], Any], layers: Layers, runs: int) -> list
             t0 = time.perf_counter()
             ex.extract(tops[0])  # its other tops come with it
             if run:
-                total[name] += (time.perf_counter() - t0) * 1000.0
+                times[name].append((time.perf_counter() - t0) * 1000.0)
     kinds = {name: kind for kind, name, _ in layers}
-    return [OpTime(n, kinds[n], ms / max(runs, 1)) for n, ms in total.items()]
+    return [OpTime(n, kinds[n], statistics.median(ms)) for n, ms in times.items()]

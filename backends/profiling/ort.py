@@ -1,11 +1,14 @@
 """ONNX Runtime's profiler: a second InferenceSession on the same model with
 ``SessionOptions.enable_profiling``, its Chrome-trace JSON read back. Each node's
-``<node>_kernel_time`` events (category "Node") are its kernel time; their mean per run is
-the node's figure. The first run (warm-up: allocations, first-touch) is left out: only events
+``<node>_kernel_time`` events (category "Node") are its kernel time; their median over the
+runs is the node's figure (a median: one preempted kernel on a busy machine does not make an
+operator look slow). The first run (warm-up: allocations, first-touch) is left out: only events
 after the first ``model_run`` ends count."""
 from __future__ import annotations
 
+import bisect
 import json
+import statistics
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -34,17 +37,19 @@ def profile(model: Path, threads: int, feeds: dict[str, Any], runs: int) -> list
 
 
 def aggregate(events: list[dict[str, Any]], runs: int) -> list[OpTime]:
-    """Mean kernel milliseconds per node per run (``dur`` is in µs), the first run left out."""
-    starts = sorted(e["ts"] + e.get("dur", 0) for e in events
+    """Median kernel milliseconds per node per run (``dur`` is in µs), the first run left out;
+    a node run several times in one inference (loops) counts the sum per run."""
+    ends = sorted(e["ts"] + e.get("dur", 0) for e in events
                     if e.get("cat") == "Session" and e.get("name") == "model_run")
-    after = starts[0] if len(starts) > runs else -1
-    total: dict[str, float] = defaultdict(float)
+    after = ends[0] if len(ends) > runs else -1
+    runs_of: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
     kind: dict[str, str] = {}
     for e in events:
         name = str(e.get("name", ""))
         if e.get("cat") != "Node" or not name.endswith(KERNEL_SUFFIX) or e["ts"] < after:
             continue
         node = name[:-len(KERNEL_SUFFIX)]
-        total[node] += float(e.get("dur", 0)) / 1000.0
+        run = bisect.bisect_right(ends, e["ts"])  # which model_run it belongs to
+        runs_of[node][run] += float(e.get("dur", 0)) / 1000.0
         kind[node] = (e.get("args") or {}).get("op_name", "?")
-    return [OpTime(n, kind[n], ms / max(runs, 1)) for n, ms in total.items()]
+    return [OpTime(n, kind[n], statistics.median(per.values())) for n, per in runs_of.items()]

@@ -13,7 +13,7 @@ from mtconvert.backends.base import (Artifact, Backend, Finding, TensorSpec, for
                                      import_path)
 from mtconvert.errors import RuntimeUnavailable, StepError
 from mtconvert.report import Conversion, Latency, Memory, Numerics, TargetReport
-from mtconvert.run import accuracy, timing
+from mtconvert.run import accuracy, profile, timing
 from mtconvert.run.context import RunContext
 from mtconvert.timing import Clock
 from mtconvert.validators import gates, latency
@@ -52,6 +52,7 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
             if together and not result.latency_unavailable:
                 ctx.say(f"{name}: timing against the reference, interleaved")
                 timed, vs_ref = _interleaved(ctx, backend, artifact)
+            prof = _profile(ctx, backend, artifact) if opts.profile else None
     except RuntimeUnavailable as exc:
         return TargetReport(status="skipped", reason=f"numerics not checked: {exc.reason}",
                             **base)
@@ -79,7 +80,7 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
     return TargetReport(status=status, reason=reason, sweep=sweep, diagnostics=diagnostics,
                         numerics=numerics, latency=latency_of(timed, opts.threads),
                         latency_unavailable=result.latency_unavailable,
-                        latency_vs_reference=vs_ref, accuracy=acc,
+                        latency_vs_reference=vs_ref, accuracy=acc, profile=prof,
                         memory=Memory(round(result.peak_rss_mb, 1),
                                       round(result.baseline_rss_mb, 1)), **base)
 
@@ -95,6 +96,14 @@ def snippets(ctx: RunContext, backend: Backend, artifact: Artifact) -> dict[str,
     except Exception as exc:  # noqa: BLE001 - never the target's failure
         ctx.say(f"{backend.name}: no deployment snippets ({type(exc).__name__}: {exc})")
         return {}
+
+
+def _profile(ctx: RunContext, backend: Backend, artifact: Artifact) -> dict[str, Any]:
+    """--profile: the artifact's top operators by time, from its runtime's profiler."""
+    ctx.say(f"{backend.name}: profiling operators")
+    return profile.measure(backend.name, import_path(type(backend)), artifact.to_dict(),
+                           ctx.target_feeds, ctx.opts.threads, ctx.opts.iterations,
+                           ctx.opts.timeout_s)
 
 
 def _accuracy(ctx: RunContext, backend: Backend, artifact: Artifact) -> dict[str, Any] | None:

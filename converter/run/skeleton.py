@@ -124,13 +124,31 @@ class Run:
                 "max_size_growth": self.opts.max_size_growth}, self.opts.baseline)
         report = Report(source=source,
                       reference=ReferenceInfo(ref.runtime, ref.version,
-                                              latency_of(ref.latency, self.opts.threads)),
+                                              latency_of(ref.latency, self.opts.threads),
+                                              self._reference_profile(point)),
                       targets=TargetMap(targets), settings=self.settings,
                       timings=self.clock.laps, mtconvert_version=__version__,
                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         if self.opts.save_baseline:
             baseline.save(report, self.opts.save_baseline)
         return report
+
+    def _reference_profile(self, point: Point) -> dict[str, Any] | None:
+        """--profile: ONNX Runtime's operator times on the source ONNX, at the point's feeds."""
+        if not self.opts.profile:
+            return None
+        src = self.loaded.prepared if self.loaded else None
+        if src is None or src.format != "onnx" or not Path(src.onnx_path).is_file():
+            return {"unavailable": "only an ONNX source's ONNX Runtime reference is profiled"}
+        from mtconvert.backends.base import Artifact
+        from mtconvert.run import profile
+
+        self.say("reference: profiling operators")
+        artifact = Artifact(target="reference", primary=src.onnx_path, files=(src.onnx_path,))
+        return profile.measure("reference", "mtconvert.reference:OrtReference",
+                               artifact.to_dict(),
+                               {s.name: point.feeds[s.name] for s in src.inputs},
+                               self.opts.threads, self.opts.iterations, self.opts.timeout_s)
 
     def source_info(self, point: Point) -> SourceInfo:
         assert self.loaded is not None
