@@ -89,6 +89,21 @@ def ratio_text(ratio: tuple[float, bool] | None) -> str:
     return f"{ratio[0]:.2f}x" + ("?" if ratio[1] else "")
 
 
+PROFILE_ROWS = 5  # operators each renderer lists of a --profile (the JSON keeps them all)
+
+
+def profile_headline(profile: dict[str, Any]) -> str:
+    """One line on a --profile entry: what measured it and the operator types' shares, or why
+    there are no figures."""
+    if "unavailable" in profile:
+        return f"operator profile: not available ({profile['unavailable']})"
+    if "error" in profile:
+        return f"operator profile: failed ({profile['error']})"
+    types = ", ".join(f"{t['op_type']} {t['share']:.0%}" for t in profile["op_types"][:6])
+    return (f"operator profile ({profile.get('runtime', '')}, median of {profile['runs']} runs, "
+            f"{profile['operators']} operators, {profile['total_ms']:.2f} ms in all): {types}")
+
+
 def emit(destination: Path | IO[str] | str, text: str) -> None:
     """A renderer's text to a file (written atomically) or to a text stream."""
     if isinstance(destination, (str, Path)):

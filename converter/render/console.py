@@ -58,6 +58,9 @@ def _render(report: Report, console: Console) -> None:
     for t in report.targets.values():
         table.add_row(*_row(t, ref_p50))
     console.print(table)
+    if ref and ref.profile:
+        console.print("[bold]Reference[/]")
+        _profile(ref.profile, console)
     for t in report.targets.values():
         _details(t, console)
     verdict = "[bold green]PASSED[/]" if report.ok else "[bold red]FAILED[/]"
@@ -116,6 +119,18 @@ def _generation(t: TargetReport, console: Console) -> None:
             console.print(f"  [dim]... {len(differ) - 12} more steps differ[/]")
 
 
+def _profile(profile: dict[str, Any], console: Console) -> None:
+    """--profile: the headline, then the slowest operators, one a line."""
+    from rich.markup import escape
+
+    from mtconvert.render import PROFILE_ROWS, profile_headline
+
+    console.print(f"  {escape(profile_headline(profile))}")
+    for op in profile.get("ops", [])[:PROFILE_ROWS]:
+        console.print(f"    {op['ms']:8.3f} ms {op['share']:6.1%}  {escape(op['op_type'])} "
+                      f"[dim]{escape(op['name'])}[/]")
+
+
 def _details(t: TargetReport, console: Console) -> None:
     from rich.markup import escape
 
@@ -148,6 +163,8 @@ def _details(t: TargetReport, console: Console) -> None:
                       + ("  [yellow]too noisy to tell a 10% change[/]" if vs["noisy"] else ""))
     elif vs.get("error"):
         console.print(f"  latency: timed alone ({escape(vs['error'])})")
+    if t.profile:
+        _profile(t.profile, console)
     if t.sweep:
         ok = sum(e["status"] == "passed" for e in t.sweep)
         console.print(f"  shape sweep: {ok}/{len(t.sweep)} extra shapes passed")

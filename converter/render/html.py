@@ -124,6 +124,8 @@ def _latency_section(report: Report, plots: _Plots) -> str:
     if no_samples:
         note += (f"<p class=\"dim\">No samples recorded for {_e(', '.join(no_samples))} "
                  "(an older report): p50, p90 and p99 are shown.</p>")
+    if report.reference and report.reference.profile:
+        note += f"<h3>Reference</h3>{profile_section(report.reference.profile)}"
     return (f"<section><h2>Latency</h2>"
             f"{plots.draw(_latency_figure, rows, alt='latency distribution per runtime')}"
             f"{note}</section>")
@@ -145,10 +147,24 @@ def _target(i: int, t: TargetReport, report: Report, plots: _Plots) -> str:
         parts.append(_conversion(t))
     if t.findings:
         parts.append(_findings(t))
+    if t.profile:
+        parts.append(profile_section(t.profile))
     if t.snippets:
         parts.append(_snippets(t))
     parts.append("</section>")
     return "".join(parts)
+
+
+def profile_section(profile: dict[str, Any]) -> str:
+    """--profile: the headline and a table of the slowest operators."""
+    from mtconvert.render import PROFILE_ROWS, profile_headline
+
+    rows = "".join(f"<tr><td>{op['ms']:.3f}</td><td>{op['share']:.1%}</td>"
+                   f"<td>{_e(op['op_type'])}</td><td><code>{_e(op['name'])}</code></td></tr>"
+                   for op in profile.get("ops", [])[:PROFILE_ROWS])
+    table = (f"<table><thead><tr><th>ms</th><th>share</th><th>op type</th><th>operator</th>"
+             f"</tr></thead><tbody>{rows}</tbody></table>" if rows else "")
+    return f"<h3>Where the time goes</h3><p>{_e(profile_headline(profile))}</p>{table}"
 
 
 _LANGUAGES = {"kotlin": "Kotlin", "swift": "Swift", "cpp": "C++", "python": "Python"}

@@ -44,9 +44,28 @@ def to_markdown(report: Report) -> str:
     if failing:
         lines += ["", "**Why not passed**", ""]
         lines += [item for t in failing for item in _why(t)]
+    lines += _profiles(report)
     for t in targets:
         lines += _snippets(t)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _profiles(report: Report) -> list[str]:
+    """--profile: per target (and the reference) the headline and the slowest operators."""
+    from mtconvert.render import PROFILE_ROWS, profile_headline
+
+    who = ([("reference", report.reference.profile)] if report.reference else []) + [
+        (t.name, t.profile) for t in report.targets.values()]
+    lines: list[str] = []
+    for name, prof in who:
+        if not prof:
+            continue
+        lines += ["", f"**{_esc(name)}** {_esc(profile_headline(prof))}", ""]
+        if prof.get("ops"):
+            lines += ["| ms | share | op type | operator |", "|---:|---:|---|---|"]
+            lines += [f"| {op['ms']:.3f} | {op['share']:.1%} | {_esc(op['op_type'])} | "
+                      f"`{_one_line(op['name'])}` |" for op in prof["ops"][:PROFILE_ROWS]]
+    return (["", "**Where the time goes** (`--profile`)"] + lines) if lines else []
 
 
 def _source_line(report: Report) -> str:
