@@ -33,6 +33,15 @@ PROFILES: dict[str, Tolerance] = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999, min_snr_db=100.0),
     "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.999),
     "int8": Tolerance(atol=None, rtol=None, min_cosine=0.99),
+    # A quantized (int8) source, judged against itself: the target computes the source's int8
+    # weights, and its activations either with the source's rounding in integer kernels (ORT
+    # fusing QDQ pairs) or in float (the activation QuantizeLinear/DequantizeLinear pairs
+    # dropped). Either way a value may land one int8 step away from the source's float-simulated
+    # QDQ, so no elementwise bound holds; the output as a whole stays close. Calibrated on
+    # benchmarks/bench_compressed.py's measurements (the two int8 fixtures, each target) and
+    # the real 6-layer encoder of issue 20 (ORT's fused .ort vs the source: cosine
+    # 0.9968-0.9997): the worst correct conversion measured at cosine 0.9989 / SNR 26.8 dB.
+    "int8-source": Tolerance(atol=None, rtol=None, min_cosine=0.995, min_snr_db=20.0),
 }
 
 

@@ -32,7 +32,8 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("fp32_twin"):  # the same program at fp32: the yardstick for the precision loss
         twin = _to_mlprogram(ct, program, target, ct.precision.FLOAT32)
         _finish(ct, twin, job, Path(job["fp32_twin"]))
-    compute = ct.precision.FLOAT32 if job["precision"] == "fp32" else ct.precision.FLOAT16
+    compute = ct.precision.FLOAT32 if job["precision"] == "fp32" or \
+        job.get("source_quantization") else ct.precision.FLOAT16
     with torch.no_grad():
         model = _to_mlprogram(ct, program, target, compute)
     steps.append(f"coremltools.convert: ML Program, minimum deployment target "
@@ -78,7 +79,9 @@ def _compress(ct: Any, model: Any, job: dict[str, Any], steps: list[str]) -> Any
     from coremltools.optimize import coreml as cto
 
     t0 = time.perf_counter()
-    if job["precision"] == "int8":
+    if job["precision"] == "int8" and job.get("source_quantization"):
+        model = _requantize_source(cto, model, job["source_quantization"], steps)
+    elif job["precision"] == "int8":
         config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
             mode="linear_symmetric", dtype="int8"))
         model = cto.linear_quantize_weights(model, config=config)
@@ -91,6 +94,60 @@ def _compress(ct: Any, model: Any, job: dict[str, Any], steps: list[str]) -> Any
         model = cto.palettize_weights(model, config=config)
         steps.append(f"coremltools.optimize: {bits}-bit k-means palettization of the weights "
                      f"[{time.perf_counter() - t0:.1f} s]")
+    return model
+
+
+def _requantize_source(cto: Any, model: Any, quant: dict[str, Any], steps: list[str]) -> Any:
+    """A quantized source's int8 weights, and only those, back to int8 with the source's
+    granularity: a per-tensor symmetric source weight's largest |int| is 127, so coremltools'
+    symmetric scale (max |w| / 127) is the source's scale and its ints the source's ints. The
+    weights are found by value (the dequantized source weight, or its transpose)."""
+    import json
+
+    import numpy as np
+
+    t0 = time.perf_counter()
+    records = json.loads(Path(quant["record"]).read_text())
+    floats = {}
+    for r in records.values():
+        ints = np.asarray(r["ints"], np.float32).reshape(r["shape"])
+        scale = np.asarray(r["scale"], np.float32)
+        zero = np.asarray(r["zero_point"] or [0], np.float32)
+        if scale.size > 1:
+            axis = r["axis"] if r["axis"] is not None else 1
+            shape = [1] * ints.ndim
+            shape[axis] = scale.size
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        w = (ints - zero) * scale
+        floats.setdefault(w.size, []).append((w, "per_channel" if scale.size > 1 else "per_tensor"))
+
+    def granularity_of(op: Any) -> str | None:
+        val = getattr(op, "val", None)
+        v = getattr(val, "val", None)
+        if not isinstance(v, np.ndarray) or v.dtype != np.float32:
+            return None
+        for w, gran in floats.get(v.size, ()):
+            for cand in (w, w.T) if w.ndim == 2 else (w,):
+                if cand.shape == v.shape and np.array_equal(cand, v):
+                    return gran
+        return None
+
+    names: dict[str, Any] = {}
+    for fn in model._mil_program.functions.values():
+        for op in fn.find_ops(op_type="const"):
+            gran = granularity_of(op)
+            if gran:
+                names[op.name] = cto.OpLinearQuantizerConfig(
+                    mode="linear_symmetric", dtype="int8", granularity=gran, weight_threshold=1)
+    if len(names) != len(records):
+        steps.append(f"coremltools.optimize: {len(names)} of the source's {len(records)} int8 "
+                     "weights found by value in the program; the others stay float")
+    model = cto.linear_quantize_weights(model, config=cto.OptimizationConfig(
+        op_name_configs=names))
+    steps.append(f"coremltools.optimize: the source's {len(records)} int8 weights re-quantized "
+                 f"(int8 linear symmetric, the source's granularity: "
+                 f"{', '.join(quant.get('granularity') or [])}), compute precision FLOAT32 "
+                 f"[{time.perf_counter() - t0:.1f} s]")
     return model
 
 

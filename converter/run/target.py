@@ -8,7 +8,7 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-from mtconvert import bundle, staging as stg
+from mtconvert import bundle, quantized, staging as stg
 from mtconvert.backends.base import Artifact, Backend
 from mtconvert.errors import (BackendUnavailableError, ConversionError, MtConvertError,
                               StepError, UsageError)
@@ -33,7 +33,9 @@ def run_target(ctx: RunContext, name: str) -> TargetReport:
     staging = stg.new_staging(out_dir, name)
     log_path = staging / f"{ctx.src.name}.{name}.log"
     try:
-        return _convert_and_validate(ctx, backend, staging, out_dir)
+        plan = quantized.plan_for(ctx.src, name, backend.precisions, opts.precision)
+        return quantized.summary(_convert_and_validate(ctx, backend, staging, out_dir, plan),
+                                 name, plan)
     except StepError as exc:  # the log moves to --out; the report points there
         return _error_report(name, opts, exc.reason, log_path, out_dir)
     except MtConvertError as exc:
@@ -56,38 +58,49 @@ def _backend(registry: Registry, name: str) -> Backend:
     return cls()
 
 
-def _convert(ctx: RunContext, backend: Backend, staging: Path,
-             route: str = "") -> tuple[Artifact, Conversion]:
-    topts = ctx.opts.target_options(route)
-    key = ctx.cache.key(type(backend), ctx.src, topts)
-    hit = ctx.cache.load(key, staging, ctx.src.work_dir / backend.name)
+def _convert(ctx: RunContext, backend: Backend, staging: Path, route: str = "",
+             plan: dict | None = None) -> tuple[Artifact, Conversion]:
+    """A quantized source (``plan``) reaches the backend as the plan says (dequantized and
+    re-compressed, or as it is) and is judged by the int8-source profile."""
+    src, topts = quantized.lowered(ctx.src, backend.name, ctx.opts.target_options(route), plan)
+    artifact, conversion = _convert_source(ctx, backend, staging, src, topts, route)
+    if plan is None:
+        return artifact, conversion
+    artifact = quantized.judged(artifact, plan)
+    return artifact, replace(conversion, steps=artifact.steps)
+
+
+def _convert_source(ctx: RunContext, backend: Backend, staging: Path, src, topts,
+                    route: str) -> tuple[Artifact, Conversion]:
+    key = ctx.cache.key(type(backend), src, topts)
+    hit = ctx.cache.load(key, staging, src.work_dir / backend.name)
     if hit is not None:
         artifact, seconds = hit
         ctx.say(f"{backend.name}: reusing the cached conversion")
         return artifact, Conversion(seconds, artifact.steps, artifact.tool_versions, cached=True)
     clock = Clock()
     ctx.say(f"{backend.name}: converting" + (f" (route {route})" if route else ""))
-    artifact = backend.convert(ctx.src, staging, topts)
+    artifact = backend.convert(src, staging, topts)
     seconds = clock.lap("convert_s")
     ctx.cache.store(key, artifact, staging, seconds)
     return artifact, Conversion(seconds, artifact.steps, artifact.tool_versions)
 
 
 def _convert_and_validate(ctx: RunContext, backend: Backend, staging: Path,
-                          out_dir: Path) -> TargetReport:
+                          out_dir: Path, plan: dict | None = None) -> TargetReport:
     routes = backend.routes(ctx.src) or [""]
     if len(routes) == 1:
         clock = Clock()
-        artifact, conversion = _convert(ctx, backend, staging, routes[0])
+        artifact, conversion = _convert(ctx, backend, staging, routes[0], plan)
         clock.lap("convert_s")
         artifact = stg.commit(artifact, staging, out_dir)
         report = check_artifact(ctx, backend, artifact, conversion, clock)
         return _bundled(ctx, artifact, report, out_dir)
-    return _first_passing_route(ctx, backend, routes, staging, out_dir)
+    return _first_passing_route(ctx, backend, routes, staging, out_dir, plan)
 
 
 def _first_passing_route(ctx: RunContext, backend: Backend, routes: list[str], staging: Path,
-                         out_dir: Path) -> TargetReport:
+                         out_dir: Path, plan: dict | None = None) -> TargetReport:
     """Convert and validate each route in its own staging area; commit the first that passes.
     If none passes, commit the first route that produced an artifact (its failed or error
     report stands); if none produced one, raise with every route's reason."""
@@ -98,7 +111,7 @@ def _first_passing_route(ctx: RunContext, backend: Backend, routes: list[str], s
         area.mkdir()
         clock = Clock()
         try:
-            artifact, conversion = _convert(ctx, backend, area, route)
+            artifact, conversion = _convert(ctx, backend, area, route, plan)
         except StepError as exc:
             rejected.append(f"route {route} rejected: {exc.reason}")
             _move_log(area, staging)

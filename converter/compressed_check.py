@@ -1,0 +1,77 @@
+"""What stayed compressed in a target's artifact of a quantized source: its int8 weight tensors
+read from the artifact itself (the Core ML program's constexpr dequantize ops, the .tflite's
+int8 tensors) and how many hold exactly the source's int values and scales (the record written
+by ``backends.lowering.dequantize``). Facts for the report's ``compressed.kept``; never raises
+for an unreadable artifact (the entry says why instead).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def kept(target: str, primary: Path, record_path: str | None) -> dict[str, Any] | None:
+    try:
+        records = json.loads(Path(record_path).read_text()) if record_path else {}
+        if target == "coreml":
+            tensors = _coreml(primary)
+        elif target == "tflite":
+            tensors = _tflite(primary)
+        else:
+            return None
+    except Exception as exc:  # noqa: BLE001 - a fact we could not read, said so
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    same = sum(1 for ints, scale in tensors if _matches(ints, scale, records))
+    return {"int8_tensors": len(tensors), "source_int8_weights": len(records),
+            "same_ints_and_scales": same}
+
+
+def _matches(ints: np.ndarray, scale: np.ndarray, records: dict[str, Any]) -> bool:
+    """The tensor (or its transpose) equals a source weight's ints, with its scales (1e-6
+    relative)."""
+    scale = np.asarray(scale, np.float64).ravel()
+    for r in records.values():
+        src = np.asarray(r["ints"], np.int64).reshape(r["shape"])
+        rs = np.asarray(r["scale"], np.float64)
+        for cand in (ints, ints.T) if ints.ndim == 2 else (ints,):
+            if cand.shape != src.shape or not np.array_equal(cand.astype(np.int64), src):
+                continue
+            if scale.size == rs.size and np.allclose(scale, rs, rtol=1e-6, atol=0):
+                return True
+            if scale.size != rs.size and np.allclose(scale, rs.max(), rtol=1e-6, atol=0) \
+                    and np.allclose(rs, rs.max(), rtol=1e-6, atol=0):
+                return True
+    return False
+
+
+def _coreml(package: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    from mtconvert.backends.coreml import program
+
+    out = []
+    for op in program.load(package).ops:
+        if op.type in ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"):
+            a = {**op.attributes, **{k: v[0][1] for k, v in op.inputs.items()
+                                     if v and v[0][0] == "value"}}
+            data = a.get("quantized_data", a.get("data"))
+            if data is not None and np.asarray(data).dtype == np.int8:
+                out.append((np.asarray(data), np.asarray(a.get("scale"))))
+    return out
+
+
+def _tflite(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    out = []
+    for t in interp.get_tensor_details():
+        if t["dtype"] is np.int8 or t["dtype"] == np.int8:
+            q = t["quantization_parameters"]
+            try:
+                value = interp.get_tensor(t["index"])
+            except ValueError:  # not a constant
+                continue
+            out.append((np.asarray(value), np.asarray(q["scales"])))
+    return out
