@@ -24,7 +24,8 @@ def main(matrix_file: Path, values: dict[str, Any], stdout: IO[str] | None) -> i
         ray_address=given.get("ray_address"),
         cpus_per_cell=float(given.get("cpus_per_cell", 1.0)),
         memory_per_cell=matrix_spec.parse_bytes(given.get("memory_per_cell")))
-    spec = matrix_spec.load(matrix_file, mopts.out_dir.resolve(), defaults=_config(values))
+    spec = matrix_spec.load(matrix_file, mopts.out_dir.resolve(), defaults=_config(values),
+                            raw=bool(given.get("raw")))
     mopts = mode.MatrixOptions(**{**mopts.__dict__, "out_dir": mopts.out_dir.resolve()})
     quiet, verbose = values.get("quiet"), values.get("verbose")
     if quiet:

@@ -14,6 +14,11 @@ read into plain cell specs that a worker process (local or Ray) turns into Conve
     task = "text-encoder"                    # free text, shown in the reports
     precisions = ["fp32"]                    # this model's own (also ``targets``)
     input_shapes = { input_ids = "1x24" }    # any other key: a run option for its cells
+    raw_sources = { pt2 = "zoo/bert/bert.pt2" }  # --raw: the same model in the other form a
+                                             # raw toolchain takes (coremltools: a .pt2)
+
+With ``--raw`` every fp32 cell of a target that has a raw toolchain (converter/raw.py) gets a
+raw twin: the same model through that toolchain at its defaults, judged by the same validator.
 
 Every cell's options are checked here with ``optspec.build``, so an unknown key or a bad value
 is a one-line UsageError (exit 2) before any cell runs.
@@ -23,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +38,7 @@ if TYPE_CHECKING:
     from mtconvert.registry import Registry
 
 TOP_KEYS = ("targets", "precisions", "options", "models")
-MODEL_KEYS = ("path", "task", "targets", "precisions")
+MODEL_KEYS = ("path", "task", "targets", "precisions", "raw_sources")
 # set by the matrix for each cell, never by the file
 RESERVED = {"out_dir": "each cell writes under the matrix's --out",
             "precision": "use precisions = [...]"}
@@ -50,26 +55,33 @@ class CellSpec:
     path: str
     task: str | None
     values: dict[str, Any] = field(default_factory=dict)  # option spec values, paths absolute
+    raw: str | None = None  # a raw toolchain's name (converter/raw.py); None: mtconvert's cell
+    sources: dict[str, str] = field(default_factory=dict)  # --raw: {"onnx"|"pt2": path}
 
     @property
     def id(self) -> str:
-        return f"{self.model}/{self.target}/{self.precision}"
+        return f"{self.model}/{self.target}/{self.precision}" + (f"/raw-{self.raw}"
+                                                                  if self.raw else "")
 
     @property
     def file_name(self) -> str:
-        return f"{self.model}.{self.target}.{self.precision}.json"
+        return f"{self.model}.{self.target}.{self.precision}" + (f".raw-{self.raw}"
+                                                                  if self.raw else "") + ".json"
 
     def key(self) -> str:
         """Changes when anything that decides the cell's result changes (for --resume)."""
         p = Path(self.path)
         stat = (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
-        text = json.dumps([self.model, self.target, self.precision, self.path, stat,
-                           self.values], sort_keys=True, default=str)
+        parts = [self.model, self.target, self.precision, self.path, stat, self.values]
+        if self.raw:  # mtconvert's cells keep the keys they had before --raw existed
+            parts += [self.raw, self.sources]
+        text = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "target": self.target, "precision": self.precision,
-                "path": self.path, "task": self.task, "values": self.values}
+                "path": self.path, "task": self.task, "values": self.values, "raw": self.raw,
+                "sources": self.sources}
 
 
 @dataclass(frozen=True)
@@ -79,9 +91,10 @@ class MatrixSpec:
 
 
 def load(path: Path, out_dir: Path, registry: Registry | None = None,
-         defaults: dict[str, Any] | None = None) -> MatrixSpec:
+         defaults: dict[str, Any] | None = None, raw: bool = False) -> MatrixSpec:
     """Read and check the matrix file; every cell's options are built once here. ``defaults``:
-    run options beneath the file's ``[options]`` (a config file's, mtconvert.toml)."""
+    run options beneath the file's ``[options]`` (a config file's, mtconvert.toml); ``raw``:
+    add the raw-toolchain twins (--raw)."""
     import tomllib
 
     path = Path(path)
@@ -91,11 +104,12 @@ def load(path: Path, out_dir: Path, registry: Registry | None = None,
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
-    return parse(data, path.resolve().parent, Path(out_dir), registry, str(path), defaults)
+    return parse(data, path.resolve().parent, Path(out_dir), registry, str(path), defaults, raw)
 
 
 def parse(data: dict[str, Any], base: Path, out_dir: Path, registry: Registry | None = None,
-          where: str = "matrix", defaults: dict[str, Any] | None = None) -> MatrixSpec:
+          where: str = "matrix", defaults: dict[str, Any] | None = None,
+          raw: bool = False) -> MatrixSpec:
     from mtconvert.backends.base import PRECISIONS
     from mtconvert.registry import default_registry
 
@@ -135,6 +149,7 @@ def parse(data: dict[str, Any], base: Path, out_dir: Path, registry: Registry | 
         if not targets:
             raise UsageError(f"{at}: no targets (give targets = [...] at the top or per model)")
         src = Path(model["path"]) if Path(model["path"]).is_absolute() else base / model["path"]
+        sources = _raw_sources(model.get("raw_sources", {}), src, base, at)
         task = model.get("task")
         for target in dict.fromkeys(registry.resolve(t) for t in targets):
             for precision in precisions:
@@ -143,7 +158,32 @@ def parse(data: dict[str, Any], base: Path, out_dir: Path, registry: Registry | 
                                 values | {"out_dir": str(out_dir / name / f"{target}-{precision}")})
                 build_options(cell, registry)  # a bad value fails now, not in a worker
                 cells.append(cell)
+                if raw:
+                    cells += _raw_twin(cell, sources, out_dir)
     return MatrixSpec(Path(where), tuple(cells))
+
+
+def _raw_sources(value: Any, src: Path, base: Path, at: str) -> dict[str, str]:
+    """The model in each form a raw toolchain takes: its own path fills its form's slot."""
+    table = _table(value, f"{at}: raw_sources")
+    bad = sorted(set(table) - {"onnx", "pt2"})
+    if bad:
+        raise UsageError(f"{at}: raw_sources takes onnx and pt2, not {', '.join(bad)}")
+    found = {k: str(Path(v) if Path(v).is_absolute() else base / v) for k, v in table.items()}
+    form = src.suffix.lower().lstrip(".")
+    return found | ({form: str(src)} if form in ("onnx", "pt2") else {})
+
+
+def _raw_twin(cell: CellSpec, sources: dict[str, str], out_dir: Path) -> list[CellSpec]:
+    """The cell through its target's raw toolchain at its defaults (fp32 cells: the
+    toolchains' defaults make no other precision)."""
+    from mtconvert.raw import TOOLCHAINS
+
+    tool = TOOLCHAINS.get(cell.target)
+    if tool is None or cell.precision != "fp32":
+        return []
+    out = str(out_dir / cell.model / f"{cell.target}-{cell.precision}-raw-{tool}")
+    return [replace(cell, raw=tool, sources=sources, values=cell.values | {"out_dir": out})]
 
 
 def build_options(cell: CellSpec, registry: Registry | None = None) -> Any:
@@ -207,6 +247,9 @@ def _cli_options() -> tuple[Any, ...]:
                "killed and it is an error (default: 4 x its --timeout + 120)."),
         Option("ray_address", "str", None, "Ray cluster to run on (e.g. auto or "
                "ray://HOST:10001); default: a local instance sized for --jobs."),
+        Option("raw", "bool", False, "Also run each fp32 cell through its target's raw "
+               "toolchain at its defaults (onnx2tf, pnnx, coremltools, the ORT-format tool), "
+               "judged by the same validator; shown beside mtconvert's column, not gated."),
         Option("cpus_per_cell", "float", 1.0, "Ray: CPUs each cell's task reserves.",
                show_default=True),
         Option("memory_per_cell", "str", None, "Ray: memory each cell's task reserves, e.g. "

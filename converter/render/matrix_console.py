@@ -38,7 +38,7 @@ def _render(report: MatrixReport, console: Console) -> None:
     if tasks:
         table.add_column("task", style="dim")
     for col in report.columns:
-        table.add_column(col, no_wrap=True)
+        table.add_column(escape(report.label(col)), no_wrap=True)
     for model in report.models:
         first = next(c for c in report.cells if c.model == model)
         row = [escape(model)] + ([escape(first.task or "")] if tasks else [])
@@ -56,7 +56,9 @@ def _render(report: MatrixReport, console: Console) -> None:
     counts = report.counts()
     verdict = "[bold green]PASSED[/]" if report.ok else "[bold red]FAILED[/]"
     others = ", ".join(f"{n} {s}" for s, n in counts.items() if n and s != "passed")
-    console.print(f"{verdict}  {counts['passed']}/{len(report.cells)} cells passed"
+    if report.raw_summary():
+        console.print(f"[dim]{escape(report.raw_summary())}[/]")
+    console.print(f"{verdict}  {counts['passed']}/{len(report.gated)} cells passed"
                   + (f" ({others})" if others else "")
                   + f" [dim](exit code {report.exit_code})[/]")
 

@@ -35,14 +35,16 @@ def to_html(report: MatrixReport) -> str:
         rows.append(f"<tr><th>{e(model)}</th>{cells}</tr>")
     why = "".join(f"<li><b>{e(c.id)}</b> ({e(c.status)}): {e(c.reason or c.error or '')}</li>"
                   for c in report.cells if c.status != "passed")
-    head = "".join(f"<th>{e(col)}</th>" for col in report.columns)
+    head = "".join(f"<th>{e(report.label(col))}</th>" for col in report.columns)
+    raw = report.raw_summary()
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             f"<title>mtconvert matrix: {verdict}</title><style>{STYLE}</style></head><body>"
-            f"<h1>mtconvert matrix: {verdict}</h1><p>{counts['passed']}/{len(report.cells)} "
+            f"<h1>mtconvert matrix: {verdict}</h1><p>{counts['passed']}/{len(report.gated)} "
             f"cells passed (exit code {report.exit_code}); executor "
             f"{e(report.settings.get('executor'))}, {report.seconds:.1f} s</p>"
-            f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
+            + (f"<p>{e(raw)}; a raw column follows its target's column.</p>" if raw else "")
+            + f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
             + (f"<h2>Why not passed</h2><ul>{why}</ul>" if why else "")
             + f"<footer><small>mtconvert {e(report.mtconvert_version)} · "
             f"{e(report.created)}</small></footer></body></html>\n")

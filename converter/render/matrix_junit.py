@@ -1,8 +1,10 @@
 """The matrix as JUnit XML (junitparser): one testsuite per model, one testcase per cell
 (``target precision``). A failed cell fails, an errored one errors, a skipped one fails (as
 in a single run's report: nothing unproven passes), so the file agrees with the exit code:
-errors > 0 exactly when it is 3, otherwise failures > 0 exactly when it is 1. Each case's
-system-out holds the cell's figures; the cell's own report has every check."""
+errors > 0 exactly when it is 3, otherwise failures > 0 exactly when it is 1. A raw-toolchain
+cell (--raw) is not gated: its testcase (``target precision raw TOOL``) is skipped, its status
+and reason in the message. Each case's system-out holds the cell's figures; the cell's own
+report has every check."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,13 +51,18 @@ def build(report: MatrixReport) -> JUnitXml:
 
 
 def _case(c: Cell) -> TestCase:
-    from junitparser import Error, Failure, TestCase
+    from junitparser import Error, Failure, Skipped, TestCase
 
     case = TestCase(_text(c.column), _text(f"mtconvert.matrix.{c.model}"), c.seconds)
     reason = _text(c.reason or c.error or c.status)
-    result = {"failed": Failure(reason, "failed"), "error": Error(reason, "error"),
-              "skipped": Failure(_text(f"skipped: {reason}; a cell that was not checked does "
-                                       "not pass (exit code 1)"), "skipped")}.get(c.status)
+    if c.raw:  # shown, not gated
+        result = Skipped(_text(f"raw {c.raw} at its defaults, not gated: {c.status}"
+                               + (f": {reason}" if c.status != "passed" else "")), "raw")
+    else:
+        result = {"failed": Failure(reason, "failed"), "error": Error(reason, "error"),
+                  "skipped": Failure(_text(f"skipped: {reason}; a cell that was not checked "
+                                           "does not pass (exit code 1)"), "skipped")
+                  }.get(c.status)
     if result is not None:
         case.result = [result]
     out = []
@@ -70,6 +77,8 @@ def _case(c: Cell) -> TestCase:
         out.append(f"log: {t.log}")
     if c.resumed:
         out.append("kept from an earlier run (--resume)")
+    if c.command:
+        out.append(f"command: {c.command}")
     if out:
         case.system_out = _text("\n".join(out))
     return case

@@ -23,12 +23,15 @@ def to_markdown(report: MatrixReport) -> str:
     counts = report.counts()
     verdict = "✅ PASSED" if report.ok else "❌ FAILED"
     others = ", ".join(f"{n} {s}" for s, n in counts.items() if n and s != "passed")
-    lines = [f"### mtconvert matrix: {verdict} — {counts['passed']}/{len(report.cells)} cells "
+    lines = [f"### mtconvert matrix: {verdict} — {counts['passed']}/{len(report.gated)} cells "
              f"passed" + (f" ({others})" if others else "") + f" (exit code {report.exit_code})",
              "", f"{len(report.models)} models × {len(report.columns)} target/precision "
              f"columns, executor {report.settings.get('executor')}, {report.seconds:.1f} s", ""]
+    if report.raw_summary():
+        lines += [report.raw_summary() + "; a raw column follows its target's column.", ""]
     tasks = any(c.task for c in report.cells)
-    header = ["model"] + (["task"] if tasks else []) + [_esc(c) for c in report.columns]
+    header = ["model"] + (["task"] if tasks else []) + [_esc(report.label(c))
+                                                          for c in report.columns]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for model in report.models:
         first = next(c for c in report.cells if c.model == model)

@@ -115,7 +115,8 @@ def run(spec: MatrixSpec, mopts: MatrixOptions, *, registry: Registry | None = N
             _run_local(todo, mopts, registry, started, finished)
     settings = {"matrix": str(spec.file), "executor": mopts.executor,
                 "jobs": mopts.jobs, "out_dir": str(mopts.out_dir), "resume": mopts.resume,
-                "cell_timeout": mopts.cell_timeout, "resumed_cells": total - len(todo)}
+                "cell_timeout": mopts.cell_timeout, "resumed_cells": total - len(todo),
+                "raw": any(c.raw for c in spec.cells)}
     if mopts.executor == "ray":
         settings |= {"ray_address": mopts.ray_address, "cpus_per_cell": mopts.cpus_per_cell,
                      "memory_per_cell": mopts.memory_per_cell}
@@ -129,9 +130,13 @@ def run(spec: MatrixSpec, mopts: MatrixOptions, *, registry: Registry | None = N
 # --- one cell ------------------------------------------------------------------------------
 def run_cell(cell: CellSpec, registry: Registry | None = None) -> dict[str, Any]:
     """The cell in this process: its record ({key, cell, report}); never raises for a cell's
-    own trouble (an unreadable model is the cell's error)."""
+    own trouble (an unreadable model is the cell's error). A raw cell runs in converter/raw.py."""
     from mtconvert.run import convert
 
+    if cell.raw:
+        from mtconvert import raw
+
+        return raw.run_cell(cell, registry)
     t0 = time.monotonic()
     try:
         opts = build_options(cell, registry)
@@ -220,7 +225,7 @@ def _death(exitcode: int | None) -> str:
 def _error_record(cell: CellSpec, error: str, seconds: float) -> dict[str, Any]:
     line = error.strip().splitlines()[0] if error.strip() else "unknown error"
     out = Cell(cell.model, cell.target, cell.precision, "error", line, None, line, cell.path,
-               cell.task, round(seconds, 2))
+               cell.task, round(seconds, 2), raw=cell.raw)
     return {"key": cell.key(), "cell": out.to_dict(), "report": None}
 
 
