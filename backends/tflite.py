@@ -134,7 +134,10 @@ class TfliteBackend(Backend):
                 "int8_scheme": scheme, "keep_layout_inputs": keep_layout,
                 "route": opts.route or DEFAULT_ROUTE, "pseudo_map": PSEUDO_OPS,
                 "calibration": str(opts.calibration) if opts.calibration else None,
-                "input_order": [s.name for s in source.inputs]}
+                "input_order": [s.name for s in source.inputs],
+                # a quantized source: per-tensor weights stay per-tensor (the source's scales)
+                "per_tensor_weights": (opts.extra.get("source_quantization") or {}).get(
+                    "granularity") == ["per-tensor"]}
 
     def _run_child(self, job: dict[str, Any], work: Path, log: Path,
                    timeout: float | None) -> dict[str, Any]:

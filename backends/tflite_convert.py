@@ -121,6 +121,8 @@ def _configure(converter: Any, tf: Any, job: dict[str, Any], dtypes: list[Any]) 
         converter.target_spec.supported_types = [tf.float16]
     elif precision == "int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if job.get("per_tensor_weights"):  # max |w| / 127 per tensor: a source's own scale
+            converter._experimental_disable_per_channel = True
         if scheme == "full":
             converter.representative_dataset = _representative(job["calibration"],
                                                                job["input_order"], dtypes)
