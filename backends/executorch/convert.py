@@ -146,8 +146,14 @@ def _quantized(program: Any, args: tuple[Any, ...], job: dict[str, Any],
     quantizer = XNNPACKQuantizer().set_global(
         get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
     samples = [args] if dynamic else _calibration(job)
+    module = program.module()
+    retyped = _integer_scalars(module)
+    if retyped:
+        steps.append(f"{retyped} integer add/mul with a Python scalar written as add.Scalar/"
+                     "mul.Scalar (the XNNPACK quantizer would make the scalar a float32 tensor "
+                     "and the integer index arithmetic float)")
     with torch.no_grad():
-        prepared = prepare_pt2e(program.module(), quantizer)
+        prepared = prepare_pt2e(module, quantizer)
         for sample in samples:
             prepared(*sample)
         converted = convert_pt2e(prepared)
@@ -157,6 +163,40 @@ def _quantized(program: Any, args: tuple[Any, ...], job: dict[str, Any],
             f"calibrated on {len(samples)} sample(s)")
     steps.append(f"XNNPACK quantizer (PT2E): {what} [{time.perf_counter() - t0:.1f} s]")
     return program
+
+
+def _integer_scalars(module: Any) -> int:
+    """``aten.add.Tensor(x, 0)`` / ``aten.mul.Tensor(x, 2)`` on an integer ``x`` as
+    ``add.Scalar`` / ``mul.Scalar``: same arithmetic, same dtype. Why: the XNNPACK quantizer's
+    ``transform_for_annotation`` (``_convert_scalars_to_attrs`` in
+    executorch/backends/xnnpack/quantizer/xnnpack_quantizer_utils.py) replaces every Python
+    scalar argument of ``add.Tensor``/``mul.Tensor`` by a buffer ``torch.tensor(float(x))``,
+    whatever the other operand's dtype. In a HF BERT program the 4-D attention mask is built
+    from ``arange(seq) + 0`` (int64) and read with ``aten.index``; with a float32 addend the
+    indices become float32 and calibration stops with "IndexError: tensors used as indices
+    must be long, int, byte or bool tensors". ``.Scalar`` overloads are not in its list."""
+    import torch
+
+    aten = torch.ops.aten
+    scalar_form = {aten.add.Tensor: aten.add.Scalar, aten.mul.Tensor: aten.mul.Scalar}
+    count = 0
+    for node in module.graph.nodes:
+        if node.op != "call_function" or node.target not in scalar_form or node.kwargs \
+                or len(node.args) != 2:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dtype.is_floating_point \
+                or val.dtype.is_complex:
+            continue
+        a, b = node.args
+        if isinstance(a, (int, bool)) and isinstance(b, torch.fx.Node):
+            a, b = b, a  # add and mul commute
+        if isinstance(a, torch.fx.Node) and isinstance(b, (int, bool)):
+            node.target, node.args = scalar_form[node.target], (a, b)
+            count += 1
+    if count:
+        module.recompile()
+    return count
 
 
 FP16_MAX = 65504.0
