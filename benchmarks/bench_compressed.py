@@ -1,0 +1,88 @@
+"""Compressed sources (issue 20): the float BERT fixture beside its two int8 fixtures (ORT
+quantize_static QDQ, quantize_dynamic) on each target, side by side: the files' bytes (and
+against the source's), p50 and its interleaved ratio to ONNX Runtime on the same source (the
+project's timing: target and reference in alternating rounds, each warm in its own child; the
+95 % interval and round-to-round spreads are printed), and the error against the source (max
+abs, cosine, SNR). One mtconvert run per model, all targets; asserts nothing.
+
+The int8 / float p50 column divides two p50s measured in different runs (each interleaved with
+its own reference, not with each other): read it with the spreads beside it.
+
+    .venv/bin/python benchmarks/bench_compressed.py [--targets onnx-mobile,tflite,coreml,ncnn]
+        [--seq 16] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MTCONVERT = str(Path(sys.executable).parent / "mtconvert")
+MODELS = ("bert_encoder", "bert_int8_qdq", "bert_int8_dynamic")
+
+
+def run(model: str, tmp: Path, args: argparse.Namespace) -> dict:
+    report = tmp / f"{model}.json"
+    proc = subprocess.run([MTCONVERT, str(ROOT / "fixtures" / f"{model}.onnx"), "--to",
+                           args.targets, "--out", str(tmp / model), "--input-shape",
+                           f"input_ids=1x{args.seq}", "--threads", str(args.threads),
+                           "--report-json", str(report), "--no-cache", "-q"],
+                          capture_output=True, text=True)
+    if not report.is_file():
+        sys.exit(f"{model}: no report (exit {proc.returncode}): {proc.stderr[-400:]}")
+    return json.loads(report.read_text())
+
+
+def row(model: str, t: dict, source_bytes: int, float_p50: float | None) -> str:
+    size = sum(a["bytes"] for a in t.get("artifacts", ()))
+    lat, vs = t.get("latency") or {}, t.get("latency_vs_reference") or {}
+    worst = (t.get("numerics") or {}).get("worst") or {}
+    outs = (t.get("numerics") or {}).get("outputs") or {}
+    snr = min((o.get("snr_db") or float("inf") for o in outs.values()), default=None)
+    p50 = lat.get("p50_ms")
+    vs_float = f"{p50 / float_p50:.2f}x" if p50 and float_p50 and model != MODELS[0] else "-"
+    ci = vs.get("ci95") or [None, None]
+    c = t.get("compressed") or {}
+    kept = c.get("kept") or {}
+    kept_s = (f"{kept.get('same_ints_and_scales')}/{kept.get('int8_tensors')}"
+              if "int8_tensors" in kept else "-")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    return (f"| {model} | {t['name']} | {t['precision']} | {t['status']} | {size / 1024:.1f} KiB "
+            f"| {size / source_bytes:.2f}x | {fmt(p50, '.3f')} | {fmt(vs.get('ratio_p50'), '.2f')}x "
+            f"[{fmt(ci[0], '.2f')}-{fmt(ci[1], '.2f')}] spread ref {fmt(vs.get('reference_spread'), '.0%')}"
+            f" tgt {fmt(vs.get('target_spread'), '.0%')} | {vs_float} | {fmt(worst.get('max_abs'), '.3g')} "
+            f"| {fmt(worst.get('cosine'), '.6f')} | {fmt(snr, '.1f')} | {kept_s} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--targets", default="onnx-mobile,tflite,coreml,ncnn")
+    ap.add_argument("--seq", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        reports = {m: run(m, Path(tmp), args) for m in MODELS}
+    float_p50 = {t["name"]: (t.get("latency") or {}).get("p50_ms")
+                 for t in reports[MODELS[0]]["targets"]}
+    print(f"batch 1, sequence {args.seq}, {args.threads} threads; error against each run's own "
+          "source (the int8 fixtures: against the quantized source, int8-source profile)")
+    print("| model | target | precision | status | files | vs source | p50 ms | vs ORT "
+          "(interleaved, 95% CI) | int8/float p50 | max abs | cosine | SNR dB | int8 tensors "
+          "with the source's ints+scales |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for model in MODELS:
+        source = (ROOT / "fixtures" / f"{model}.onnx").stat().st_size
+        for t in reports[model]["targets"]:
+            print(row(model, t, source, float_p50.get(t["name"])))
+    for model in MODELS:
+        for t in reports[model]["targets"]:
+            if t["status"] != "passed":
+                print(f"{model}/{t['name']}: {t['status']}: {t.get('reason')}")
+
+
+if __name__ == "__main__":
+    main()

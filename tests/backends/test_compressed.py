@@ -1,0 +1,107 @@
+"""Quantized ONNX sources (issue 20): detection, the dequantize lowering, and both quantized
+fixtures through the four targets with the real converters, staying compressed."""
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from mtconvert import quantized
+from mtconvert.backends.lowering import check
+from mtconvert.backends.lowering.dequantize import dequantize
+from mtconvert.backends.lowering.graph import NotApplicable
+from mtconvert.validators.tolerances import PROFILES
+from tests.models import quick_convert
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+QUANTIZED = {"bert_int8_qdq": "qdq", "bert_int8_dynamic": "dynamic"}
+TARGETS = ("onnx-mobile", "tflite", "coreml", "ncnn")
+SHAPES = {"input_ids": [2, 16], "attention_mask": [2, 16]}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("name,scheme", sorted(QUANTIZED.items()))
+def test_detects_the_scheme(name: str, scheme: str) -> None:
+    info = quantized.describe_path(FIXTURES / f"{name}.onnx")
+    assert info["scheme"] == scheme
+    assert info["int8_weights"] > 0 and info["weight_granularity"] == "per-tensor"
+    assert (info["activation_steps"] is not None) == (scheme == "qdq")
+
+
+def test_a_float_source_is_not_quantized() -> None:
+    assert quantized.describe_path(FIXTURES / "bert_encoder.onnx") is None
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZED))
+def test_dequantize_leaves_a_float_graph_and_records_every_int8_weight(name: str) -> None:
+    model = onnx.load(str(FIXTURES / f"{name}.onnx"))
+    out = dequantize(model)
+    onnx.checker.check_model(out.model)
+    ops = {n.op_type for n in out.model.graph.node}
+    assert not ops & {"QuantizeLinear", "DequantizeLinear", "MatMulInteger",
+                      "DynamicQuantizeLinear"}
+    inits = {i.name: numpy_helper.to_array(i) for i in out.model.graph.initializer}
+    assert len(out.weights) >= quantized.describe(model)["int8_weights"]
+    for fname, r in out.weights.items():  # each float weight is exactly (ints - zp) * scale
+        ints = np.asarray(r["ints"], np.float32).reshape(r["shape"])
+        zero = np.float32(r["zero_point"][0]) if r["zero_point"] else np.float32(0)
+        assert np.array_equal(inits[fname], (ints - zero) * np.float32(r["scale"][0]))
+    # without the source's activation rounding the outputs stay within the int8-source profile
+    feeds = check.make_feeds(model, SHAPES, check.embedding_sizes(model))
+    ref, got = check.run(model, feeds), check.run(out.model, feeds)
+    for r, g in zip(ref, got):
+        for key in r:
+            assert _cosine(r[key], g[key]) >= PROFILES["int8-source"].min_cosine
+
+
+def test_qoperator_graphs_are_named_not_rewritten() -> None:
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, [1, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, [1, 4])
+    consts = [numpy_helper.from_array(np.array(v, dtype=d), n) for n, v, d in [
+        ("s", 0.1, np.float32), ("z", 0, np.uint8), ("w", np.eye(4), np.uint8)]]
+    node = helper.make_node("QLinearMatMul", ["x", "s", "z", "w", "s", "z", "s", "z"], ["y"])
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y], consts))
+    with pytest.raises(NotApplicable, match="QLinearMatMul"):
+        dequantize(model)
+
+
+def test_the_fp32_profile_is_not_the_quantized_sources() -> None:
+    assert PROFILES["fp32"].min_cosine == 0.99999 and PROFILES["fp32"].atol == 1e-4
+    assert PROFILES["int8-source"].min_cosine > PROFILES["int8"].min_cosine
+
+
+@pytest.fixture(scope="module", params=sorted(QUANTIZED))
+def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    name = request.param
+    report = quick_convert(",".join(TARGETS), FIXTURES / f"{name}.onnx",
+                           tmp_path_factory.mktemp(name), input_shapes={"input_ids": "1x16"})
+    return name, report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", TARGETS)
+def test_quantized_source_converts_and_stays_compressed(converted, target: str) -> None:
+    name, report = converted
+    t = report.targets[target]
+    assert t.status == "passed", t.reason
+    c = t.compressed
+    assert c["source"]["scheme"] == QUANTIZED[name]
+    assert c["source_bytes"] == (FIXTURES / f"{name}.onnx").stat().st_size
+    assert c["bytes"] == sum(a.bytes for a in t.artifacts)
+    if target == "ncnn":  # the stated fallback: fp32 with dequantized weights
+        assert c["fallback"] and c["size_limit"] is None and t.precision == "fp32"
+    else:
+        assert c["fallback"] is None and c["size_ratio"] <= quantized.RATIO_LIMIT
+    if target == "coreml":  # constexpr int8 weights holding the source's ints and scales
+        assert c["kept"]["int8_tensors"] == c["kept"]["source_int8_weights"] \
+            == c["kept"]["same_ints_and_scales"] > 0
+    if target == "tflite":  # weight-only/dynamic-range int8, no Flex op
+        assert c["kept"]["int8_tensors"] >= c["kept"]["source_int8_weights"] - 3 > 0
+        assert not any("FLEX" in f["message"] for f in t.findings)
+    if target == "onnx-mobile":
+        assert t.precision == "fp32" and c["kept"] is None
