@@ -12,10 +12,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mtconvert.version import __version__
-__all__ = ["Report", "__version__", "convert", "validate", "verify", "MtConvertError"]
+__all__ = ["Report", "__version__", "convert", "validate", "verify", "matrix",
+           "MatrixReport", "MtConvertError"]
 
 if TYPE_CHECKING:
     from mtconvert.errors import MtConvertError
+    from mtconvert.matrix_report import MatrixReport
     from mtconvert.report import Report
 
 
@@ -56,11 +58,33 @@ def verify(bundle_dir: Any, **options: Any) -> Report:
     return _verify(bundle_dir, **options)
 
 
+def matrix(spec: Any, out_dir: Any = "build/matrix", **options: Any) -> MatrixReport:
+    """Run every model x target x precision cell of a matrix (``mtconvert matrix``) and return
+    the MatrixReport (also written to OUT/matrix.json, one file per cell under OUT/cells/).
+
+    ``spec``: a matrix file (TOML) path, its parsed TOML as a dict (relative paths from the
+    current folder), or a ``mtconvert.matrix_spec.MatrixSpec``. Matrix options: executor
+    ("local" | "ray"), jobs, resume, cell_timeout, ray_address, cpus_per_cell,
+    memory_per_cell (bytes or "2GB"), raw (each fp32 cell also through its target's raw
+    toolchain at its defaults, not gated), progress (callable taking a run.matrix.Event),
+    registry. Any other keyword is a run option beneath the file's ``[options]`` (iterations,
+    timeout, tolerances...). Cells that fail or error are in the report, not raised; a bad
+    matrix file raises a UsageError.
+    """
+    from mtconvert.api import matrix as _matrix
+
+    return _matrix(spec, out_dir, **options)
+
+
 def __getattr__(name: str) -> Any:
     if name == "Report":
         from mtconvert.report import Report
 
         return Report
+    if name == "MatrixReport":
+        from mtconvert.matrix_report import MatrixReport
+
+        return MatrixReport
     if name == "MtConvertError":
         from mtconvert.errors import MtConvertError
 

@@ -380,3 +380,31 @@ def test_config_file_options_sit_beneath_the_matrix_files(tmp_path, monkeypatch)
     (cell,) = matrix_spec.load(path, tmp_path / "out", defaults=defaults).cells
     opts = matrix_spec.build_options(cell)
     assert (opts.seed, opts.iterations, opts.precision) == (3, 2, "fp32")
+
+
+# --- the Python API ---------------------------------------------------------------------------
+def test_api_matrix_returns_the_report_from_a_file_or_a_dict(tmp_path):
+    import mtconvert
+
+    reg = _registry()
+    path = _write(tmp_path, 'targets = ["fake"]\n[models.tiny_a]\npath = "tiny_a.onnx"\n')
+    events = []
+    report = mtconvert.matrix(path, tmp_path / "out", registry=reg, jobs=1, iterations=1,
+                              warmup=0, progress=events.append)
+    assert isinstance(report, mtconvert.MatrixReport)
+    assert [(c.id, c.status) for c in report.cells] == [("tiny_a/fake/fp32", "passed")]
+    assert report.cells[0].report.numerics.passed and report.exit_code == 0
+    assert [e.kind for e in events] == ["start", "done"]
+    assert MatrixReport.from_json((tmp_path / "out" / "matrix.json").read_text()) == report
+    # keyword run options sit beneath the file's: iterations reached the cell
+    assert json.loads((tmp_path / "out" / "cells" / "tiny_a.fake.fp32.json").read_text())[
+        "report"]["settings"]["iterations"] == 1
+    # a parsed dict (paths from the current folder), and a bad option as a UsageError
+    data = {"targets": ["fake"], "models": {"b": {"path": str(tmp_path / "tiny_b.onnx")}}}
+    again = mtconvert.matrix(data, tmp_path / "out2", registry=reg, jobs=1, iterations=1,
+                             warmup=0)
+    assert [c.id for c in again.cells] == ["b/fake/fp32"] and again.ok
+    with pytest.raises(UsageError, match="unknown option 'bogus'"):
+        mtconvert.matrix(path, tmp_path / "out3", registry=reg, bogus=1)
+    with pytest.raises(UsageError, match="--jobs must be at least 1"):
+        mtconvert.matrix(path, tmp_path / "out3", registry=reg, jobs=0)
