@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import shlex
 import sys
 import time
@@ -74,7 +75,10 @@ def run_cell(cell: Any, registry: Any = None) -> dict[str, Any]:
 
 # --- the toolchains, each at its defaults -------------------------------------------------------
 def onnx2tf(onnx: Path, out: Path, timeout: float | None, _shapes: Any, note: Any) -> Path:
-    """``onnx2tf -i MODEL.onnx -o OUT``: its float32 .tflite."""
+    """``onnx2tf -i MODEL.onnx -o OUT``: its float32 .tflite. onnx2tf rewrites its input file
+    in place (shape inference and onnxsim save over ``-i``), so it gets a copy in OUT, never
+    the user's model."""
+    onnx = _copy_model(onnx, out)
     cmd = [_bin("onnx2tf"), "-i", str(onnx), "-o", str(out)]
     note(_typed(cmd))
     run_tool(cmd, target="tflite", step="onnx2tf", log_path=out / "raw.log", timeout_s=timeout,
@@ -82,6 +86,15 @@ def onnx2tf(onnx: Path, out: Path, timeout: float | None, _shapes: Any, note: An
     tflite = out / f"{onnx.stem}_float32.tflite"
     expect_files([tflite], target="tflite", step="onnx2tf", log_path=out / "raw.log")
     return tflite
+
+
+def _copy_model(onnx: Path, out: Path) -> Path:
+    """A private copy of the model (and its external data) in OUT for a tool that writes over
+    its input."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in [onnx, *onnx.parent.glob(onnx.name + ".data")]:
+        shutil.copyfile(f, out / f.name)
+    return out / onnx.name
 
 
 def pnnx(onnx: Path, out: Path, timeout: float | None, shapes: Any, note: Any) -> Path:
