@@ -46,7 +46,8 @@ def open_folder(path: Path, task: str | None, trust_pickle: bool) -> HFFolder:
     path = Path(path).resolve()
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise ModelLoadError(f"{path} has no config.json; expected a Hugging Face model folder")
+        raise ModelLoadError(f"{path} is a directory without config.json; expected a .onnx or "
+                             ".pt2 file, or a Hugging Face model folder")
     try:
         config = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as exc:
@@ -114,8 +115,8 @@ def _digest(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def load_model(folder: HFFolder) -> Any:
-    """The model in eval mode, fp32, eager attention, from the folder only."""
+def check_architecture(folder: HFFolder) -> None:
+    """The model type has a decode-step builder (mtconvert.generation.step)."""
     from mtconvert.generation import step
 
     kind = folder.config.get("model_type")
@@ -123,6 +124,11 @@ def load_model(folder: HFFolder) -> Any:
         raise UsageError(f"{folder.path.name}: architecture {kind!r} "
                          f"({', '.join(folder.config.get('architectures') or [])}) is not "
                          f"supported for generation yet (supported: {', '.join(step.SUPPORTED)})")
+
+
+def load_model(folder: HFFolder) -> Any:
+    """The model in eval mode, fp32, eager attention, from the folder only."""
+    check_architecture(folder)
     try:
         import torch
         from transformers import AutoModelForCausalLM

@@ -48,11 +48,13 @@ class Generation:
     def _prepare(self) -> Generation:
         sk, opts = self.skeleton, self.skeleton.opts
         self.folder = folder_mod.open_folder(Path(self.model), opts.task, opts.trust_pickle)
+        folder_mod.check_architecture(self.folder)
+        config = self.folder.config  # every input checked before torch is imported
+        prompt, how = reference.prompt_ids(self.folder, opts.prompt, opts.prompt_ids,
+                                           int(config.get("vocab_size") or 0))
+        max_cache = cache_length(config, len(prompt), opts.max_new_tokens, opts.max_cache)
         sk.say(f"loading {self.folder.path.name} ({self.folder.task})")
         hf = folder_mod.load_model(self.folder)
-        prompt, how = reference.prompt_ids(self.folder, opts.prompt, opts.prompt_ids,
-                                           hf.config.vocab_size)
-        max_cache = cache_length(hf.config, len(prompt), opts.max_new_tokens, opts.max_cache)
         sk.clock.lap("load_source_s")
         sk.say(f"reference: greedy decode of {opts.max_new_tokens} tokens, PyTorch eager")
         self.ref = reference.greedy(hf, prompt, opts.max_new_tokens)
@@ -78,7 +80,7 @@ class Generation:
         self._tmp.cleanup()
 
 
-def cache_length(config: Any, prompt_len: int, new_tokens: int, given: int | None) -> int:
+def cache_length(config: dict[str, Any], prompt_len: int, new_tokens: int, given: int | None) -> int:
     """The KV cache's slots: every position but the last generated token's."""
     if new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
@@ -89,8 +91,7 @@ def cache_length(config: Any, prompt_len: int, new_tokens: int, given: int | Non
     if need > size:
         raise UsageError(f"--max-cache {size} cannot hold the prompt ({prompt_len} tokens) and "
                          f"{new_tokens} new tokens: give at least {need}")
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
-                                                                        None)
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
     if limit and size + 1 > limit:
         raise UsageError(f"a cache of {size} slots needs {size + 1} positions; the model has "
                          f"{limit}")
@@ -128,8 +129,9 @@ def generate(ctx: RunContext, report: TargetReport, ref: reference.Reference,
     backend = ctx.registry.get(report.name)()
     ctx.say(f"{report.name}: generating {len(ref.tokens)} tokens with its own KV cache")
     try:
-        artifact = backend.adopt(Path(art.path), ctx.src, ctx.opts.target_options())
-        result = run_loop(ctx, backend, artifact, ref, geo)
+        with tempfile.TemporaryDirectory(prefix="mtconvert-gen-art-") as tmp:
+            artifact = converted(ctx, backend, report, Path(art.path), Path(tmp))
+            result = run_loop(ctx, backend, artifact, ref, geo)
     except StepError as exc:
         return replace(report, status="error", reason=f"generation: {exc.reason}")
     except MtConvertError as exc:  # the artifact could not be described again
@@ -145,6 +147,24 @@ def generate(ctx: RunContext, report: TargetReport, ref: reference.Reference,
         return replace(report, generation=section)
     reason = "; ".join([*([report.reason] if report.reason else []), *reasons])
     return replace(report, status="failed", reason=reason, generation=section)
+
+
+def converted(ctx: RunContext, backend: Any, report: TargetReport, path: Path,
+              scratch: Path) -> Any:
+    """The Artifact the target's conversion made, with the backend's own data for its session
+    (I/O maps), from the conversion cache (copied into ``scratch``): the report keeps only
+    file names. Without the cache (--no-cache), the committed file described again by the
+    backend's ``adopt``, as `mtconvert validate` does (it may map I/O by position)."""
+    steps = report.conversion.steps if report.conversion else ()
+    chosen = [s.split(":")[0][len("route "):] for s in steps if s.startswith("route ")
+              and ": chosen" in s]
+    route = chosen[0] if chosen else (backend.routes(ctx.src) or [""])[0]
+    key = ctx.cache.key(type(backend), ctx.src, ctx.opts.target_options(route))
+    hit = ctx.cache.load(key, scratch / "files", scratch / "work")
+    if hit is not None:
+        return hit[0]
+    ctx.cache.release(key)
+    return backend.adopt(path, ctx.src, ctx.opts.target_options())
 
 
 def run_loop(ctx: RunContext, backend: Any, artifact: Any, ref: reference.Reference,

@@ -51,15 +51,19 @@ class Geometry:
 def _attend(torch: Any, q: Any, k: Any, v: Any, past_k: Any, past_v: Any, bias: Any,
             kv_heads: int, head_dim: int) -> Any:
     """q [1, H, 1, D]; k, v [1, KV, 1, D]; past [1, KV, MAX, D]; bias [1, 1, 1, MAX + 1].
-    Grouped-query attention without repeating the cache: q as [1, KV, group, D]."""
+    Grouped-query attention without repeating the cache: q as [1, KV, group, D]. The past and
+    the current token are scored apart and only the scores are joined (a graph input is never
+    concatenated with a computed tensor: onnx2tf gives the two different layouts)."""
     heads = q.shape[1]
     group = heads // kv_heads
-    keys = torch.cat([past_k, k], dim=2)
-    values = torch.cat([past_v, v], dim=2)
-    qg = q.reshape(1, kv_heads, group, head_dim)
-    scores = torch.matmul(qg, keys.transpose(2, 3)) * (1.0 / math.sqrt(head_dim)) + bias
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, values).reshape(1, 1, heads * head_dim)
+    max_cache = past_k.shape[2]
+    qg = q.reshape(1, kv_heads, group, head_dim) * (1.0 / math.sqrt(head_dim))
+    past_scores = torch.matmul(qg, past_k.transpose(2, 3))  # [1, KV, group, MAX]
+    own_score = torch.matmul(qg, k.transpose(2, 3))  # [1, KV, group, 1]
+    probs = torch.softmax(torch.cat([past_scores, own_score], dim=-1) + bias, dim=-1)
+    past_probs, own_prob = probs[..., :max_cache], probs[..., max_cache:]
+    out = torch.matmul(past_probs, past_v) + torch.matmul(own_prob, v)
+    return out.reshape(1, 1, heads * head_dim)
 
 
 def _named(logits: Any, presents: list[Any]) -> dict[str, Any]:

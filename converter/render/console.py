@@ -104,11 +104,12 @@ def _generation(t: TargetReport, console: Console) -> None:
                   f"({'within' if tf['passed'] else 'outside'} tolerance)")
     timing = (f"time to first token {g['time_to_first_token_ms']:.2f} ms "
               f"({len(g['prompt_tokens'])} prompt steps)" if "time_to_first_token_ms" in g
+              else "" if g.get("latency_unavailable") == t.latency_unavailable
               else f"latency not measured: {escape(str(g.get('latency_unavailable')))}")
     if "decode_ms_p50" in g:
         timing += f", decode p50 {g['decode_ms_p50']:.2f} / p90 {g['decode_ms_p90']:.2f} ms/token"
-    console.print(f"  {timing}; KV cache {_fmt_bytes(g['kv_cache_bytes'])} at "
-                  f"{g['max_cache']} slots")
+    console.print(f"  {timing + '; ' if timing else ''}KV cache {_fmt_bytes(g['kv_cache_bytes'])}"
+                  f" at {g['max_cache']} slots")
     differ = [(i, r, o) for i, (r, o) in enumerate(zip(g["reference_tokens"],
                                                         g["target_tokens"])) if r != o]
     if differ:

@@ -1,0 +1,191 @@
+"""Generative models from a Hugging Face folder (mtconvert.generation): the decode-step module
+against the original model, the host loop and its judgement, bad input, and each target end to
+end through the CLI or the API, judged by the tokens it generates."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtconvert.generation import judge as judge_mod
+from mtconvert.generation.fixtures import tiny_folder
+from mtconvert.validators.tolerances import PROFILES
+
+MTCONVERT = str(Path(sys.executable).parent / "mtconvert")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {k: tiny_folder(k, root / f"tiny-{k}") for k in ("gpt2", "llama")}
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([MTCONVERT, *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=900)
+
+
+def _load(folder):
+    from mtconvert.generation import folder as folder_mod
+
+    return folder_mod.load_model(folder_mod.open_folder(folder, None, False))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_step_module_matches_the_original_model(kind, folders):
+    """Teacher-forced through the step module with its explicit cache, every position's logits
+    equal the Hugging Face model's full forward within the fp32 profile."""
+    from mtconvert.generation import reference, step
+
+    model = _load(folders[kind])
+    ref = reference.greedy(model, (5, 17, 42), 6)
+    module, geo = step.build(model, 16)
+    from mtconvert.generation.loop import decode
+    import torch
+
+    def run(feeds):
+        with torch.inference_mode():
+            return {k: v.numpy() for k, v in module(*map(torch.from_numpy, feeds.values())).items()}
+
+    got = decode(run, geo, ref.prompt, len(ref.tokens), forced=ref.tokens)
+    section, reasons = judge_mod.judge(ref, got.logits, got.tokens, got.step_ms,
+                                       PROFILES["fp32"], geo.cache_bytes(), 16, None)
+    assert reasons == [], reasons
+    assert got.tokens == list(ref.tokens)
+    assert len(set(ref.tokens)) > 2  # a trained-like init: greedy does not just repeat a token
+    assert section["kv_cache_bytes"] == 2 * geo.layers * geo.kv_heads * 16 * geo.head_dim * 4
+
+
+def test_a_cache_the_loop_does_not_keep_fails(folders):
+    """The same module with its past zeroed each step: the judgement must catch it."""
+    from mtconvert.generation import reference, step
+    from mtconvert.generation.loop import decode
+    import torch
+
+    model = _load(folders["llama"])
+    ref = reference.greedy(model, (5, 17, 42), 6)
+    module, geo = step.build(model, 16)
+
+    def forgetful(feeds):
+        feeds = {k: (np.zeros_like(v) if k.startswith("past_") else v) for k, v in feeds.items()}
+        with torch.inference_mode():
+            return {k: v.numpy() for k, v in module(*map(torch.from_numpy, feeds.values())).items()}
+
+    got = decode(forgetful, geo, ref.prompt, len(ref.tokens))
+    section, reasons = judge_mod.judge(ref, got.logits, got.tokens, got.step_ms,
+                                       PROFILES["fp32"], geo.cache_bytes(), 16, None)
+    assert not section["passed"] and not section["teacher_forced"]["passed"]
+    assert any(r.startswith("teacher-forced logits") for r in reasons)
+
+
+def test_near_tie_is_judged_by_the_tolerance():
+    tol = PROFILES["fp32"]  # atol 1e-4, rtol 1e-4
+    assert judge_mod.near_tie(np.array([0.0, 1.0, 1.0 + 1e-5], np.float32), tol, 0.0)
+    assert not judge_mod.near_tie(np.array([0.0, 1.0, 1.5], np.float32), tol, 0.0)
+    int8 = PROFILES["int8"]  # no absolute bound: twice the target's own error
+    assert judge_mod.near_tie(np.array([0.0, 1.0, 1.1]), int8, 0.06)
+    assert not judge_mod.near_tie(np.array([0.0, 1.0, 1.1]), int8, 0.04)
+
+
+def _folder_variants(tmp: Path, folders) -> dict[str, Path]:
+    src = folders["gpt2"]
+    out = {}
+    for name in ("noconfig", "noweights", "pickled", "bert", "nogpt"):
+        d = tmp / name
+        d.mkdir()
+        out[name] = d
+    (out["noweights"] / "config.json").write_text((src / "config.json").read_text())
+    (out["pickled"] / "config.json").write_text((src / "config.json").read_text())
+    (out["pickled"] / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    (out["noconfig"] / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    cfg = json.loads((src / "config.json").read_text())
+    for name, arch, kind in (("bert", "BertForMaskedLM", "bert"),
+                             ("nogpt", "FalconForCausalLM", "falcon")):
+        (out[name] / "config.json").write_text(json.dumps(cfg | {"architectures": [arch],
+                                                                  "model_type": kind}))
+        (out[name] / "model.safetensors").write_bytes(b"x")
+    return out
+
+
+@pytest.mark.parametrize("case,args,needle", [
+    ("noconfig", [], "without config.json"),
+    ("noweights", [], "has no weights"),
+    ("pickled", [], "is a pickle"),
+    ("bert", ["--task", "text-generation"], "cannot do --task text-generation"),
+    ("bert", [], "--task fill-mask: not supported"),
+    ("nogpt", [], "architecture 'falcon'"),
+    ("gpt2", ["--prompt-ids", ",".join(["1"] * 20), "--max-cache", "16"], "longer than"),
+    ("gpt2", ["--prompt-ids", "1,2", "--max-cache", "8", "--max-new-tokens", "9"],
+     "give at least 10"),
+    ("gpt2", ["--prompt", "hello"], "no tokenizer.json"),
+    ("gpt2", ["--prompt-ids", "1,99999"], "outside the vocabulary"),
+    ("gpt2", ["--task", "text2text-generation"], "not supported for model folders"),
+])
+def test_bad_input_exits_2_with_one_line(case, args, needle, tmp_path, folders):
+    variants = _folder_variants(tmp_path, folders)
+    folder = folders["gpt2"] if case == "gpt2" else variants[case]
+    out = tmp_path / "out"
+    proc = _cli(folder, "--to", "onnx-mobile", "--out", out, *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mtconvert: error:") and needle in lines[0], \
+        lines
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_onnx_mobile_generates_the_reference_tokens_via_the_cli(kind, tmp_path, folders):
+    report_path = tmp_path / "report.json"
+    proc = _cli(folders[kind], "--to", "onnx-mobile", "--prompt-ids", "1,2,3",
+                "--max-new-tokens", "12", "--out", tmp_path / "out", "--report-json",
+                report_path, "-q", "--iterations", "3", "--warmup", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["source"]["format"] == "hf-folder"
+    settings = report["settings"]["generation"]
+    assert settings["task"] == "text-generation" and settings["max_cache"] == 16
+    target = report["targets"][0]
+    gen = target["generation"]
+    assert target["status"] == "passed" and gen["passed"]
+    assert gen["prompt_tokens"] == [1, 2, 3] and gen["steps"] == 12
+    assert gen["target_tokens"] == gen["reference_tokens"] and gen["tokens_agree"] == 1.0
+    assert gen["first_mismatch_step"] is None and len(gen["step_max_abs_error"]) == 12
+    assert max(gen["step_max_abs_error"]) <= 1e-4
+    assert gen["time_to_first_token_ms"] > 0 and gen["decode_samples"] == 11
+    assert gen["decode_ms_p90"] >= gen["decode_ms_p50"] > 0
+    assert (tmp_path / "out" / f"tiny-{kind}-step.ort").is_file()
+
+
+def test_default_prompt_is_said_in_the_report(tmp_path, folders):
+    import mtconvert
+
+    report = mtconvert.convert(folders["gpt2"], "onnx-mobile", tmp_path / "out", None,
+                               max_new_tokens=4, iterations=2, warmup=0)
+    assert report.settings["generation"]["prompt"].startswith("default prompt")
+    gen = report.targets["onnx-mobile"].generation
+    assert gen["prompt_tokens"] == [1, 2, 3, 4, 5, 6, 7, 8] and gen["steps"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["tflite", "ncnn", "coreml", "executorch"])
+def test_target_generates_the_reference_tokens(target, tmp_path, folders):
+    """Every target through the same step graph: the artifact, stepped with its own KV cache,
+    generates the reference's greedy tokens (a near-tie may differ, and is reported so)."""
+    import mtconvert
+    from mtconvert.registry import default_registry
+
+    if not default_registry().get(target).availability().can_convert:
+        pytest.skip(f"{target} is not installed here")
+    report = mtconvert.convert(folders["llama"], target, tmp_path / "out", None,
+                               prompt_ids="1,2,3", max_new_tokens=8, iterations=2, warmup=0,
+                               jobs=1)
+    t = report.targets[target]
+    assert t.status == "passed", t.reason
+    gen = t.generation
+    assert "skipped" not in gen, gen
+    first = gen["first_mismatch_step"]
+    agreed = gen["target_tokens"] if first is None else gen["target_tokens"][:first]
+    assert agreed == gen["reference_tokens"][:len(agreed)]
+    assert first is None or gen["first_mismatch_is_tie"]
