@@ -25,8 +25,11 @@ def to_markdown(report: MatrixReport) -> str:
     others = ", ".join(f"{n} {s}" for s, n in counts.items() if n and s != "passed")
     lines = [f"### mtconvert matrix: {verdict} — {counts['passed']}/{len(report.gated)} cells "
              f"passed" + (f" ({others})" if others else "") + f" (exit code {report.exit_code})",
-             "", f"{len(report.models)} models × {len(report.columns)} target/precision "
-             f"columns, executor {report.settings.get('executor')}, {report.seconds:.1f} s", ""]
+             "", f"{len(report.models)} models × "
+             f"{len({c.column for c in report.gated})} target/precision columns"
+             + (f" (+ {len({c.column for c in report.raw_cells})} raw)" if report.raw_cells
+                else "")
+             + f", executor {report.settings.get('executor')}, {report.seconds:.1f} s", ""]
     if report.raw_summary():
         lines += [report.raw_summary() + "; a raw column follows its target's column.", ""]
     tasks = any(c.task for c in report.cells)
