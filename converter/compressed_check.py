@@ -25,20 +25,27 @@ def kept(target: str, primary: Path, record_path: str | None) -> dict[str, Any] 
     except Exception as exc:  # noqa: BLE001 - a fact we could not read, said so
         return {"error": f"{type(exc).__name__}: {exc}"}
     same = sum(1 for ints, scale in tensors if _matches(ints, scale, records))
+    ints_only = sum(1 for ints, _ in tensors if _matches(ints, None, records))
     return {"int8_tensors": len(tensors), "source_int8_weights": len(records),
-            "same_ints_and_scales": same}
+            "same_ints_and_scales": same,
+            # the source's ints with another scale (a converter folded a constant factor, e.g.
+            # GELU's 0.5, into the weight's scale: the same values times that factor)
+            "same_ints_other_scale": ints_only - same,
+            "not_from_source": len(tensors) - ints_only}
 
 
-def _matches(ints: np.ndarray, scale: np.ndarray, records: dict[str, Any]) -> bool:
+def _matches(ints: np.ndarray, scale: np.ndarray | None, records: dict[str, Any]) -> bool:
     """The tensor (or its transpose) equals a source weight's ints, with its scales (1e-6
-    relative)."""
-    scale = np.asarray(scale, np.float64).ravel()
+    relative) unless ``scale`` is None."""
     for r in records.values():
         src = np.asarray(r["ints"], np.int64).reshape(r["shape"])
         rs = np.asarray(r["scale"], np.float64)
         for cand in (ints, ints.T) if ints.ndim == 2 else (ints,):
             if cand.shape != src.shape or not np.array_equal(cand.astype(np.int64), src):
                 continue
+            if scale is None:
+                return True
+            scale = np.asarray(scale, np.float64).ravel()
             if scale.size == rs.size and np.allclose(scale, rs, rtol=1e-6, atol=0):
                 return True
             if scale.size != rs.size and np.allclose(scale, rs.max(), rtol=1e-6, atol=0) \
@@ -56,7 +63,7 @@ def _coreml(package: Path) -> list[tuple[np.ndarray, np.ndarray]]:
             a = {**op.attributes, **{k: v[0][1] for k, v in op.inputs.items()
                                      if v and v[0][0] == "value"}}
             data = a.get("quantized_data", a.get("data"))
-            if data is not None and np.asarray(data).dtype == np.int8:
+            if data is not None and np.asarray(data).dtype in (np.int8, np.uint8):
                 out.append((np.asarray(data), np.asarray(a.get("scale"))))
     return out
 
@@ -67,7 +74,7 @@ def _tflite(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     interp = Interpreter(model_path=str(path))
     out = []
     for t in interp.get_tensor_details():
-        if t["dtype"] is np.int8 or t["dtype"] == np.int8:
+        if t["dtype"] in (np.int8, np.uint8):
             q = t["quantization_parameters"]
             try:
                 value = interp.get_tensor(t["index"])

@@ -119,33 +119,39 @@ def _requantize_source(cto: Any, model: Any, quant: dict[str, Any], steps: list[
             shape[axis] = scale.size
             scale, zero = scale.reshape(shape), zero.reshape(shape)
         w = (ints - zero) * scale
-        floats.setdefault(w.size, []).append((w, "per_channel" if scale.size > 1 else "per_tensor"))
+        floats.setdefault(w.size, []).append(
+            (w, "per_channel" if scale.size > 1 else "per_tensor", r["dtype"]))
 
-    def granularity_of(op: Any) -> str | None:
+    def granularity_of(op: Any) -> tuple[str, str] | None:
         val = getattr(op, "val", None)
         v = getattr(val, "val", None)
         if not isinstance(v, np.ndarray) or v.dtype != np.float32:
             return None
-        for w, gran in floats.get(v.size, ()):
+        for w, gran, dtype in floats.get(v.size, ()):
             for cand in (w, w.T) if w.ndim == 2 else (w,):
                 if cand.shape == v.shape and np.array_equal(cand, v):
-                    return gran
+                    return gran, dtype
         return None
 
     names: dict[str, Any] = {}
     for fn in model._mil_program.functions.values():
         for op in fn.find_ops(op_type="const"):
-            gran = granularity_of(op)
-            if gran:
+            found = granularity_of(op)
+            if found:  # uint8 weights (onnxruntime's asymmetric tables) stay asymmetric uint8
+                gran, dtype = found
                 names[op.name] = cto.OpLinearQuantizerConfig(
-                    mode="linear_symmetric", dtype="int8", granularity=gran, weight_threshold=1)
+                    mode="linear" if dtype == "uint8" else "linear_symmetric",
+                    dtype="uint8" if dtype == "uint8" else "int8", granularity=gran,
+                    weight_threshold=1)
     if len(names) != len(records):
-        steps.append(f"coremltools.optimize: {len(names)} of the source's {len(records)} int8 "
-                     "weights found by value in the program; the others stay float")
+        steps.append(f"coremltools.optimize: {len(records) - len(names)} of the source's int8 "
+                     "weights not in the program by value (folded by onnxsim at the fixed "
+                     "shapes, or changed by the conversion): not re-quantized")
     model = cto.linear_quantize_weights(model, config=cto.OptimizationConfig(
         op_name_configs=names))
-    steps.append(f"coremltools.optimize: the source's {len(records)} int8 weights re-quantized "
-                 f"(int8 linear symmetric, the source's granularity: "
+    steps.append(f"coremltools.optimize: {len(names)} of the source's {len(records)} int8 "
+                 f"weights re-quantized (int8 linear symmetric, uint8 linear for uint8 ones; "
+                 f"the source's granularity: "
                  f"{', '.join(quant.get('granularity') or [])}), compute precision FLOAT32 "
                  f"[{time.perf_counter() - t0:.1f} s]")
     return model
