@@ -280,3 +280,53 @@ def _restore_twin(stored: dict[str, Any], folder: Path, work: Path) -> Artifact:
         _copy(folder / rel, work / rel)
     return Artifact.from_dict(stored | {"primary": str(work / stored["primary"]),
                                         "files": [str(work / f) for f in stored["files"]]})
+
+
+class SourceCache:
+    """What loading a source computes once per file content: an ONNX model's description
+    (inputs, outputs, id bounds, weight sizes), a .pt2 program's ONNX export with it. Under
+    ``<root>/sources/<key>/`` (``meta.json`` and the files), written whole and renamed into
+    place like conversions. The key is the file's sha256, mtconvert's version and the code that
+    describes and exports sources, and the versions of the tools involved (``parts``)."""
+
+    CODE = ("mtconvert.source", "mtconvert.torch_source", "mtconvert.safety")
+
+    def __init__(self, root: Path | None):
+        self.root = None if root is None else root / "sources"
+
+    def key(self, file_sha256: str, **parts: Any) -> str | None:
+        if self.root is None:
+            return None
+        code = hashlib.sha256(b"".join(p.read_bytes() for p in map(_origin, self.CODE) if p))
+        blob = {"mtconvert": __version__, "code": code.hexdigest(), "file": file_sha256,
+                **parts}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, key: str | None) -> tuple[dict[str, Any], Path] | None:
+        """(the stored meta, the folder holding the stored files), or None."""
+        if key is None or self.root is None or not (self.root / key / "meta.json").is_file():
+            return None
+        try:
+            return json.loads((self.root / key / "meta.json").read_text()), self.root / key
+        except (OSError, ValueError):  # unreadable: as if absent
+            return None
+
+    def put(self, key: str | None, meta: dict[str, Any], files: tuple[Path, ...] = ()) -> None:
+        """Store ``meta`` and copies of ``files`` (by name) under ``key``; a failure to write
+        the cache never fails the run."""
+        if key is None or self.root is None or (self.root / key).exists():
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+        except OSError:
+            return
+        try:
+            for f in files:
+                _copy(f, tmp / f.name)
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            tmp.replace(self.root / key)
+        except OSError:  # another run stored it first, or the disk is full
+            pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

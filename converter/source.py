@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mtconvert import safety
+from mtconvert import deps, safety
 from mtconvert.backends.base import PreparedSource, TensorSpec
 from mtconvert.errors import ModelLoadError, UsageError
 
@@ -39,10 +39,13 @@ def sha256_of(path: Path) -> str:
 
 
 def load(model: Any, work_dir: Path, example_inputs: Any = None, *, trust_pickle: bool = False,
-         max_bytes: int | None = None) -> LoadedSource:
+         max_bytes: int | None = None, cache: Any = None) -> LoadedSource:
     """Dispatch on the kind of ``model``. Shapes are fixed later (see shapes.resolve_shapes).
     Pickle payloads are refused unless ``trust_pickle``; a trusted pickled module takes its
-    example inputs from ``example_inputs`` (e.g. the user's --inputs)."""
+    example inputs from ``example_inputs`` (e.g. the user's --inputs). ``cache`` (a
+    mtconvert.cache.SourceCache) keeps what loading a file computes: an ONNX model's
+    description, a .pt2 program's ONNX export; a file seen before is not parsed or exported
+    again."""
     if isinstance(model, (str, Path)):
         path = _check_path(Path(model), max_bytes)
         if path.suffix.lower() in safety.PICKLE_SUFFIXES or (
@@ -58,8 +61,8 @@ def load(model: Any, work_dir: Path, example_inputs: Any = None, *, trust_pickle
             if payloads:
                 raise ModelLoadError(f"{path.name} carries pickle payloads that loading would run "
                                      f"({'; '.join(payloads[:3])}); {safety.TRUST_HINT}")
-            return _from_torch(*_load_pt2(path), work_dir, path.stem, path)
-        return _from_onnx(path, work_dir)
+            return _from_torch(*_load_pt2(path), work_dir, path.stem, path, cache)
+        return _from_onnx(path, work_dir, cache)
     if _is_torch_module(model):
         if example_inputs is None:
             raise UsageError("a torch.nn.Module source needs example_inputs (a tensor, a tuple "
@@ -107,12 +110,52 @@ def _from_pickle(path: Path, work_dir: Path, example_inputs: Any) -> LoadedSourc
 
 # --- ONNX -----------------------------------------------------------------------------------
 
-def _from_onnx(path: Path, work_dir: Path) -> LoadedSource:
-    model = read_onnx(path)
-    inputs, outputs = describe_onnx(model)
-    prepared = PreparedSource(format="onnx", name=path.stem, onnx_path=path, inputs=inputs,
-                              outputs=outputs, input_shapes={}, work_dir=work_dir, path=path)
-    return LoadedSource(prepared, sha256_of(path), embedding_table_sizes(model), weight_dims(model))
+@dataclass(frozen=True)
+class Description:
+    """What the pipeline reads of a source ONNX, as plain data a cache can keep."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    int_highs: dict[str, int]
+    weight_dims: set[int]
+
+    @classmethod
+    def of(cls, model: Any) -> Description:
+        inputs, outputs = describe_onnx(model)
+        return cls(inputs, outputs, embedding_table_sizes(model), weight_dims(model))
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"inputs": [s.to_dict() for s in self.inputs],
+                "outputs": [s.to_dict() for s in self.outputs],
+                "int_highs": self.int_highs, "weight_dims": sorted(self.weight_dims)}
+
+    @classmethod
+    def from_meta(cls, d: dict[str, Any]) -> Description:
+        return cls(tuple(TensorSpec.from_dict(x) for x in d["inputs"]),
+                   tuple(TensorSpec.from_dict(x) for x in d["outputs"]),
+                   {k: int(v) for k, v in d["int_highs"].items()}, set(d["weight_dims"]))
+
+
+def _from_onnx(path: Path, work_dir: Path, cache: Any = None) -> LoadedSource:
+    """A file described before (same bytes, same code) is not parsed again: the ONNX package
+    is not even imported then."""
+    sha = sha256_of(path)
+    key = cache.key(sha, kind="onnx", onnx=deps.dist_version("onnx")) if cache else None
+    hit = cache.get(key) if cache else None
+    if hit is not None:
+        desc = Description.from_meta(hit[0])
+    else:
+        model = read_onnx(path)
+        desc = Description.of(model)
+        if cache and not _external_data(model):  # external files may change on their own
+            cache.put(key, desc.to_meta())
+    prepared = PreparedSource(format="onnx", name=path.stem, onnx_path=path, inputs=desc.inputs,
+                              outputs=desc.outputs, input_shapes={}, work_dir=work_dir, path=path)
+    return LoadedSource(prepared, sha, desc.int_highs, desc.weight_dims)
+
+
+def _external_data(model: Any) -> bool:
+    return any(t.data_location == 1 for t in model.graph.initializer)  # 1: EXTERNAL
 
 
 def read_onnx(path: Path) -> Any:
@@ -246,20 +289,56 @@ def _load_pt2(path: Path) -> tuple[Any, Any]:
 
 
 def _from_torch(module: Any, example_inputs: Any, work_dir: Path, name: str,
-                path: Path | None) -> LoadedSource:
+                path: Path | None, cache: Any = None) -> LoadedSource:
     from mtconvert import torch_source
 
     feeds = torch_source.normalize_inputs(module, example_inputs)
     onnx_path = work_dir / f"{name}.onnx"
+    sha = sha256_of(path) if path else None
+    key = _export_key(cache, sha, feeds)
+    desc = _cached_export(cache, key, onnx_path)
+    if desc is None:
+        desc, external = _export(module, feeds, onnx_path)
+        if cache and key and not external:  # over 2 GB: the export has side files; not kept
+            cache.put(key, desc.to_meta(), (onnx_path,))
+    prepared = PreparedSource(format="torch", name=name, onnx_path=onnx_path,
+                              inputs=desc.inputs, outputs=desc.outputs, input_shapes={},
+                              work_dir=work_dir, path=path, torch_module=module)
+    np_feeds = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
+    return LoadedSource(prepared, sha, desc.int_highs, desc.weight_dims, np_feeds)
+
+
+def _export(module: Any, feeds: dict[str, Any], onnx_path: Path) -> tuple[Description, bool]:
+    """The module exported to ``onnx_path``: its description, and whether the export has
+    external data files."""
+    from mtconvert import torch_source
+
     output_names = torch_source.export_onnx(module, feeds, onnx_path, OPSET)
     model = read_onnx(onnx_path)
-    inputs, outputs = describe_onnx(model)
-    if [o.name for o in outputs] != output_names:
-        raise ModelLoadError(f"exported ONNX outputs {[o.name for o in outputs]} do not match "
-                             f"the module's outputs {output_names}")
-    prepared = PreparedSource(format="torch", name=name, onnx_path=onnx_path, inputs=inputs,
-                              outputs=outputs, input_shapes={}, work_dir=work_dir, path=path,
-                              torch_module=module)
-    np_feeds = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
-    return LoadedSource(prepared, sha256_of(path) if path else None,
-                        embedding_table_sizes(model), weight_dims(model), np_feeds)
+    desc = Description.of(model)
+    if [o.name for o in desc.outputs] != output_names:
+        raise ModelLoadError(f"exported ONNX outputs {[o.name for o in desc.outputs]} do not "
+                             f"match the module's outputs {output_names}")
+    return desc, _external_data(model)
+
+
+def _export_key(cache: Any, sha: str | None, feeds: dict[str, Any]) -> str | None:
+    """A .pt2 file's export is keyed by its bytes, the example inputs it carries (their
+    shapes and dtypes), the exporter's versions and the opset."""
+    if cache is None or sha is None:
+        return None
+    return cache.key(sha, kind="torch-export", opset=OPSET, torch=deps.dist_version("torch"),
+                     onnx=deps.dist_version("onnx"),
+                     inputs={k: [list(v.shape), str(v.dtype)] for k, v in feeds.items()})
+
+
+def _cached_export(cache: Any, key: str | None, onnx_path: Path) -> Description | None:
+    """The stored export copied to ``onnx_path``, and its description; None on a miss."""
+    import shutil
+
+    hit = cache.get(key) if cache and key else None
+    stored = next(hit[1].glob("*.onnx"), None) if hit else None
+    if hit is None or stored is None:
+        return None
+    shutil.copyfile(stored, onnx_path)
+    return Description.from_meta(hit[0])

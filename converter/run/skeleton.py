@@ -5,6 +5,7 @@ targets with ``context(...)``, and hands the reports to ``report``."""
 from __future__ import annotations
 
 import datetime as _dt
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,14 @@ import numpy as np
 from mtconvert.version import __version__
 from mtconvert import baseline, inputs as feeds_mod, source as source_mod
 from mtconvert.backends.base import PreparedSource
-from mtconvert.cache import ConversionCache, default_root
+from mtconvert.cache import ConversionCache, SourceCache, default_root
 from mtconvert.options import ConvertOptions
 from mtconvert.reference import ReferenceRun, open_reference
 from mtconvert.registry import Registry, default_registry
 from mtconvert.report import ReferenceInfo, Report, SourceInfo, TargetMap, TargetReport
 from mtconvert.run.check import latency_of
 from mtconvert.run.context import Progress, RunContext
+from mtconvert.run.timing import SharedReference
 from mtconvert.timing import Clock
 
 
@@ -53,13 +55,19 @@ class Run:
         self._points: dict[tuple, Point] = {}
         self._evals_by_shape: dict[tuple, Any] = {}
         self.baseline = baseline.load(opts.baseline) if opts.baseline else None
+        # the reference's warm child per point, shared by the targets' timings; closed by
+        # report() (or when this Run goes)
+        self._references: dict[tuple, SharedReference] = {}
+        weakref.finalize(self, _close_all, self._references)
 
     # --- source, feeds, reference -------------------------------------------------------------
     def load(self, model: Any, work_dir: Path, example_inputs: Any = None) -> PreparedSource:
         self.say("loading source")
         self.loaded = source_mod.load(model, work_dir, example_inputs,
                                       trust_pickle=self.opts.trust_pickle,
-                                      max_bytes=self.opts.max_model_bytes)
+                                      max_bytes=self.opts.max_model_bytes,
+                                      cache=SourceCache(default_root() if self.opts.cache
+                                                        else None))
         return self.loaded.prepared
 
     def point(self, input_shapes: dict[str, tuple[int, ...]] | None = None, *,
@@ -94,12 +102,17 @@ class Run:
         shapes fixed-shape backends convert at)."""
         src.input_shapes = _shapes({s.name: point.feeds[s.name] for s in src.inputs})
         evals = self._evals(src, point) if self.opts.eval_data else None
+        ctx_opts = opts or self.opts
+        reference = self._references.setdefault(
+            (id(point), ctx_opts.threads, ctx_opts.timeout_s),
+            SharedReference(src, {s.name: point.feeds[s.name] for s in src.inputs}, ctx_opts))
         return RunContext(
             self.registry, src, point.feeds, point.reference.outputs, opts or self.opts,
             self.say, ConversionCache(default_root() if cache and self.opts.cache else None),
             report_name=report_name, sweep=[(p.feeds, p.reference.outputs) for p in sweep],
             reference_info={"runtime": point.reference.runtime,
-                            "version": point.reference.version}, evals=evals)
+                            "version": point.reference.version}, evals=evals,
+            reference=reference)
 
     def _evals(self, src: PreparedSource, point: Point) -> Any:
         """The --eval-data set at the point's shapes, the reference run on it once."""
@@ -116,6 +129,7 @@ class Run:
     def report(self, targets: list[TargetReport], point: Point,
                source: SourceInfo | None = None) -> Report:
         """The Report: the source as loaded (or ``source``), the reference at ``point``."""
+        _close_all(self._references)  # every target is checked: no more timing
         ref = point.reference
         source = source or self.source_info(point)
         if self.baseline is not None:
@@ -159,6 +173,12 @@ class Run:
                           outputs=tuple(s.to_dict() for s in src.outputs),
                           input_shapes={k: list(v) for k, v in point.shapes.items()},
                           input_values=point.values)
+
+
+def _close_all(references: dict[tuple, SharedReference]) -> None:
+    for shared in references.values():
+        shared.close()
+    references.clear()
 
 
 def _shapes(feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
