@@ -62,7 +62,7 @@ def _child(job_path: Path) -> None:
             _dump_intermediates(session, feeds, Path(job["intermediates"]))
             return
         if job.get("serve"):
-            _serve(session, feeds)
+            _serve(session, feeds, baseline, session.runtime or cls.name)
             return
         if job.get("profile"):
             _profile(session, feeds, job["profile"], Path(job["result"]))
@@ -139,17 +139,28 @@ def run_profile(*, name: str, backend: str, artifact: dict[str, Any],
         return json.loads((t / "result.json").read_text())
 
 
-READY, SAMPLES = "MTCONVERT-READY", "MTCONVERT-SAMPLES "
+READY, SAMPLES, SAVED = "MTCONVERT-READY", "MTCONVERT-SAMPLES ", "MTCONVERT-SAVED"
+OUTPUTS = "outputs "  # a command: write the first run's outputs and result into a folder
 
 
-def _serve(session: Any, feeds: dict[str, np.ndarray]) -> None:
+def _serve(session: Any, feeds: dict[str, np.ndarray], baseline: float, runtime: str) -> None:
     """Keep the session warm for interleaved timing: each line ``N`` on stdin runs N timed
-    inferences and answers one ``MTCONVERT-SAMPLES [ms, ...]`` line; anything else ends."""
+    inferences and answers one ``MTCONVERT-SAMPLES [ms, ...]`` line; ``outputs DIR`` writes
+    the first run's outputs.npz and result.json (as a one-off run's) into DIR and answers
+    ``MTCONVERT-SAVED``; anything else ends."""
     import time
 
-    session.run(feeds)
+    first = session.run(feeds)
+    result = {"latency": {}, "latency_unavailable": session.latency_unavailable,
+              "peak_rss_mb": _peak_rss_mb(), "baseline_rss_mb": baseline, "runtime": runtime}
     print(READY, flush=True)
     for line in sys.stdin:
+        if line.startswith(OUTPUTS):
+            folder = Path(line[len(OUTPUTS):].strip())
+            np.savez(folder / "outputs.npz", **first)
+            (folder / "result.json").write_text(json.dumps(result))
+            print(SAVED, flush=True)
+            continue
         if not line.strip().isdigit():
             break
         samples = []
@@ -188,6 +199,19 @@ class WarmSession:
         self._proc.stdin.flush()
         return json.loads(self._expect(SAMPLES))
 
+    def result(self) -> SessionResult:
+        """The outputs of the session's first run and its memory, as run_session's: one child
+        both validates and is timed."""
+        folder = Path(self._tmp.name)
+        self._proc.stdin.write(f"{OUTPUTS}{folder}\n")
+        self._proc.stdin.flush()
+        self._expect(SAVED)
+        result = json.loads((folder / "result.json").read_text())
+        with np.load(folder / "outputs.npz") as data:
+            outputs = {k: data[k] for k in data.files}
+        return SessionResult(outputs, {}, result["peak_rss_mb"], result["baseline_rss_mb"],
+                             result["runtime"], result.get("latency_unavailable"))
+
     def _expect(self, prefix: str) -> str:
         """The rest of the next stdout line starting with ``prefix`` (runtimes may print)."""
         import selectors
@@ -203,11 +227,27 @@ class WarmSession:
                                      step="latency")
             line = self._proc.stdout.readline()
             if not line:
-                self.close()
-                raise RuntimeFailure("the runtime exited while being timed", target=self.name,
-                                     step="latency")
+                self._raise_exited()
             if line.startswith(prefix):
                 return line[len(prefix):].strip()
+
+    def _raise_exited(self) -> None:
+        """The child ended: RuntimeUnavailable if the runtime cannot run here (the child said
+        so), else RuntimeFailure with the reason from its stderr."""
+        from mtconvert.errors import RuntimeFailure, RuntimeUnavailable
+
+        said = Path(self._tmp.name) / "result.json"
+        unavailable = json.loads(said.read_text()).get("unavailable") if said.is_file() else None
+        self._proc.wait()
+        self._stderr.flush()
+        err = (Path(self._tmp.name) / "stderr.txt").read_text(errors="replace")
+        code = self._proc.returncode
+        self.close()
+        if unavailable:
+            raise RuntimeUnavailable(unavailable, target=self.name)
+        proc = subprocess.CompletedProcess([], code, "", err)
+        raise RuntimeFailure("the runtime exited while being timed" if code == 0
+                             else _crash_reason(proc), target=self.name, step="latency")
 
     def close(self) -> None:
         if self._proc.poll() is None:

@@ -42,16 +42,10 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
     if not type(backend).availability().can_run:
         return TargetReport(status="skipped", reason="artifact cannot be run on this machine",
                             **base)
-    together = _can_interleave(ctx)
     try:
         with ctx.validate_lock:
             ctx.say(f"{name}: validating")
-            result = session(ctx, backend, artifact, *((0, 1) if together else
-                                                       (opts.warmup, opts.iterations)))
-            timed, vs_ref = result.latency, None
-            if together and not result.latency_unavailable:
-                ctx.say(f"{name}: timing against the reference, interleaved")
-                timed, vs_ref = _interleaved(ctx, backend, artifact)
+            result, timed, vs_ref = _run_and_time(ctx, backend, artifact)
             prof = _profile(ctx, backend, artifact) if opts.profile else None
     except RuntimeUnavailable as exc:
         return TargetReport(status="skipped", reason=f"numerics not checked: {exc.reason}",
@@ -123,13 +117,33 @@ def _can_interleave(ctx: RunContext) -> bool:
     return ctx.src.torch_module is not None or Path(ctx.src.onnx_path).is_file()
 
 
-def _interleaved(ctx: RunContext, backend: Backend,
-                 artifact: Artifact) -> tuple[dict[str, Any], dict[str, Any]]:
+def _run_and_time(ctx: RunContext, backend: Backend, artifact: Artifact
+                  ) -> tuple[SessionResult, dict[str, Any], dict[str, Any] | None]:
+    """(the artifact's outputs and memory, its latency statistics, its comparison with the
+    reference). Where the reference can be timed beside it, one warm child gives the outputs
+    and is then timed interleaved with the run's shared reference; else one run times it
+    alone."""
+    opts = ctx.opts
+    if not _can_interleave(ctx):
+        result = session(ctx, backend, artifact, opts.warmup, opts.iterations)
+        return result, result.latency, None
+    with timing.target_session(backend, artifact, ctx.target_feeds, opts) as warm:
+        result = warm.result()
+        if result.latency_unavailable:
+            return result, {}, None
+        ctx.say(f"{backend.name}: timing against the reference, interleaved")
+        timed, vs_ref = _interleaved(ctx, backend, artifact, warm)
+    return result, timed, vs_ref
+
+
+def _interleaved(ctx: RunContext, backend: Backend, artifact: Artifact, warm: Any = None
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the target's latency statistics, its comparison with the reference), both from one
     interleaved timing. If the two cannot be timed together, the target alone, as before."""
     opts = ctx.opts
     try:
-        vs = timing.versus_reference(ctx.src, backend, artifact, ctx.target_feeds, opts)
+        vs = timing.versus_reference(ctx.src, backend, artifact, ctx.target_feeds, opts,
+                                     reference=ctx.reference, target=warm)
     except (StepError, OSError) as exc:
         alone = session(ctx, backend, artifact, opts.warmup, opts.iterations)
         return alone.latency, {"error": getattr(exc, "reason", str(exc))}

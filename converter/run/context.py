@@ -32,6 +32,8 @@ class RunContext:
     # conversions may overlap; timed validation runs never do, or latency figures would lie
     validate_lock: threading.Lock = field(default_factory=threading.Lock)
     evals: Any = None  # run.accuracy.EvalSet with --eval-data
+    # run.timing.SharedReference: the reference's warm child, shared by the targets' timings
+    reference: Any = None
 
     @property
     def target_feeds(self) -> dict[str, np.ndarray]:

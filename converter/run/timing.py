@@ -89,13 +89,53 @@ def _torch_timer(src: PreparedSource, feeds: dict[str, np.ndarray], threads: int
     return timer
 
 
+class SharedReference:
+    """The reference's warm timer, opened at first use and kept for every target of a run
+    (targets are timed one after another, under the validation lock): one reference child per
+    run instead of one per target. ``close()`` ends it."""
+
+    def __init__(self, src: PreparedSource, feeds: dict[str, np.ndarray], opts: ConvertOptions):
+        self._args = (src, feeds, opts)
+        self._stack = contextlib.ExitStack()
+        self._timer: Timer | None = None
+
+    @contextlib.contextmanager
+    def timer(self) -> Iterator[Timer]:
+        """The shared timer; if timing with it fails, it is closed (the next use reopens it)."""
+        if self._timer is None:
+            self._timer = self._stack.enter_context(reference_timer(*self._args))
+        try:
+            yield self._timer
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._timer = None
+        self._stack.close()
+
+
+def target_session(backend: Backend, artifact: Artifact, feeds: dict[str, np.ndarray],
+                   opts: ConvertOptions) -> WarmSession:
+    """The artifact opened warm in its own child (``.result()``: its outputs, for validation;
+    ``.time(n)``: for timing)."""
+    return WarmSession(name=backend.name, backend=import_path(type(backend)),
+                       artifact=artifact.to_dict(), feeds=feeds, threads=opts.threads,
+                       timeout_s=opts.timeout_s)
+
+
 def versus_reference(src: PreparedSource, backend: Backend, artifact: Artifact,
-                     feeds: dict[str, np.ndarray], opts: ConvertOptions) -> dict[str, Any]:
+                     feeds: dict[str, np.ndarray], opts: ConvertOptions, *,
+                     reference: SharedReference | None = None,
+                     target: WarmSession | None = None) -> dict[str, Any]:
     """The target's latency against the reference's, timed interleaved: the statistics of
-    validators.latency.interleaved plus the target's samples and the warm-up rounds it took."""
-    with reference_timer(src, feeds, opts) as ref, WarmSession(
-            name=backend.name, backend=import_path(type(backend)), artifact=artifact.to_dict(),
-            feeds=feeds, threads=opts.threads, timeout_s=opts.timeout_s) as tgt:
+    validators.latency.interleaved plus the target's samples and the warm-up rounds it took.
+    ``reference``: a run's shared reference (else one is opened for this target alone);
+    ``target``: the artifact's session, already open (else one is opened and closed here)."""
+    with contextlib.ExitStack() as stack:
+        ref = stack.enter_context(reference.timer() if reference is not None
+                                  else reference_timer(src, feeds, opts))
+        tgt = target or stack.enter_context(target_session(backend, artifact, feeds, opts))
         ref_rounds, tgt_rounds, warm = interleave(ref, tgt.time, opts)
     stats = latency.interleaved(ref_rounds, tgt_rounds)
     return stats | {"warmup_rounds": warm,
