@@ -147,6 +147,11 @@ def _quantized(program: Any, args: tuple[Any, ...], job: dict[str, Any],
         get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
     samples = [args] if dynamic else _calibration(job)
     module = program.module()
+    matmuls = _weight_matmuls(module)
+    if matmuls:
+        steps.append(f"{matmuls} mm/addmm of an untransposed [in, out] weight written as "
+                     "aten.linear with the weight stored transposed (the XNNPACK quantizer "
+                     "quantizes linear layers; ONNX MatMul weights would have stayed float)")
     retyped = _integer_scalars(module)
     if retyped:
         steps.append(f"{retyped} integer add/mul with a Python scalar written as add.Scalar/"
@@ -163,6 +168,64 @@ def _quantized(program: Any, args: tuple[Any, ...], job: dict[str, Any],
             f"calibrated on {len(samples)} sample(s)")
     steps.append(f"XNNPACK quantizer (PT2E): {what} [{time.perf_counter() - t0:.1f} s]")
     return program
+
+
+def _weight_matmuls(module: Any) -> int:
+    """``mm(x, W)`` and ``addmm(b, x, W)`` with W a 2-D float constant of the (unlifted) module,
+    as ``linear(x, W.T, b)`` with ``W.T`` stored as a new constant: an ONNX ``MatMul`` by an
+    initializer, as onnx2torch and make_fx leave it. XNNPACK's quantizer annotates ``linear``
+    (and convolutions) only, so without this every encoder projection of an ONNX source stayed
+    float32 in an "int8" .pte. Same products; the accumulation order may differ by an ulp."""
+    import torch
+
+    aten = torch.ops.aten
+    graph = module.graph
+    done: dict[str, str] = {}
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.kwargs:
+            continue
+        if node.target is aten.mm.default and len(node.args) == 2:
+            (x, w), bias = node.args, None
+        elif node.target is aten.addmm.default and len(node.args) == 3:
+            bias, x, w = node.args
+        else:
+            continue
+        if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
+            continue
+        value = _attr(module, w.target)
+        if not (isinstance(value, torch.Tensor) and value.dim() == 2
+                and value.is_floating_point()):
+            continue
+        if bias is not None and not (isinstance(bias, torch.fx.Node)
+                                     and bias.meta.get("val") is not None
+                                     and bias.meta["val"].dim() == 1):
+            continue
+        if w.target not in done:
+            name = f"_mtconvert_linear_weight_{len(done)}"
+            module.register_buffer(name, value.detach().t().contiguous())
+            done[w.target] = name
+        with graph.inserting_before(node):
+            weight = graph.get_attr(done[w.target])
+            linear = graph.call_function(aten.linear.default,
+                                         (x, weight) if bias is None else (x, weight, bias))
+        linear.meta = dict(node.meta)
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+        count += 1
+    if count:
+        graph.eliminate_dead_code()
+        used = {n.target for n in graph.nodes if n.op == "get_attr"}
+        for target in set(done) - used:  # an unused original would still be exported
+            owner, _, attr = target.rpartition(".")
+            delattr(module.get_submodule(owner) if owner else module, attr)
+        module.recompile()
+    return count
+
+
+def _attr(module: Any, target: str) -> Any:
+    owner, _, attr = target.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, attr)
 
 
 def _integer_scalars(module: Any) -> int:
