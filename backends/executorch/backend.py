@@ -69,6 +69,9 @@ class ExecutorchBackend(Backend):
         else:
             kind, model = "onnx", torch_inputs.fixed_onnx(source, shapes, work, log,
                                                           opts.timeout_s, steps, self.name)
+        fixed_note = _fixed_dynamic_axes(source, shapes)
+        if fixed_note:
+            steps.append(fixed_note)
         suffix = "" if opts.precision == "fp32" else f".{opts.precision}"
         out = out_dir / f"{source.name}{suffix}.pte"
         twin = work / f"{source.name}.fp32-twin.pte" if opts.precision != "fp32" else None
@@ -88,7 +91,8 @@ class ExecutorchBackend(Backend):
         steps += result["steps"]
         meta = {"inputs": [s.name for s in source.inputs],
                 "outputs": [s.name for s in source.outputs],
-                "delegation": result["delegation"], "program": result["program"]}
+                "delegation": result["delegation"], "program": result["program"],
+                "fixed_dynamic_axes": fixed_note}
         fixed = {k: tuple(v) for k, v in shapes.items()}
         fp32 = Artifact(target=self.name, primary=twin, files=(twin,), input_shapes=fixed,
                         meta={"inputs": meta["inputs"], "outputs": meta["outputs"]}) \
@@ -116,7 +120,11 @@ class ExecutorchBackend(Backend):
     def lint(self, artifact: Artifact) -> list[Finding]:
         program = artifact.meta.get("program") or _describe(artifact.primary, artifact.log_path,
                                                             None)
-        return findings(program, artifact.meta.get("delegation"))
+        out = findings(program, artifact.meta.get("delegation"))
+        if artifact.meta.get("fixed_dynamic_axes"):
+            out.append(Finding("warning", "executorch-fixed-shapes",
+                               artifact.meta["fixed_dynamic_axes"]))
+        return out
 
     def open(self, artifact: Artifact, threads: int) -> Session:
         return PteSession(artifact, threads)
@@ -135,6 +143,24 @@ class ExecutorchBackend(Backend):
                 for i, (n, t) in enumerate(zip(names_out, program["outputs"], strict=True))]
         name = artifact.primary.name
         return {"kotlin": et.kotlin(name, ins, outs), "python": et.python(name, ins, outs)}
+
+
+def _fixed_dynamic_axes(source: PreparedSource, shapes: dict[str, list[int]]) -> str | None:
+    """Why the source's dynamic axes are not ``torch.export`` Dims in the .pte (None if it has
+    none). Only ONNX sources declare dynamic axes here (a PyTorch source is described by its
+    example inputs' fixed shapes), and they reach torch through onnx2torch, whose Shape, Slice
+    and Reshape modules read shape tensors with ``.numpy()``/``.item()``: ``torch.export`` with
+    Dims stops at ".numpy() is not supported for tensor subclasses", so the bridge traces at
+    fixed shapes (coreml's onnx_bridge.export) and the program is static."""
+    axes = [f"{s.name} axis " + ", ".join(f"{i} ({d or 'unnamed'})" for i, d in
+                                          enumerate(s.shape) if not isinstance(d, int))
+            for s in source.inputs if s.is_dynamic]
+    if not axes:
+        return None
+    return (f"static .pte: the source's dynamic axes {'; '.join(axes)} are fixed at "
+            f"{format_shapes(shapes)}, not exported as torch.export Dims (the onnx2torch bridge "
+            "reads shape tensors with .numpy()/.item(), which torch.export refuses at symbolic "
+            "sizes); other shapes need another conversion (--input-shape)")
 
 
 def findings(program: dict[str, Any], delegation: dict[str, Any] | None) -> list[Finding]:
