@@ -42,10 +42,14 @@ def describe(model: Any) -> dict[str, Any] | None:
     if not quant:
         return None
     inits = {i.name: i for i in model.graph.initializer}
+    # an int8/uint8 embedding table read by Gather, then dequantized (quantize_dynamic)
+    tables = {n.output[0]: n.input[0] for n in model.graph.node
+              if n.op_type == "Gather" and n.input[0] in inits}
     weights, axes, steps = 0, set(), []
     for n in model.graph.node:
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
-            if inits[n.input[0]].data_type in (2, 3):  # uint8, int8 (int32 = a bias)
+        const = n.input[0] if n.input[0] in inits else tables.get(n.input[0])
+        if n.op_type == "DequantizeLinear" and const is not None:
+            if inits[const].data_type in (2, 3):  # uint8, int8 (int32 = a bias)
                 weights += 1
                 scale = numpy_helper.to_array(inits[n.input[1]])
                 axes.add("per-channel" if scale.size > 1 else "per-tensor")

@@ -132,6 +132,31 @@ def _profile(profile: dict[str, Any], console: Console) -> None:
                       f"[dim]{escape(op['name'])}[/]")
 
 
+def _compressed(c: dict[str, Any], console: Console) -> None:
+    """A quantized source: its scheme, the route, the size against it, what stayed int8."""
+    from rich.markup import escape
+
+    src = c.get("source") or {}
+    size = (f"{_fmt_bytes(c['bytes'])}, {c['size_ratio']:.2f}x the source's "
+            f"{_fmt_bytes(c['source_bytes'])}" if c.get("size_ratio") is not None else "size -")
+    limit = f" (limit {c['size_limit']:g}x)" if c.get("size_limit") else ""
+    console.print(f"  quantized source ({escape(str(src.get('scheme')))}, "
+                  f"{src.get('int8_weights')} int8 weights): {escape(c.get('route') or '')}; "
+                  f"{size}{limit}")
+    if c.get("fallback"):
+        console.print(f"  [yellow]fallback:[/] {escape(c['fallback'])}")
+    kept = c.get("kept") or {}
+    if "int8_tensors" in kept:
+        console.print(f"  {kept['int8_tensors']} int8 weight tensors, "
+                      f"{kept['same_ints_and_scales']} with the source's ints and scales"
+                      + (f", {kept['same_ints_other_scale']} with its ints under another scale"
+                         if kept.get("same_ints_other_scale") else "")
+                      + (f", {kept['not_from_source']} not int8 in the source"
+                         if kept.get("not_from_source") else ""))
+    elif "error" in kept:
+        console.print(f"  int8 tensors not read: {escape(kept['error'])}")
+
+
 def _details(t: TargetReport, console: Console) -> None:
     from rich.markup import escape
 
@@ -145,6 +170,8 @@ def _details(t: TargetReport, console: Console) -> None:
                           f"{_num(m.get('max_abs'), '.2e')}, cosine {_num(m.get('cosine'), '.6f')}"
                           f" [dim](fp32 artifact vs reference: max abs "
                           f"{_num(fp32.get('max_abs'), '.2e')})[/]")
+    if t.compressed:
+        _compressed(t.compressed, console)
     for out, m in ((t.numerics.outputs if t.numerics else {}) or {}).items():
         if m.get("top1_agreement") is not None:
             console.print(f"  {out}: top-1 agreement {m['top1_agreement']:.1%}, top-5 "

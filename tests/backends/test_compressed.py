@@ -106,3 +106,39 @@ def test_quantized_source_converts_and_stays_compressed(converted, target: str) 
         assert not any("FLEX" in f["message"] for f in t.findings)
     if target == "onnx-mobile":
         assert t.precision == "fp32" and c["kept"] is None
+
+
+def _src(name: str, tmp_path: Path):
+    from types import SimpleNamespace
+
+    path = FIXTURES / f"{name}.onnx"
+    return SimpleNamespace(onnx_path=path, path=path, work_dir=tmp_path, name=name)
+
+
+def test_each_target_gets_its_plan(tmp_path: Path) -> None:
+    assert quantized.plan_for(_src("bert_encoder", tmp_path), "tflite", ("fp32", "int8"),
+                              "fp32") is None
+    src = _src("bert_int8_qdq", tmp_path)
+    native = quantized.plan_for(src, "onnx-mobile", ("fp32", "int8"), "fp32")
+    assert native["lower"] is False and native["source"]["scheme"] == "qdq"
+    tfl = quantized.plan_for(src, "tflite", ("fp32", "fp16", "int8"), "fp32")
+    assert tfl["lower"] and tfl["precision"] == "int8" and not tfl.get("fallback")
+    ncnn = quantized.plan_for(src, "ncnn", ("fp32", "fp16"), "fp32")
+    assert ncnn["lower"] and ncnn["precision"] == "fp32" and "fp32" in ncnn["fallback"]
+
+
+def test_a_target_larger_than_the_limit_fails_unless_a_fallback_is_stated(
+        tmp_path: Path) -> None:
+    from mtconvert.report import ArtifactFile, TargetReport
+
+    src = _src("bert_int8_qdq", tmp_path)
+    source = (FIXTURES / "bert_int8_qdq.onnx").stat().st_size
+    big = TargetReport("tflite", "passed", artifacts=(
+        ArtifactFile(str(tmp_path / "m.bin"), int(source * 1.5)),))
+    plan = quantized.plan_for(src, "tflite", ("fp32", "int8"), "fp32") | {"record": None}
+    failed = quantized.summary(big, "tflite", plan)
+    assert failed.status == "failed" and "1.50x" in failed.reason
+    assert failed.compressed["size_ratio"] == pytest.approx(1.5, abs=1e-3)
+    stated = quantized.plan_for(src, "ncnn", ("fp32",), "fp32") | {"record": None}
+    kept = quantized.summary(big, "ncnn", stated)
+    assert kept.status == "passed" and kept.compressed["fallback"]
