@@ -3,8 +3,10 @@
 download: the folder is read with ``local_files_only``. Every problem is one line, exit 2."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,11 +138,33 @@ def load_model(folder: HFFolder) -> Any:
         raise ModelLoadError("reading a model folder needs torch and transformers: pip install "
                              "'mtconvert[torch]' transformers") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder.path), local_files_only=True, dtype=torch.float32,
-            attn_implementation="eager",
-            use_safetensors=folder.weights[0].name.startswith("model.safetensors"))
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder.path), local_files_only=True, dtype=torch.float32,
+                attn_implementation="eager",
+                use_safetensors=folder.weights[0].name.startswith("model.safetensors"))
     except Exception as exc:  # noqa: BLE001 - any failure to read is the user's input
         text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
         raise ModelLoadError(f"{folder.path.name}: cannot load the model: {text}") from None
     return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' loading progress bar, advice and deprecation warnings off while loading
+    (the report says what matters), its settings restored after."""
+    import warnings
+
+    from transformers.utils import logging as tf_logging
+
+    level, bars = tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled()
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        tf_logging.set_verbosity(level)
+        if bars:
+            tf_logging.enable_progress_bar()
