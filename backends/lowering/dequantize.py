@@ -55,7 +55,7 @@ def _dequant(ints: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
     z = np.zeros_like(s) if zero is None else np.asarray(zero).astype(np.float32)
     if s.ndim == 1 and s.size > 1:  # per-axis
         shape = [1] * ints.ndim
-        shape[axis if axis is not None else 1] = s.size
+        shape[(axis if axis is not None else 1) % ints.ndim] = s.size
         s, z = s.reshape(shape), z.reshape(shape)
     return ((ints.astype(np.float32) - z) * s).astype(np.float32)
 

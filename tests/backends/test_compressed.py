@@ -142,3 +142,64 @@ def test_a_target_larger_than_the_limit_fails_unless_a_fallback_is_stated(
     stated = quantized.plan_for(src, "ncnn", ("fp32",), "fp32") | {"record": None}
     kept = quantized.summary(big, "ncnn", stated)
     assert kept.status == "passed" and kept.compressed["fallback"]
+
+
+@pytest.fixture(scope="module")
+def per_channel_qdq(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bert_encoder quantized like bert_int8_qdq but with per-channel weight scales (the
+    fixtures are per-tensor): onnxruntime's quantize_static, calibrated on the lowering checks'
+    seeded inputs."""
+    import contextlib
+    import tempfile
+    import warnings
+
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src = FIXTURES / "bert_encoder.onnx"
+    dst = tmp_path_factory.mktemp("per_channel") / "bert_int8_qdq_pc.onnx"
+    model = onnx.load(str(src))
+    feeds = check.make_feeds(model, SHAPES, check.embedding_sizes(model))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self):  # noqa: ANN202
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(src), str(pre), auto_merge=True)
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return dst
+
+
+def test_per_channel_weights_keep_their_axis(per_channel_qdq: Path) -> None:
+    model = onnx.load(str(per_channel_qdq))
+    assert quantized.describe(model)["weight_granularity"] == "per-channel"
+    out = dequantize(model)
+    inits = {i.name: numpy_helper.to_array(i) for i in out.model.graph.initializer}
+    for fname, r in out.weights.items():
+        ints = np.asarray(r["ints"], np.float32).reshape(r["shape"])
+        shape = [1] * ints.ndim
+        shape[r["axis"]] = len(r["scale"])
+        assert len(r["scale"]) == ints.shape[r["axis"]] > 1
+        assert np.array_equal(inits[fname],
+                              ints * np.asarray(r["scale"], np.float32).reshape(shape))
+
+
+@pytest.mark.slow
+def test_per_channel_source_keeps_its_scales_in_core_ml(per_channel_qdq: Path,
+                                                        tmp_path: Path) -> None:
+    t = quick_convert("coreml", per_channel_qdq, tmp_path,
+                      input_shapes={"input_ids": "1x16"}).targets["coreml"]
+    assert t.status == "passed", t.reason
+    kept = t.compressed["kept"]
+    assert kept["int8_tensors"] == kept["same_ints_and_scales"] > 0
+    assert t.compressed["size_ratio"] <= quantized.RATIO_LIMIT
