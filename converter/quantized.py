@@ -126,9 +126,10 @@ def plan_for(src: Any, target: str, precisions: tuple[str, ...],
     if "int8" in precisions and precision in ("fp32", "int8"):
         return plan | {"lower": True, "precision": "int8",
                        "route": "dequantized graph, weights re-compressed to the target's int8"}
+    why = (f"--precision {precision} asked" if "int8" in precisions
+           else f"{target} has no int8 form here")
     return plan | {"lower": True, "precision": precision, "route": "dequantized graph",
-                   "fallback": f"{target} has no int8 form here: {precision} with the source's "
-                               "weights dequantized"}
+                   "fallback": f"{why}: {precision} with the source's weights dequantized"}
 
 
 @lru_cache(maxsize=8)
