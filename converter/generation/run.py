@@ -47,6 +47,7 @@ class Generation:
 
     def _prepare(self) -> Generation:
         sk, opts = self.skeleton, self.skeleton.opts
+        refuse_unsupported(opts)
         self.folder = folder_mod.open_folder(Path(self.model), opts.task, opts.trust_pickle)
         folder_mod.check_architecture(self.folder)
         config = self.folder.config  # every input checked before torch is imported
@@ -78,6 +79,18 @@ class Generation:
 
     def __exit__(self, *exc: object) -> None:
         self._tmp.cleanup()
+
+
+def refuse_unsupported(opts: Any) -> None:
+    """Options of single-pass models that mean nothing here yet: refused, not ignored."""
+    given = [flag for flag, value in (("--inputs", opts.inputs), ("--seq-lens", opts.seq_lens),
+                                      ("--batch-sizes", opts.batch_sizes),
+                                      ("--eval-data", opts.eval_data)) if value]
+    if given:
+        raise UsageError(f"{', '.join(given)}: not available for a model folder's generation "
+                         "(the prompt is --prompt or --prompt-ids)")
+    if opts.precision == "int8":
+        raise UsageError("--precision int8 is not available for generation yet (fp32, fp16)")
 
 
 def cache_length(config: dict[str, Any], prompt_len: int, new_tokens: int, given: int | None) -> int:

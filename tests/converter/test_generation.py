@@ -122,6 +122,8 @@ def _folder_variants(tmp: Path, folders) -> dict[str, Path]:
     ("gpt2", ["--prompt", "hello"], "no tokenizer.json"),
     ("gpt2", ["--prompt-ids", "1,99999"], "outside the vocabulary"),
     ("gpt2", ["--task", "text2text-generation"], "not supported for model folders"),
+    ("gpt2", ["--seq-lens", "8,16"], "--seq-lens: not available"),
+    ("gpt2", ["--precision", "int8"], "int8 is not available for generation"),
 ])
 def test_bad_input_exits_2_with_one_line(case, args, needle, tmp_path, folders):
     variants = _folder_variants(tmp_path, folders)
