@@ -158,9 +158,18 @@ def _fixture_cell(tmp_path: Path, target: str):
         """))
     spec = matrix_spec.load(path, tmp_path / "out", raw=True)
     twin = spec.cells[1]
+    before = _hashes()
     record = raw.run_cell(twin)
     assert record["key"] == twin.key()
+    assert _hashes() == before  # no tool writes over the user's model (onnx2tf would: -i)
     return twin, Cell.from_dict(record["cell"]), record
+
+
+def _hashes() -> dict[str, str]:
+    import hashlib
+
+    return {n: hashlib.sha256((FIXTURES / n).read_bytes()).hexdigest()
+            for n in ("bert_encoder.onnx", "bert_encoder.pt2")}
 
 
 def _judged_or_tool_error(cell: Cell, tool: str) -> None:
