@@ -10,6 +10,16 @@ its own reference, not with each other): read it with the spreads beside it.
 
     .venv/bin/python benchmarks/bench_compressed.py [--targets onnx-mobile,tflite,coreml,ncnn]
         [--seq 16] [--threads 2]
+
+--calibrate instead measures, in ONNX Runtime alone, what the int8-source profile
+(validators/tolerances.py) must admit: the float graph the non-ORT targets compute (weights
+dequantized, the activations' QuantizeLinear/DequantizeLinear pairs dropped) against the
+quantized source, and ORT's optimized run (integer kernels) against its unoptimized one, for
+the two int8 fixtures and a 6-layer, 384-wide BERT encoder (bench_tflite.build_bert, random
+weights) quantized by onnxruntime (QDQ per-tensor and per-channel, dynamic), on the lowering
+checks' inputs (no, one and half padding) at sequence --seq.
+
+    .venv/bin/python benchmarks/bench_compressed.py --calibrate [--seq 64]
 """
 from __future__ import annotations
 
@@ -58,12 +68,103 @@ def row(model: str, t: dict, source_bytes: int, float_p50: float | None) -> str:
             f"| {fmt(worst.get('cosine'), '.6f')} | {fmt(snr, '.1f')} | {kept_s} |")
 
 
+def _metrics(ref: list[dict], got: list[dict]) -> tuple[float, float, float]:
+    import numpy as np
+
+    a = np.concatenate([x.ravel() for r in ref for x in r.values()]).astype(np.float64)
+    b = np.concatenate([x.ravel() for g in got for x in g.values()]).astype(np.float64)
+    cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    err = float(((a - b) ** 2).sum())
+    snr = float("inf") if err == 0 else 10 * np.log10(float((a ** 2).sum()) / err)
+    return float(np.abs(a - b).max()), cos, snr
+
+
+def _quantize(src: Path, dst: Path, mode: str, feeds: list[dict]) -> None:
+    import contextlib
+    import warnings
+
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self):  # noqa: ANN202
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(src), str(pre), auto_merge=True)
+        if mode == "dynamic":
+            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8)
+        else:
+            quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul", "Gemm"],
+                            per_channel=mode == "qdq-per-channel",
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+
+
+def calibrate(args: argparse.Namespace) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_tflite import build_bert
+
+    from mtconvert.backends.lowering import check
+    from mtconvert.backends.lowering.dequantize import dequantize
+
+    def run(model: object, feeds: list[dict], optimize: bool) -> list[dict]:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                       else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        sess = ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        return [dict(zip(names, sess.run(None, f))) for f in feeds]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cases = [(m, ROOT / "fixtures" / f"{m}.onnx") for m in MODELS[1:]]
+        big = tmp / "bert6x384.onnx"
+        build_bert(big, args.seq)
+        model = onnx.load(str(big))
+        shapes = {"input_ids": [2, args.seq], "attention_mask": [2, args.seq]}
+        calib = check.make_feeds(model, shapes, check.embedding_sizes(model), seed=7)
+        for mode in ("qdq-per-tensor", "qdq-per-channel", "dynamic"):
+            _quantize(big, tmp / f"{mode}.onnx", mode, calib)
+            cases.append((f"bert 6x384 {mode}", tmp / f"{mode}.onnx"))
+        print(f"sequence {args.seq}, batch 2, the lowering checks' inputs; against the quantized "
+              "source in ORT (unoptimized: float-simulated QDQ)")
+        print("| source | bytes | what | max abs | cosine | SNR dB |")
+        print("|---|---|---|---|---|---|")
+        for name, path in cases:
+            src = onnx.load(str(path))
+            feeds = check.make_feeds(src, shapes, check.embedding_sizes(src))
+            ref = run(src, feeds, optimize=False)
+            for what, got in (("ORT optimized (integer kernels)", run(src, feeds, True)),
+                              ("dequantized float graph", run(dequantize(src).model, feeds,
+                                                              False))):
+                mx, cos, snr = _metrics(ref, got)
+                print(f"| {name} | {path.stat().st_size} | {what} | {mx:.3g} | {cos:.6f} "
+                      f"| {snr:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="onnx-mobile,tflite,coreml,ncnn")
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calibrate", action="store_true",
+                    help="measure the int8-source profile's margins in ONNX Runtime instead")
     args = ap.parse_args()
+    if args.calibrate:
+        calibrate(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         reports = {m: run(m, Path(tmp), args) for m in MODELS}
     float_p50 = {t["name"]: (t.get("latency") or {}).get("p50_ms")
