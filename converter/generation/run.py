@@ -59,7 +59,10 @@ class Generation:
         sk.clock.lap("load_source_s")
         sk.say(f"reference: greedy decode of {opts.max_new_tokens} tokens, PyTorch eager")
         self.ref = reference.greedy(hf, prompt, opts.max_new_tokens)
-        module, self.geo = step.build(hf, max_cache)
+        try:
+            module, self.geo = step.build(hf, max_cache)
+        except ValueError as exc:  # a variant of a known family without a builder
+            raise UsageError(f"{self.folder.path.name}: {exc}") from None
         sk.settings["generation"] = {
             "task": self.folder.task, "prompt": how, "max_new_tokens": opts.max_new_tokens,
             "max_cache": max_cache, "reference": f"{self.ref.runtime} {self.ref.version}",
@@ -104,6 +107,11 @@ def cache_length(config: dict[str, Any], prompt_len: int, new_tokens: int, given
     if need > size:
         raise UsageError(f"--max-cache {size} cannot hold the prompt ({prompt_len} tokens) and "
                          f"{new_tokens} new tokens: give at least {need}")
+    window = config.get("sliding_window") if (config.get("model_type") == "mistral"
+                                              or config.get("use_sliding_window")) else None
+    if window and size + 1 > window:
+        raise UsageError(f"a cache of {size} slots exceeds the model's sliding window ({window}); "
+                         "the step graph attends to every slot")
     limit = config.get("max_position_embeddings") or config.get("n_positions")
     if limit and size + 1 > limit:
         raise UsageError(f"a cache of {size} slots needs {size + 1} positions; the model has "

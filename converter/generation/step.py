@@ -83,8 +83,10 @@ def build(model: Any, max_cache: int) -> tuple[Any, Geometry]:
     raise ValueError(f"no decode-step builder for model_type {kind!r}")
 
 
-SUPPORTED = ("gpt2", "llama")
-LLAMA_LIKE = ("llama",)
+# Llama's layout (RoPE, RMSNorm, grouped-query attention, gated MLP); Qwen2 adds q/k/v biases
+# (nn.Linear's own), Mistral a sliding window (cache_length refuses a cache wider than it)
+LLAMA_LIKE = ("llama", "qwen2", "mistral")
+SUPPORTED = ("gpt2", *LLAMA_LIKE)
 
 
 def _gpt2(model: Any, max_cache: int) -> tuple[Any, Geometry]:
@@ -162,6 +164,10 @@ def _llama(model: Any, max_cache: int) -> tuple[Any, Geometry]:
     from torch import nn
 
     cfg = model.config
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type") in ("dynamic", "longrope"):
+        raise ValueError(f"rope_type {rope['rope_type']!r} depends on the sequence length; "
+                         "the step graph's fixed rotary table cannot follow it")
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     geo = Geometry(cfg.num_hidden_layers, kv, head_dim, cfg.vocab_size, max_cache)

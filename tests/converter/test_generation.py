@@ -19,7 +19,7 @@ MTCONVERT = str(Path(sys.executable).parent / "mtconvert")
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {k: tiny_folder(k, root / f"tiny-{k}") for k in ("gpt2", "llama")}
+    return {k: tiny_folder(k, root / f"tiny-{k}") for k in ("gpt2", "llama", "qwen2", "mistral")}
 
 
 def _cli(*args, cwd=None):
@@ -33,7 +33,7 @@ def _load(folder):
     return folder_mod.load_model(folder_mod.open_folder(folder, None, False))
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "mistral"])
 def test_step_module_matches_the_original_model(kind, folders):
     """Teacher-forced through the step module with its explicit cache, every position's logits
     equal the Hugging Face model's full forward within the fp32 profile."""
@@ -137,7 +137,7 @@ def test_bad_input_exits_2_with_one_line(case, args, needle, tmp_path, folders):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
 def test_onnx_mobile_generates_the_reference_tokens_via_the_cli(kind, tmp_path, folders):
     report_path = tmp_path / "report.json"
     proc = _cli(folders[kind], "--to", "onnx-mobile", "--prompt-ids", "1,2,3",
@@ -158,6 +158,25 @@ def test_onnx_mobile_generates_the_reference_tokens_via_the_cli(kind, tmp_path, 
     assert gen["time_to_first_token_ms"] > 0 and gen["decode_samples"] == 11
     assert gen["decode_ms_p90"] >= gen["decode_ms_p50"] > 0
     assert (tmp_path / "out" / f"tiny-{kind}-step.ort").is_file()
+
+
+def test_prompt_text_goes_through_the_folders_tokenizer(tmp_path, folders):
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mtconvert.generation import folder as folder_mod, reference
+
+    d = tmp_path / "with-tokenizer"
+    shutil.copytree(folders["gpt2"], d)
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 5, "world": 17}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    hf = folder_mod.open_folder(d, None, False)
+    ids, how = reference.prompt_ids(hf, "hello world again", None, 300)
+    assert ids == (5, 17, 0) and "tokenized by tokenizer.json" in how
+    with pytest.raises(Exception, match="not both"):
+        reference.prompt_ids(hf, "hello", (1, 2), 300)
 
 
 def test_default_prompt_is_said_in_the_report(tmp_path, folders):
