@@ -58,13 +58,20 @@ def row(model: str, t: dict, source_bytes: int, float_p50: float | None) -> str:
     ci = vs.get("ci95") or [None, None]
     c = t.get("compressed") or {}
     kept = c.get("kept") or {}
-    kept_s = (f"{kept.get('same_ints_and_scales')}/{kept.get('int8_tensors')}"
-              if "int8_tensors" in kept else "-")
+    kept_s = "-"
+    if "int8_tensors" in kept:
+        kept_s = f"{kept['same_ints_and_scales']}/{kept['int8_tensors']}"
+        kept_s += f" (+{kept['same_ints_other_scale']} other scale)" \
+            if kept.get("same_ints_other_scale") else ""
+        kept_s += f" (+{kept['not_from_source']} not in source)" \
+            if kept.get("not_from_source") else ""
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    return (f"| {model} | {t['name']} | {t['precision']} | {t['status']} | {size / 1024:.1f} KiB "
-            f"| {size / source_bytes:.2f}x | {fmt(p50, '.3f')} | {fmt(vs.get('ratio_p50'), '.2f')}x "
-            f"[{fmt(ci[0], '.2f')}-{fmt(ci[1], '.2f')}] spread ref {fmt(vs.get('reference_spread'), '.0%')}"
-            f" tgt {fmt(vs.get('target_spread'), '.0%')} | {vs_float} | {fmt(worst.get('max_abs'), '.3g')} "
+    timing = (f"{fmt(vs.get('ratio_p50'), '.2f')}x [{fmt(ci[0], '.2f')}-{fmt(ci[1], '.2f')}] "
+              f"spread ref {fmt(vs.get('reference_spread'), '.0%')} "
+              f"tgt {fmt(vs.get('target_spread'), '.0%')}")
+    return (f"| {model} | {t['name']} | {t['precision']} | {t['status']} "
+            f"| {size / 1024:.1f} KiB | {size / source_bytes:.2f}x | {fmt(p50, '.3f')} "
+            f"| {timing} | {vs_float} | {fmt(worst.get('max_abs'), '.3g')} "
             f"| {fmt(worst.get('cosine'), '.6f')} | {fmt(snr, '.1f')} | {kept_s} |")
 
 
