@@ -43,8 +43,9 @@ def test_failed_conversion_is_not_cached(tiny_onnx, tmp_path, fake_registry):
 def test_cache_dir_from_environment(tiny_onnx, tmp_path, fake_registry, monkeypatch):
     monkeypatch.setenv("MTCONVERT_CACHE_DIR", str(tmp_path / "mycache"))
     _convert(tiny_onnx, tmp_path / "a", fake_registry)
-    entries = list((tmp_path / "mycache").iterdir())
-    assert len(entries) == 1 and (entries[0] / "entry.json").is_file()
+    entries = [p for p in (tmp_path / "mycache").iterdir() if (p / "entry.json").is_file()]
+    assert len(entries) == 1  # one conversion (beside it: the source cache, sources/)
+    assert (tmp_path / "mycache" / "sources").is_dir()
 
 
 def test_parallel_targets_keep_requested_order(tiny_onnx, tmp_path, fake_registry):
