@@ -12,6 +12,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,14 +251,15 @@ class WarmSession:
                              else _crash_reason(proc), target=self.name, step="latency")
 
     def close(self) -> None:
+        """Tell the child to quit and go on: it is reaped in the background (its interpreter
+        takes 0.1-0.2 s to wind down; killed if it has not after 10 s)."""
         if self._proc.poll() is None:
             try:
                 self._proc.stdin.write("quit\n")
                 self._proc.stdin.close()
-                self._proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self._proc.kill()
-                self._proc.wait()
+            except OSError:
+                pass
+            threading.Thread(target=_reap, args=(self._proc,), daemon=True).start()
         self._stderr.close()
         self._tmp.cleanup()
 
@@ -288,6 +290,14 @@ def _dump_intermediates(session: Any, feeds: dict[str, np.ndarray], folder: Path
     np.savez(folder / "tensors.npz", **{f"t{i}": v for i, (_, _, v) in enumerate(kept)})
     (folder / "index.json").write_text(json.dumps({
         "tensors": [[n, t] for n, t, _ in kept], "truncated": len(kept) < len(found)}))
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def run_session(*, name: str, backend: str, artifact: dict[str, Any],
