@@ -26,22 +26,55 @@ PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 @dataclass
 class HFFolder:
-    path: Path
+    """A Hugging Face model: a folder on disk, or (``path`` None) a PreTrainedModel in memory."""
+
+    path: Path | None
     config: dict[str, Any]
     task: str
     weights: tuple[Path, ...]
-    sha256: str  # of config.json and the weight files, in order
+    sha256: str | None  # of config.json and the weight files, in order (None: in memory)
+    model: Any = None  # the in-memory PreTrainedModel
+
+    @property
+    def label(self) -> str:
+        return self.path.name if self.path else type(self.model).__name__
 
     @property
     def tokenizer_file(self) -> Path | None:
-        f = self.path / "tokenizer.json"
-        return f if f.is_file() else None
+        f = self.path / "tokenizer.json" if self.path else None
+        return f if f is not None and f.is_file() else None
 
 
 def is_hf_folder(model: Any) -> bool:
     """A directory given as the model: the generation path reads it (and explains what is
     missing when it is not a Hugging Face folder)."""
     return isinstance(model, (str, Path)) and Path(model).is_dir()
+
+
+def is_generative_source(model: Any, example_inputs: Any, task: str | None) -> bool:
+    """A model folder; or a transformers PreTrainedModel given without example inputs (with
+    them, it is an ordinary module converted for one forward pass) that generates text, or
+    was asked to (``--task``)."""
+    import sys
+
+    if is_hf_folder(model):
+        return True
+    tf = sys.modules.get("transformers")
+    if example_inputs is not None or tf is None or not isinstance(model, tf.PreTrainedModel):
+        return False
+    return task is not None or _task_of([type(model).__name__]) == "text-generation"
+
+
+def from_model(model: Any, task: str | None) -> HFFolder:
+    """An in-memory PreTrainedModel as a source: its config, the task from its class."""
+    inferred = _task_of([type(model).__name__])
+    task = task or inferred
+    if task not in SUPPORTED_TASKS:
+        raise UsageError(f"--task {task}: not supported for Hugging Face models yet (supported: "
+                         f"{', '.join(SUPPORTED_TASKS)})")
+    if inferred != task:
+        raise UsageError(f"{type(model).__name__} cannot do --task {task}")
+    return HFFolder(None, model.config.to_dict(), task, (), None, model)
 
 
 def open_folder(path: Path, task: str | None, trust_pickle: bool) -> HFFolder:
@@ -123,14 +156,24 @@ def check_architecture(folder: HFFolder) -> None:
 
     kind = folder.config.get("model_type")
     if kind not in step.SUPPORTED:
-        raise UsageError(f"{folder.path.name}: architecture {kind!r} "
+        raise UsageError(f"{folder.label}: architecture {kind!r} "
                          f"({', '.join(folder.config.get('architectures') or [])}) is not "
                          f"supported for generation yet (supported: {', '.join(step.SUPPORTED)})")
 
 
 def load_model(folder: HFFolder) -> Any:
-    """The model in eval mode, fp32, eager attention, from the folder only."""
+    """The model in eval mode, fp32, eager attention, from the folder only (an in-memory
+    model: itself, or a float32 copy of it)."""
     check_architecture(folder)
+    if folder.model is not None:
+        import copy
+
+        import torch
+
+        model = folder.model
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            model = copy.deepcopy(model).float()
+        return model.eval()
     try:
         import torch
         from transformers import AutoModelForCausalLM
@@ -145,7 +188,7 @@ def load_model(folder: HFFolder) -> Any:
                 use_safetensors=folder.weights[0].name.startswith("model.safetensors"))
     except Exception as exc:  # noqa: BLE001 - any failure to read is the user's input
         text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
-        raise ModelLoadError(f"{folder.path.name}: cannot load the model: {text}") from None
+        raise ModelLoadError(f"{folder.label}: cannot load the model: {text}") from None
     return model.eval()
 
 

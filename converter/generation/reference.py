@@ -46,7 +46,7 @@ def prompt_ids(folder: HFFolder, text: str | None, ids: tuple[int, ...] | None,
 
 def _tokenize(folder: HFFolder, text: str) -> tuple[int, ...]:
     if folder.tokenizer_file is None:
-        raise UsageError(f"--prompt needs a tokenizer, and {folder.path.name} has no "
+        raise UsageError(f"--prompt needs a tokenizer, and {folder.label} has no "
                          "tokenizer.json; give --prompt-ids")
     from tokenizers import Tokenizer
 

@@ -48,13 +48,15 @@ class Generation:
     def _prepare(self) -> Generation:
         sk, opts = self.skeleton, self.skeleton.opts
         refuse_unsupported(opts)
-        self.folder = folder_mod.open_folder(Path(self.model), opts.task, opts.trust_pickle)
+        self.folder = (folder_mod.open_folder(Path(self.model), opts.task, opts.trust_pickle)
+                       if folder_mod.is_hf_folder(self.model)
+                       else folder_mod.from_model(self.model, opts.task))
         folder_mod.check_architecture(self.folder)
         config = self.folder.config  # every input checked before torch is imported
         prompt, how = reference.prompt_ids(self.folder, opts.prompt, opts.prompt_ids,
                                            int(config.get("vocab_size") or 0))
         max_cache = cache_length(config, len(prompt), opts.max_new_tokens, opts.max_cache)
-        sk.say(f"loading {self.folder.path.name} ({self.folder.task})")
+        sk.say(f"loading {self.folder.label} ({self.folder.task})")
         hf = folder_mod.load_model(self.folder)
         sk.clock.lap("load_source_s")
         sk.say(f"reference: greedy decode of {opts.max_new_tokens} tokens, PyTorch eager")
@@ -62,13 +64,14 @@ class Generation:
         try:
             module, self.geo = step.build(hf, max_cache)
         except ValueError as exc:  # a variant of a known family without a builder
-            raise UsageError(f"{self.folder.path.name}: {exc}") from None
+            raise UsageError(f"{self.folder.label}: {exc}") from None
         sk.settings["generation"] = {
             "task": self.folder.task, "prompt": how, "max_new_tokens": opts.max_new_tokens,
             "max_cache": max_cache, "reference": f"{self.ref.runtime} {self.ref.version}",
             "step_module_max_abs_error": reference.step_module_error(module, self.geo, self.ref)}
         src = sk.load(module, Path(self._tmp.name), example_feeds(module, self.geo, prompt))
-        src.name = stem(self.folder.path)
+        src.name = stem(self.folder.label.lower() if self.folder.path is None
+                        else self.folder.path.name)
         self.point = sk.point()
         self.ctx = sk.context(src, self.point, cache=True)
         sk.clock.lap("reference_s")
@@ -76,8 +79,10 @@ class Generation:
 
     def report(self, reports: list[TargetReport]) -> Report:
         judged = [generate(self.ctx, r, self.ref, self.geo) for r in reports]
-        source = replace(self.skeleton.source_info(self.point), path=str(self.folder.path),
-                         format="hf-folder", sha256=self.folder.sha256)
+        path = self.folder.path
+        source = replace(self.skeleton.source_info(self.point),
+                         path=str(path) if path else None, sha256=self.folder.sha256,
+                         format="hf-folder" if path else "hf-model")
         return self.skeleton.report(judged, self.point, source)
 
     def __exit__(self, *exc: object) -> None:
@@ -119,8 +124,8 @@ def cache_length(config: dict[str, Any], prompt_len: int, new_tokens: int, given
     return size
 
 
-def stem(path: Path) -> str:
-    return (re.sub(r"[^A-Za-z0-9_.-]+", "_", path.name).strip("._") or "model") + "-step"
+def stem(name: str) -> str:
+    return (re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model") + "-step"
 
 
 def example_feeds(module: Any, geo: step.Geometry, prompt: tuple[int, ...]) -> dict[str, Any]:

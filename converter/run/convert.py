@@ -21,9 +21,9 @@ from mtconvert.shapes import resolve_shapes, sweep_shapes
 
 def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
         registry: Registry | None = None, progress: Progress | None = None) -> Report:
-    from mtconvert.generation.folder import is_hf_folder
+    from mtconvert.generation.folder import is_generative_source
 
-    if is_hf_folder(model):
+    if is_generative_source(model, example_inputs, opts.task):
         return _generative(model, opts, registry, progress)
     skeleton = Run("convert", opts, registry, progress)
     names = resolve_targets(skeleton.registry, opts.targets)
@@ -46,8 +46,9 @@ def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
 
 def _generative(model: Any, opts: ConvertOptions, registry: Registry | None,
                 progress: Progress | None) -> Report:
-    """A Hugging Face model folder: its decode-step graph to every target, each then judged by
-    what it generates (mtconvert.generation)."""
+    """A Hugging Face model folder (or a PreTrainedModel given without example inputs): its
+    decode-step graph to every target, each then judged by what it generates
+    (mtconvert.generation)."""
     from mtconvert.generation.run import Generation
 
     skeleton = Run("convert", opts, registry, progress)

@@ -179,6 +179,20 @@ def test_prompt_text_goes_through_the_folders_tokenizer(tmp_path, folders):
         reference.prompt_ids(hf, "hello", (1, 2), 300)
 
 
+def test_an_in_memory_model_generates_like_its_folder(tmp_path, folders):
+    """A PreTrainedModel given to the API without example inputs: the same generation path."""
+    import mtconvert
+
+    model = _load(folders["llama"])
+    report = mtconvert.convert(model, "onnx-mobile", tmp_path / "out", None,
+                               prompt_ids="5,17,42", max_new_tokens=6, iterations=2, warmup=0)
+    t = report.targets["onnx-mobile"]
+    assert report.source.format == "hf-model" and report.source.path is None
+    assert t.status == "passed" and t.generation["target_tokens"] == \
+        t.generation["reference_tokens"]
+    assert (tmp_path / "out" / "llamaforcausallm-step.ort").is_file()
+
+
 def test_default_prompt_is_said_in_the_report(tmp_path, folders):
     import mtconvert
 
