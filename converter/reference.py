@@ -44,7 +44,13 @@ class OrtReference(Backend):
 
 def open_reference(source: PreparedSource, feeds: dict[str, np.ndarray],
                    opts: ConvertOptions) -> ReferenceRun:
-    run = _torch(source, feeds, opts) if source.format == "torch" else _ort(source, feeds, opts)
+    return checked(_torch(source, feeds, opts) if source.format == "torch"
+                   else _ort(source, feeds, opts))
+
+
+def checked(run: ReferenceRun) -> ReferenceRun:
+    """The run, if its outputs are finite: a source that computes NaN/Inf cannot be a
+    reference (ModelLoadError)."""
     for name, value in run.outputs.items():
         if not np.all(np.isfinite(np.asarray(value, dtype=np.float64))):
             raise ModelLoadError(f"the source model's output {name!r} has NaN/Inf on the "

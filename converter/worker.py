@@ -193,7 +193,9 @@ class WarmSession:
                                        str(t / "job.json")], env=env, text=True,
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=self._stderr)
+        self._ready = False  # before READY a failure is the run's, after it the timing's
         self._expect(READY)
+        self._ready = True
 
     def time(self, n: int) -> list[float]:
         self._proc.stdin.write(f"{n}\n")
@@ -225,7 +227,7 @@ class WarmSession:
             if not sel.select(self.timeout_s):
                 self.close()
                 raise RuntimeFailure(f"timed out after {self.timeout_s:g} s", target=self.name,
-                                     step="latency")
+                                     step="latency" if self._ready else "run")
             line = self._proc.stdout.readline()
             if not line:
                 self._raise_exited()
@@ -248,7 +250,8 @@ class WarmSession:
             raise RuntimeUnavailable(unavailable, target=self.name)
         proc = subprocess.CompletedProcess([], code, "", err)
         raise RuntimeFailure("the runtime exited while being timed" if code == 0
-                             else _crash_reason(proc), target=self.name, step="latency")
+                             else _crash_reason(proc), target=self.name,
+                             step="latency" if self._ready else "run")
 
     def close(self) -> None:
         """Tell the child to quit and go on: it is reaped in the background (its interpreter

@@ -13,17 +13,19 @@ from typing import Any
 import numpy as np
 
 from mtconvert.version import __version__
-from mtconvert import baseline, inputs as feeds_mod, source as source_mod
+from mtconvert import baseline, deps, inputs as feeds_mod, source as source_mod
 from mtconvert.backends.base import PreparedSource
 from mtconvert.cache import ConversionCache, SourceCache, default_root
 from mtconvert.options import ConvertOptions
-from mtconvert.reference import ReferenceRun, open_reference
+from mtconvert.errors import ModelLoadError, StepError
+from mtconvert.reference import ReferenceRun, checked, open_reference
 from mtconvert.registry import Registry, default_registry
 from mtconvert.report import ReferenceInfo, Report, SourceInfo, TargetMap, TargetReport
 from mtconvert.run.check import latency_of
 from mtconvert.run.context import Progress, RunContext
 from mtconvert.run.timing import SharedReference
 from mtconvert.timing import Clock
+from mtconvert.validators.latency import summarize
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,15 @@ class Run:
             feeds, values = feeds_mod.prepare(self.loaded, opts)
             src = replace(self.loaded.prepared, input_shapes=_shapes(feeds))
             self.say(f"reference: running the {src.format} source")
-            ref_opts = opts if timed else replace(opts, warmup=0, iterations=1)
-            self._points[key] = Point(feeds, values, open_reference(src, feeds, ref_opts))
+            if timed and src.format == "onnx":  # in the child the targets' timings share
+                shared = SharedReference(src, {s.name: feeds[s.name] for s in src.inputs},
+                                         opts)
+                point = Point(feeds, values, _ort_reference(shared, opts))
+                self._references[(id(point), opts.threads, opts.timeout_s)] = shared
+            else:
+                ref_opts = opts if timed else replace(opts, warmup=0, iterations=1)
+                point = Point(feeds, values, open_reference(src, feeds, ref_opts))
+            self._points[key] = point
         return self._points[key]
 
     def given(self, feeds: dict[str, np.ndarray], ref_out: dict[str, np.ndarray],
@@ -173,6 +182,17 @@ class Run:
                           outputs=tuple(s.to_dict() for s in src.outputs),
                           input_shapes={k: list(v) for k, v in point.shapes.items()},
                           input_values=point.values)
+
+
+def _ort_reference(shared: SharedReference, opts: ConvertOptions) -> ReferenceRun:
+    """An ONNX source's reference run (outputs, latency with the options' warm-up and
+    iterations) from the shared reference child, as reference.open_reference gives it."""
+    try:
+        result, samples = shared.ort_run(opts.warmup, opts.iterations)
+    except StepError as exc:
+        raise ModelLoadError(f"ONNX Runtime cannot run the source model: {exc.reason}") from None
+    return checked(ReferenceRun("onnxruntime-cpu", deps.dist_version("onnxruntime"),
+                                result.outputs, summarize(samples, opts.warmup).to_dict()))
 
 
 def _close_all(references: dict[tuple, SharedReference]) -> None:

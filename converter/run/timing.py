@@ -13,7 +13,7 @@ import numpy as np
 from mtconvert.backends.base import Artifact, Backend, PreparedSource, import_path
 from mtconvert.options import ConvertOptions
 from mtconvert.validators import latency
-from mtconvert.worker import WarmSession
+from mtconvert.worker import SessionResult, WarmSession
 
 Timer = Callable[[int], list[float]]  # n -> milliseconds of n inferences
 MAX_WARMUP_ROUNDS = 6
@@ -64,11 +64,16 @@ def reference_timer(src: PreparedSource, feeds: dict[str, np.ndarray],
     if src.format == "torch" and src.torch_module is not None:
         yield _torch_timer(src, feeds, opts.threads)
         return
-    artifact = Artifact(target="reference", primary=src.onnx_path, files=(src.onnx_path,))
-    with WarmSession(name="reference", backend="mtconvert.reference:OrtReference",
-                     artifact=artifact.to_dict(), feeds=feeds, threads=opts.threads,
-                     timeout_s=opts.timeout_s) as warm:
+    with _ort_reference(src, feeds, opts) as warm:
         yield warm.time
+
+
+def _ort_reference(src: PreparedSource, feeds: dict[str, np.ndarray],
+                   opts: ConvertOptions) -> WarmSession:
+    artifact = Artifact(target="reference", primary=src.onnx_path, files=(src.onnx_path,))
+    return WarmSession(name="reference", backend="mtconvert.reference:OrtReference",
+                       artifact=artifact.to_dict(), feeds=feeds, threads=opts.threads,
+                       timeout_s=opts.timeout_s)
 
 
 def _torch_timer(src: PreparedSource, feeds: dict[str, np.ndarray], threads: int) -> Timer:
@@ -98,20 +103,43 @@ class SharedReference:
         self._args = (src, feeds, opts)
         self._stack = contextlib.ExitStack()
         self._timer: Timer | None = None
+        self._warm: WarmSession | None = None
 
     @contextlib.contextmanager
     def timer(self) -> Iterator[Timer]:
         """The shared timer; if timing with it fails, it is closed (the next use reopens it)."""
-        if self._timer is None:
-            self._timer = self._stack.enter_context(reference_timer(*self._args))
         try:
-            yield self._timer
+            yield self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> Timer:
+        src, feeds, opts = self._args
+        if self._timer is None and src.format == "torch" and src.torch_module is not None:
+            self._timer = _torch_timer(src, feeds, opts.threads)
+        elif self._timer is None:
+            self._warm = self._stack.enter_context(_ort_reference(src, feeds, opts))
+            self._timer = self._warm.time
+        return self._timer
+
+    def ort_run(self, warmup: int, iterations: int) -> tuple[SessionResult, list[float]]:
+        """An ONNX source's reference run from the shared child: the outputs of its first run
+        and ``iterations`` timed runs after ``warmup`` untimed ones (the reference's own
+        latency; its child then serves the targets' timings)."""
+        assert self._args[0].format == "onnx", "the ORT reference of an ONNX source only"
+        try:
+            self._open()
+            result = self._warm.result()
+            if warmup:
+                self._warm.time(warmup)
+            return result, self._warm.time(iterations)
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        self._timer = None
+        self._timer = self._warm = None
         self._stack.close()
 
 

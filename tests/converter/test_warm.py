@@ -78,8 +78,8 @@ def test_warm_run_numerics_are_the_cold_runs_with_fewer_children(tiny_onnx, tmp_
         c, w = cold.targets[name], warm.targets[name]
         assert w.conversion.cached and not c.conversion.cached
         assert w.numerics == c.numerics and w.latency_vs_reference["rounds"] >= 2
-    # the reference's own run, one reference child for both timings, one child per target
-    assert sorted(started) == ["run:reference", "warm:fake", "warm:fake2", "warm:reference"]
+    # one reference child for its own run and both timings, one child per target
+    assert sorted(started) == ["warm:fake", "warm:fake2", "warm:reference"]
 
 
 @pytest.mark.slow
@@ -92,3 +92,24 @@ def test_real_warm_run_has_the_cold_numerics(fixtures_dir, tmp_path):
         assert c.status == w.status == "passed" and w.conversion.cached
         assert w.numerics == c.numerics and w.memory.peak_rss_mb > 0
         assert w.latency is not None and "ratio_p50" in w.latency_vs_reference
+
+
+def test_a_source_computing_nan_is_still_refused(tmp_path, fake_registry):
+    """The reference's own run comes from the shared reference child now: a NaN there is
+    still the source's error (exit 2), named in one line."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mtconvert.errors import ModelLoadError
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Abs", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["n"]),
+             helper.make_node("Sqrt", ["n"], ["y"])]  # sqrt(-|x|): NaN for x != 0
+    model = helper.make_model(helper.make_graph(nodes, "nan", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = tmp_path / "nan.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ModelLoadError, match="NaN/Inf"):
+        mtconvert.convert(path, targets=["fake"], out_dir=tmp_path / "o",
+                          registry=fake_registry, iterations=2, warmup=0)
