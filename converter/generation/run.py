@@ -6,11 +6,7 @@ in a child process, teacher-forced and free-running, against the original model'
 decode. Encoder-decoder models are not handled here yet."""
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -18,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from mtconvert.backends.base import import_path
-from mtconvert.errors import MtConvertError, RuntimeFailure, StepError, UsageError
-from mtconvert.generation import folder as folder_mod, judge, reference, step
+from mtconvert.errors import MtConvertError, UsageError
+from mtconvert.generation import folder as folder_mod, reference, step
+from mtconvert.generation.target import generated
 from mtconvert.generation.loop import decode
 from mtconvert.report import Report, TargetReport
 from mtconvert.run.context import RunContext
@@ -79,11 +75,24 @@ class Generation:
 
     def report(self, reports: list[TargetReport]) -> Report:
         judged = [generate(self.ctx, r, self.ref, self.geo) for r in reports]
+        if self.skeleton.opts.bundle is not None:
+            self._bundle(judged)
         path = self.folder.path
         source = replace(self.skeleton.source_info(self.point),
                          path=str(path) if path else None, sha256=self.folder.sha256,
                          format="hf-folder" if path else "hf-model")
         return self.skeleton.report(judged, self.point, source)
+
+    def _bundle(self, reports: list[TargetReport]) -> None:
+        """The generation into each target's golden bundle (written by the pipeline)."""
+        from mtconvert.generation import golden
+
+        root = Path(self.skeleton.opts.bundle).resolve()
+        for r in reports:
+            if (root / r.name / "bundle.json").is_file() and r.generation \
+                    and "skipped" not in r.generation:
+                tol = r.generation["teacher_forced"]["tolerance"]
+                golden.add(root / r.name, self.ref, self.geo, golden.Tolerance(**tol))
 
     def __exit__(self, *exc: object) -> None:
         self._tmp.cleanup()
@@ -157,22 +166,9 @@ def generate(ctx: RunContext, report: TargetReport, ref: reference.Reference,
     try:
         with tempfile.TemporaryDirectory(prefix="mtconvert-gen-art-") as tmp:
             artifact = converted(ctx, backend, report, Path(art.path), Path(tmp))
-            result = run_loop(ctx, backend, artifact, ref, geo)
-    except StepError as exc:
-        return replace(report, status="error", reason=f"generation: {exc.reason}")
+            return generated(ctx.opts, backend, artifact, report, ref, geo)
     except MtConvertError as exc:  # the artifact could not be described again
         return replace(report, status="error", reason=f"generation: {exc}")
-    if "unavailable" in result:
-        return replace(report, generation={"skipped": result["unavailable"]})
-    tol = ctx.opts.tolerances.resolve(artifact.profile, "logits")
-    section, reasons = judge.judge(ref, result["forced_logits"], result["free_tokens"],
-                                   result["step_ms"], tol, geo.cache_bytes(), geo.max_cache,
-                                   result["latency_unavailable"])
-    section["runtime"] = result["runtime"]
-    if not reasons:
-        return replace(report, generation=section)
-    reason = "; ".join([*([report.reason] if report.reason else []), *reasons])
-    return replace(report, status="failed", reason=reason, generation=section)
 
 
 def converted(ctx: RunContext, backend: Any, report: TargetReport, path: Path,
@@ -191,38 +187,3 @@ def converted(ctx: RunContext, backend: Any, report: TargetReport, path: Path,
         return hit[0]
     ctx.cache.release(key)
     return backend.adopt(path, ctx.src, ctx.opts.target_options())
-
-
-def run_loop(ctx: RunContext, backend: Any, artifact: Any, ref: reference.Reference,
-             geo: step.Geometry) -> dict[str, Any]:
-    """loop.decode in a child process (a runtime crash or hang is this target's error)."""
-    from mtconvert.backends.process import tail
-
-    with tempfile.TemporaryDirectory(prefix="mtconvert-gen-") as tmp:
-        t = Path(tmp)
-        job = {"name": backend.name, "backend": import_path(type(backend)),
-               "artifact": artifact.to_dict(), "threads": ctx.opts.threads,
-               "geometry": vars(geo), "prompt": list(ref.prompt),
-               "reference_tokens": list(ref.tokens), "new_tokens": len(ref.tokens),
-               "outputs": str(t / "outputs.npz"), "result": str(t / "result.json")}
-        (t / "job.json").write_text(json.dumps(job))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        try:
-            proc = subprocess.run([sys.executable, "-m", "mtconvert.generation.loop",
-                                   str(t / "job.json")], env=env, capture_output=True,
-                                  text=True, timeout=ctx.opts.timeout_s,
-                                  stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise RuntimeFailure(f"timed out after {ctx.opts.timeout_s:g} s",
-                                 target=backend.name, step="generate") from None
-        if proc.returncode != 0 or not (t / "result.json").is_file():
-            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-            why = (f"the runtime crashed (signal {-proc.returncode})" if proc.returncode < 0
-                   else lines[-1][:300] if lines else f"exit code {proc.returncode}")
-            raise RuntimeFailure(why, target=backend.name, step="generate",
-                                 stderr_tail=tail(proc.stderr))
-        result = json.loads((t / "result.json").read_text())
-        if "unavailable" not in result:
-            with np.load(t / "outputs.npz") as data:
-                result["forced_logits"] = data["forced_logits"]
-    return result

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mtconvert import bundle
 from mtconvert.errors import UsageError
+from mtconvert.generation import golden
 from mtconvert.options import ConvertOptions
 from mtconvert.registry import Registry
 from mtconvert.report import Report, SourceInfo
@@ -35,7 +36,9 @@ def run(folder: Path, opts: ConvertOptions, *, registry: Registry | None = None,
                            precision=manifest["precision"])
         ctx = skeleton.context(src, point, report_name=manifest["target"], opts=run_opts)
         skeleton.say(f"{manifest['target']}: verifying {found}")
-        reports.append(check_artifact(ctx, backend, bundle.artifact(found, manifest), None))
+        artifact = bundle.artifact(found, manifest)
+        report = check_artifact(ctx, backend, artifact, None)
+        reports.append(golden.verify(found, run_opts, backend, artifact, report))
         first = first or (manifest, src, point)
     skeleton.clock.lap("verify_s")
     manifest, src, point = first

@@ -193,6 +193,32 @@ def test_an_in_memory_model_generates_like_its_folder(tmp_path, folders):
     assert (tmp_path / "out" / "llamaforcausallm-step.ort").is_file()
 
 
+def test_golden_bundle_carries_the_generation_to_verify(tmp_path, folders):
+    """--bundle keeps prompt, reference tokens and logits beside the step graph; verify steps
+    the bundled artifact through the generation again, without the source; a changed
+    reference is refused."""
+    import mtconvert
+    from mtconvert.errors import ModelLoadError
+
+    bundles = tmp_path / "bundles"
+    made = mtconvert.convert(folders["gpt2"], "onnx-mobile", tmp_path / "out", None,
+                             prompt_ids="5,17,42", max_new_tokens=6, iterations=2, warmup=0,
+                             bundle=bundles)
+    assert made.targets["onnx-mobile"].status == "passed"
+    assert (bundles / "onnx-mobile" / "generation.json").is_file()
+    checked = mtconvert.verify(bundles, iterations=2, warmup=0)
+    gen = checked.targets["onnx-mobile"].generation
+    assert checked.targets["onnx-mobile"].status == "passed" and gen["passed"]
+    assert gen["target_tokens"] == made.targets["onnx-mobile"].generation["reference_tokens"]
+    arrays = bundles / "onnx-mobile" / "generation.npz"
+    with np.load(arrays) as data:
+        changed = {k: data[k] for k in data.files}
+    changed["reference_tokens"] = changed["reference_tokens"][::-1].copy()
+    np.savez(arrays, **changed)
+    with pytest.raises(ModelLoadError, match="was changed"):
+        mtconvert.verify(bundles, iterations=2, warmup=0)
+
+
 def test_default_prompt_is_said_in_the_report(tmp_path, folders):
     import mtconvert
 

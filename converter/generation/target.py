@@ -1,0 +1,81 @@
+"""One target's artifact judged by what it generates: the host loop run in a child process on
+it (teacher-forced, then free-running), the result judged against the reference, the target's
+report amended. Shared by a conversion (mtconvert.generation.run) and `mtconvert verify` of a
+bundle that carries a generation (mtconvert.generation.golden)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtconvert.backends.base import Artifact, Backend, import_path
+from mtconvert.errors import RuntimeFailure, StepError
+from mtconvert.generation import judge
+from mtconvert.generation.reference import Reference
+from mtconvert.generation.step import Geometry
+from mtconvert.report import TargetReport
+from mtconvert.validators.tolerances import Tolerance
+
+
+def generated(opts: Any, backend: Backend, artifact: Artifact, report: TargetReport,
+              ref: Reference, geo: Geometry, tol: Tolerance | None = None) -> TargetReport:
+    """``report`` with its ``generation`` section; failed when the generation is not the
+    reference's, error when the runtime failed. ``tol``: the logits' tolerance (default: the
+    artifact's profile under the run's overrides)."""
+    try:
+        result = run_loop(opts, backend, artifact, ref, geo)
+    except StepError as exc:
+        return replace(report, status="error", reason=f"generation: {exc.reason}")
+    if "unavailable" in result:
+        return replace(report, generation={"skipped": result["unavailable"]})
+    tol = tol or opts.tolerances.resolve(artifact.profile, "logits")
+    section, reasons = judge.judge(ref, result["forced_logits"], result["free_tokens"],
+                                   result["step_ms"], tol, geo.cache_bytes(), geo.max_cache,
+                                   result["latency_unavailable"])
+    section["runtime"] = result["runtime"]
+    if not reasons:
+        return replace(report, generation=section)
+    reason = "; ".join([*([report.reason] if report.reason else []), *reasons])
+    return replace(report, status="failed", reason=reason, generation=section)
+
+
+def run_loop(opts: Any, backend: Backend, artifact: Artifact, ref: Reference,
+             geo: Geometry) -> dict[str, Any]:
+    """loop.decode in a child process (a runtime crash or hang is this target's error)."""
+    from mtconvert.backends.process import tail
+
+    with tempfile.TemporaryDirectory(prefix="mtconvert-gen-") as tmp:
+        t = Path(tmp)
+        job = {"name": backend.name, "backend": import_path(type(backend)),
+               "artifact": artifact.to_dict(), "threads": opts.threads,
+               "geometry": vars(geo), "prompt": list(ref.prompt),
+               "reference_tokens": list(ref.tokens), "new_tokens": len(ref.tokens),
+               "outputs": str(t / "outputs.npz"), "result": str(t / "result.json")}
+        (t / "job.json").write_text(json.dumps(job))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            proc = subprocess.run([sys.executable, "-m", "mtconvert.generation.loop",
+                                   str(t / "job.json")], env=env, capture_output=True,
+                                  text=True, timeout=opts.timeout_s,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise RuntimeFailure(f"timed out after {opts.timeout_s:g} s",
+                                 target=backend.name, step="generate") from None
+        if proc.returncode != 0 or not (t / "result.json").is_file():
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            why = (f"the runtime crashed (signal {-proc.returncode})" if proc.returncode < 0
+                   else lines[-1][:300] if lines else f"exit code {proc.returncode}")
+            raise RuntimeFailure(why, target=backend.name, step="generate",
+                                 stderr_tail=tail(proc.stderr))
+        result = json.loads((t / "result.json").read_text())
+        if "unavailable" not in result:
+            with np.load(t / "outputs.npz") as data:
+                result["forced_logits"] = data["forced_logits"]
+    return result
