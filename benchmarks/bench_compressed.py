@@ -63,7 +63,7 @@ def row(model: str, t: dict, source_bytes: int, float_p50: float | None) -> str:
         kept_s = f"{kept['same_ints_and_scales']}/{kept['int8_tensors']}"
         kept_s += f" (+{kept['same_ints_other_scale']} other scale)" \
             if kept.get("same_ints_other_scale") else ""
-        kept_s += f" (+{kept['not_from_source']} not in source)" \
+        kept_s += f" (+{kept['not_from_source']} own ints)" \
             if kept.get("not_from_source") else ""
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     timing = (f"{fmt(vs.get('ratio_p50'), '.2f')}x [{fmt(ci[0], '.2f')}-{fmt(ci[1], '.2f')}] "

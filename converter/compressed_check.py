@@ -31,6 +31,8 @@ def kept(target: str, primary: Path, record_path: str | None) -> dict[str, Any] 
             # the source's ints with another scale (a converter folded a constant factor, e.g.
             # GELU's 0.5, into the weight's scale: the same values times that factor)
             "same_ints_other_scale": ints_only - same,
+            # int8 tensors whose ints are no source weight's: re-rounded by the target's own
+            # quantizer, or a weight the source kept in float
             "not_from_source": len(tensors) - ints_only}
 
 

@@ -151,7 +151,8 @@ def _compressed(c: dict[str, Any], console: Console) -> None:
                       f"{kept['same_ints_and_scales']} with the source's ints and scales"
                       + (f", {kept['same_ints_other_scale']} with its ints under another scale"
                          if kept.get("same_ints_other_scale") else "")
-                      + (f", {kept['not_from_source']} not int8 in the source"
+                      + (f", {kept['not_from_source']} with ints of its own (re-rounded, or "
+                         "float in the source)"
                          if kept.get("not_from_source") else ""))
     elif "error" in kept:
         console.print(f"  int8 tensors not read: {escape(kept['error'])}")
