@@ -33,18 +33,21 @@ def _render(report: MatrixReport, console: Console) -> None:
                   + (f", {s['resumed_cells']} kept from an earlier run"
                      if s.get("resumed_cells") else "") + "[/]")
     table = Table(header_style="bold")
-    table.add_column("model", no_wrap=True)
-    tasks = any(c.task for c in report.cells)
+    table.add_column("model", no_wrap=True, min_width=min(12, max(map(len, report.models))))
+    # many columns (--raw doubles them): statuses only, headers wrap, so none collapses
+    compact = len(report.columns) > 5
+    tasks = any(c.task for c in report.cells) and not compact
     if tasks:
         table.add_column("task", style="dim")
     for col in report.columns:
-        table.add_column(escape(report.label(col)), no_wrap=True)
+        table.add_column(escape(report.label(col)), no_wrap=not compact, min_width=6,
+                         overflow="fold" if compact else "ellipsis")
     for model in report.models:
         first = next(c for c in report.cells if c.model == model)
         row = [escape(model)] + ([escape(first.task or "")] if tasks else [])
         for col in report.columns:
             cell = report.cell(model, col)
-            row.append(_entry(cell) if cell else "[dim]-[/]")
+            row.append(_entry(cell, compact) if cell else "[dim]-[/]")
         table.add_row(*row)
     console.print(table)
     for c in report.cells:
@@ -63,8 +66,10 @@ def _render(report: MatrixReport, console: Console) -> None:
                   + f" [dim](exit code {report.exit_code})[/]")
 
 
-def _entry(c: Cell) -> str:
+def _entry(c: Cell, compact: bool = False) -> str:
     text = f"[{_STYLE[c.status]}]{c.status}[/]"
+    if compact:
+        return text + (" [dim](kept)[/]" if c.resumed else "")
     t = c.report
     worst = (t.numerics.worst or {}) if t and t.numerics else {}
     if worst.get("cosine") is not None:
