@@ -181,7 +181,7 @@ def load_model(folder: HFFolder) -> Any:
         raise ModelLoadError("reading a model folder needs torch and transformers: pip install "
                              "'mtconvert[torch]' transformers") from None
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
                 str(folder.path), local_files_only=True, dtype=torch.float32,
                 attn_implementation="eager",
@@ -193,9 +193,9 @@ def load_model(folder: HFFolder) -> Any:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """transformers' loading progress bar, advice and deprecation warnings off while loading
-    (the report says what matters), its settings restored after."""
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars, advice and deprecation warnings off while it loads and runs
+    the model (the report says what matters), its settings restored after."""
     import warnings
 
     from transformers.utils import logging as tf_logging

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mtconvert.cache import ConversionCache
 from mtconvert.errors import MtConvertError, UsageError
 from mtconvert.generation import folder as folder_mod, reference, step
 from mtconvert.generation.target import generated
@@ -52,6 +53,20 @@ class Generation:
         prompt, how = reference.prompt_ids(self.folder, opts.prompt, opts.prompt_ids,
                                            int(config.get("vocab_size") or 0))
         max_cache = cache_length(config, len(prompt), opts.max_new_tokens, opts.max_cache)
+        with folder_mod.quiet_transformers():
+            src = self._step_graph(prompt, how, max_cache)
+        self.point = sk.point()
+        self.ctx = sk.context(src, self.point, cache=True)
+        if self.ctx.cache.root is None:  # --no-cache: a cache of this run only, so that each
+            # target's Artifact, with its I/O maps, is at hand for the generation (converted)
+            self.ctx = replace(self.ctx, cache=ConversionCache(Path(self._tmp.name) / "cache"))
+        sk.clock.lap("reference_s")
+        return self
+
+    def _step_graph(self, prompt: tuple[int, ...], how: str, max_cache: int) -> Any:
+        """Load the model, decode the reference, build the step module and export it (the
+        run's source)."""
+        sk, opts = self.skeleton, self.skeleton.opts
         sk.say(f"loading {self.folder.label} ({self.folder.task})")
         hf = folder_mod.load_model(self.folder)
         sk.clock.lap("load_source_s")
@@ -68,10 +83,7 @@ class Generation:
         src = sk.load(module, Path(self._tmp.name), example_feeds(module, self.geo, prompt))
         src.name = stem(self.folder.label.lower() if self.folder.path is None
                         else self.folder.path.name)
-        self.point = sk.point()
-        self.ctx = sk.context(src, self.point, cache=True)
-        sk.clock.lap("reference_s")
-        return self
+        return src
 
     def report(self, reports: list[TargetReport]) -> Report:
         judged = [generate(self.ctx, r, self.ref, self.geo) for r in reports]
@@ -175,8 +187,9 @@ def converted(ctx: RunContext, backend: Any, report: TargetReport, path: Path,
               scratch: Path) -> Any:
     """The Artifact the target's conversion made, with the backend's own data for its session
     (I/O maps), from the conversion cache (copied into ``scratch``): the report keeps only
-    file names. Without the cache (--no-cache), the committed file described again by the
-    backend's ``adopt``, as `mtconvert validate` does (it may map I/O by position)."""
+    file names (with --no-cache, the run's own cache). Failing that, the committed file
+    described again by the backend's ``adopt``, as `mtconvert validate` does (which may map
+    I/O by position)."""
     steps = report.conversion.steps if report.conversion else ()
     chosen = [s.split(":")[0][len("route "):] for s in steps if s.startswith("route ")
               and ": chosen" in s]
