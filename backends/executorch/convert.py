@@ -149,7 +149,7 @@ def _quantized(program: Any, args: tuple[Any, ...], job: dict[str, Any],
     module = program.module()
     matmuls = _weight_matmuls(module)
     if matmuls:
-        steps.append(f"{matmuls} mm/addmm of an untransposed [in, out] weight written as "
+        steps.append(f"{matmuls} mm/matmul/addmm of an untransposed [in, out] weight as "
                      "aten.linear with the weight stored transposed (the XNNPACK quantizer "
                      "quantizes linear layers; ONNX MatMul weights would have stayed float)")
     retyped = _integer_scalars(module)
@@ -171,11 +171,12 @@ def _quantized(program: Any, args: tuple[Any, ...], job: dict[str, Any],
 
 
 def _weight_matmuls(module: Any) -> int:
-    """``mm(x, W)`` and ``addmm(b, x, W)`` with W a 2-D float constant of the (unlifted) module,
-    as ``linear(x, W.T, b)`` with ``W.T`` stored as a new constant: an ONNX ``MatMul`` by an
-    initializer, as onnx2torch and make_fx leave it. XNNPACK's quantizer annotates ``linear``
-    (and convolutions) only, so without this every encoder projection of an ONNX source stayed
-    float32 in an "int8" .pte. Same products; the accumulation order may differ by an ulp."""
+    """``mm(x, W)``, ``matmul(x, W)`` and ``addmm(b, x, W)`` with W a 2-D float constant of the
+    (unlifted) module, as ``linear(x, W.T, b)`` with ``W.T`` stored as a new constant: an ONNX
+    ``MatMul`` by an initializer as onnx2torch and make_fx leave it, or a module's ``x @ W``.
+    XNNPACK's quantizer annotates ``linear`` (and convolutions) only, so without this every
+    encoder projection of an ONNX source stayed float32 in an "int8" .pte. Same products; the
+    accumulation order may differ by an ulp."""
     import torch
 
     aten = torch.ops.aten
@@ -185,7 +186,7 @@ def _weight_matmuls(module: Any) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.kwargs:
             continue
-        if node.target is aten.mm.default and len(node.args) == 2:
+        if node.target in (aten.mm.default, aten.matmul.default) and len(node.args) == 2:
             (x, w), bias = node.args, None
         elif node.target is aten.addmm.default and len(node.args) == 3:
             bias, x, w = node.args
