@@ -5,6 +5,7 @@ process, timed from outside (wall clock). Prints figures; asserts nothing.
 
     .venv/bin/python benchmarks/bench_warm.py [--model fixtures/bert_encoder.onnx]
         [--targets tflite,coreml,ncnn,onnx-mobile] [--warm 3] [--pt2 fixtures/bert_encoder.pt2]
+        [--only run|pt2]
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def run(model: Path, targets: str, out: Path, env: dict[str, str]) -> tuple[floa
 
 def stages(report: dict) -> str:
     shared = report.get("timings", {})
-    parts = [f"load {shared.get('load_source_s', 0):.2f}", f"ref {shared.get('reference_s', 0):.2f}"]
+    parts = [f"load {shared.get('load_source_s', 0):.2f}",
+             f"ref {shared.get('reference_s', 0):.2f}"]
     for t in report.get("targets", []):
         tm = t.get("timings", {})
         parts.append(f"{t['name']} conv {tm.get('convert_s', 0):.2f}"
@@ -105,9 +107,12 @@ def main() -> None:
     ap.add_argument("--targets", default="tflite,coreml,ncnn,onnx-mobile")
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--pt2", type=Path, default=ROOT / "fixtures" / "bert_encoder.pt2")
+    ap.add_argument("--only", choices=("run", "pt2"), help="one of the two measurements")
     args = ap.parse_args()
-    four_targets(args)
-    pt2_load(args)
+    if args.only != "pt2":
+        four_targets(args)
+    if args.only != "run":
+        pt2_load(args)
 
 
 if __name__ == "__main__":
