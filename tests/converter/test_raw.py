@@ -48,6 +48,7 @@ def test_raw_twins_follow_each_fp32_cell_of_a_target_with_a_toolchain(tmp_path):
     assert twin.values["out_dir"] == str(tmp_path / "out" / "tiny" / "tflite-fp32-raw-onnx2tf")
     assert twin.file_name == "tiny.tflite.fp32.raw-onnx2tf.json"
     assert twin.key() != spec.cells[0].key()
+    assert matrix_spec.CellSpec(**twin.to_dict()) == twin  # how a Ray task receives it
     # without --raw: the same cells as before, with the keys they had (--resume keeps them)
     plain = _spec(tmp_path, (tmp_path / "zoo.toml").read_text(), raw_cells=False)
     assert [c.id for c in plain.cells] == [i for i in ids if "/raw-" not in i]
