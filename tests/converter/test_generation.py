@@ -230,8 +230,10 @@ def test_default_prompt_is_said_in_the_report(tmp_path, folders):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["tflite", "ncnn", "coreml", "executorch"])
-def test_target_generates_the_reference_tokens(target, tmp_path, folders):
+@pytest.mark.parametrize("target,precision", [("tflite", "fp32"), ("ncnn", "fp32"),
+                                              ("coreml", "fp32"), ("executorch", "fp32"),
+                                              ("tflite", "fp16")])
+def test_target_generates_the_reference_tokens(target, precision, tmp_path, folders):
     """Every target through the same step graph: the artifact, stepped with its own KV cache,
     generates the reference's greedy tokens (a near-tie may differ, and is reported so)."""
     import mtconvert
@@ -241,10 +243,11 @@ def test_target_generates_the_reference_tokens(target, tmp_path, folders):
         pytest.skip(f"{target} is not installed here")
     report = mtconvert.convert(folders["llama"], target, tmp_path / "out", None,
                                prompt_ids="1,2,3", max_new_tokens=8, iterations=2, warmup=0,
-                               jobs=1)
+                               jobs=1, precision=precision)
     t = report.targets[target]
     assert t.status == "passed", t.reason
     gen = t.generation
+    assert gen["teacher_forced"]["tolerance"]["atol"] == PROFILES[precision].atol
     assert "skipped" not in gen, gen
     first = gen["first_mismatch_step"]
     agreed = gen["target_tokens"] if first is None else gen["target_tokens"][:first]
