@@ -37,9 +37,13 @@ def to_markdown(report: Report) -> str:
     accuracy = any(_accuracy(t) is not None for t in targets)
     header = ["target", "status", "worst error", "cosine", "p50 ms (vs ref)", "size"]
     header += ["accuracy"] if accuracy else []
+    generation = any(t.generation for t in targets)
+    header += ["greedy tokens agree", "decode ms/token p50"] if generation else []
     lines += ["| " + " | ".join(header) + " |",
               "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
-    lines += ["| " + " | ".join(_row(t, ref_p50, accuracy)) + " |" for t in targets]
+    lines += ["| " + " | ".join(_row(t, ref_p50, accuracy) + (_generation(t) if generation
+                                                               else [])) + " |"
+              for t in targets]
     failing = [t for t in targets if t.status != "passed"]
     if failing:
         lines += ["", "**Why not passed**", ""]
@@ -100,6 +104,17 @@ def _row(t: TargetReport, ref_p50: float | None, accuracy: bool) -> list[str]:
         acc = _accuracy(t)
         row.append("–" if acc is None else _esc(str(acc)))
     return row
+
+
+def _generation(t: TargetReport) -> list[str]:
+    """The generation columns: tokens agreed of the steps, per-token decode p50."""
+    g = t.generation or {}
+    if "steps" not in g:
+        return ["–", "–"]
+    agreed = round(g["tokens_agree"] * g["steps"])
+    tie = " (tie)" if g.get("first_mismatch_is_tie") else ""
+    p50 = g.get("decode_ms_p50")
+    return [f"{agreed}/{g['steps']}{tie}", "–" if p50 is None else f"{p50:.2f}"]
 
 
 def _why(t: TargetReport) -> list[str]:

@@ -253,3 +253,31 @@ def test_target_generates_the_reference_tokens(target, precision, tmp_path, fold
     agreed = gen["target_tokens"] if first is None else gen["target_tokens"][:first]
     assert agreed == gen["reference_tokens"][:len(agreed)]
     assert first is None or gen["first_mismatch_is_tie"]
+
+
+def test_reports_show_the_generation():
+    """Console and Markdown show the tokens side by side where they differ; JSON keeps the
+    section through a round trip."""
+    import io
+
+    from mtconvert.render import console, markdown
+    from mtconvert.report import Report, SourceInfo, TargetMap, TargetReport
+
+    gen = {"steps": 4, "tokens_agree": 0.5, "first_mismatch_step": 2, "ties": 0,
+           "first_mismatch_is_tie": False, "prompt_tokens": [1, 2], "reference_tokens": [7, 8, 9, 10],
+           "target_tokens": [7, 8, 11, 12], "step_max_abs_error": [0.0, 0.0, 0.5, 0.6],
+           "teacher_forced": {"passed": False, "max_abs": 0.6}, "kv_cache_bytes": 4096,
+           "max_cache": 16, "time_to_first_token_ms": 1.0, "decode_ms_p50": 0.5,
+           "decode_ms_p90": 0.7, "passed": False}
+    t = TargetReport("tflite", "failed", "greedy decode: step 2 gave token 11, the reference 9",
+                     generation=gen)
+    report = Report(SourceInfo("m", "hf-folder", None, (), ()), None, TargetMap([t]))
+    assert Report.from_json(report.to_json()).targets["tflite"].generation == gen
+    out = io.StringIO()
+    console.render(report, out)
+    text = out.getvalue()
+    assert "50% of 4 greedy tokens agree, first mismatch at step 2" in text
+    assert [line.split() for line in text.splitlines() if line.split()[:1] in (["2"], ["3"])] \
+        == [["2", "9", "11"], ["3", "10", "12"]]
+    md = markdown.to_markdown(report)
+    assert "| 2/4 | 0.50 |" in md and "step 2: reference token 9, target 11" in md
