@@ -69,7 +69,8 @@ def matrix(spec: Any, out_dir: Any = "build/matrix", **options: Any) -> MatrixRe
     toolchain at its defaults, not gated), progress (callable taking a run.matrix.Event),
     registry. Any other keyword is a run option beneath the file's ``[options]`` (iterations,
     timeout, tolerances...). Cells that fail or error are in the report, not raised; a bad
-    matrix file raises a UsageError.
+    matrix file raises a UsageError. Each cell runs in a spawned process that re-imports the
+    calling script: in a script, call this under ``if __name__ == "__main__":``.
     """
     from mtconvert.api import matrix as _matrix
 
