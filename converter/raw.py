@@ -65,6 +65,10 @@ def run_cell(cell: Any, registry: Any = None) -> dict[str, Any]:
         why = exc.reason if isinstance(exc, StepError) else f"{cell.raw}: {exc}"
         return _record(cell, Cell(status="error", reason=why, error=str(exc),
                                   seconds=_since(t0), command=_last(typed), **base))
+    except Exception as exc:  # a bug here: the cell's error, with what it was (as run_cell)
+        why = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
+        return _record(cell, Cell(status="error", reason=why, error=why, seconds=_since(t0),
+                                  command=_last(typed), **base))
     target = next(iter(report.targets.values()))
     ref = report.reference
     done = Cell(status=target.status, reason=target.reason, report=target, seconds=_since(t0),
