@@ -281,3 +281,23 @@ def test_reports_show_the_generation():
         == [["2", "9", "11"], ["3", "10", "12"]]
     md = markdown.to_markdown(report)
     assert "| 2/4 | 0.50 |" in md and "step 2: reference token 9, target 11" in md
+
+
+def test_a_pickled_folder_loads_only_when_trusted(tmp_path, folders):
+    import shutil
+
+    import torch
+
+    import mtconvert
+    from mtconvert.errors import ModelLoadError
+
+    d = tmp_path / "pickled"
+    shutil.copytree(folders["gpt2"], d)
+    (d / "model.safetensors").unlink()
+    torch.save(_load(folders["gpt2"]).state_dict(), d / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="is a pickle"):
+        mtconvert.convert(d, "onnx-mobile", tmp_path / "out", None, prompt_ids="1,2,3")
+    report = mtconvert.convert(d, "onnx-mobile", tmp_path / "out", None, prompt_ids="1,2,3",
+                               max_new_tokens=4, trust_pickle=True, iterations=2, warmup=0)
+    gen = report.targets["onnx-mobile"].generation
+    assert gen["passed"] and gen["target_tokens"] == gen["reference_tokens"]
