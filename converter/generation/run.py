@@ -102,7 +102,7 @@ class Generation:
         root = Path(self.skeleton.opts.bundle).resolve()
         for r in reports:
             if (root / r.name / "bundle.json").is_file() and r.generation \
-                    and "skipped" not in r.generation:
+                    and "steps" in r.generation:
                 tol = r.generation["teacher_forced"]["tolerance"]
                 golden.add(root / r.name, self.ref, self.geo, golden.Tolerance(**tol))
 

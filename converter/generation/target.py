@@ -35,6 +35,10 @@ def generated(opts: Any, backend: Backend, artifact: Artifact, report: TargetRep
         return replace(report, status="error", reason=f"generation: {exc.reason}")
     if "unavailable" in result:
         return replace(report, generation={"skipped": result["unavailable"]})
+    got, want = np.shape(result["forced_logits"]), ref.logits.shape
+    if got != want or len(result["free_tokens"]) != len(ref.tokens):
+        why = f"generation: logits per step {got}, the reference's {want}"
+        return replace(report, status="failed", reason=why, generation={"error": why})
     tol = tol or opts.tolerances.resolve(artifact.profile, "logits")
     section, reasons = judge.judge(ref, result["forced_logits"], result["free_tokens"],
                                    result["step_ms"], tol, geo.cache_bytes(), geo.max_cache,

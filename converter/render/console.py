@@ -92,8 +92,9 @@ def _generation(t: TargetReport, console: Console) -> None:
     g = t.generation
     if not g:
         return
-    if "skipped" in g:
-        console.print(f"  [yellow]generation not checked[/]: {escape(str(g['skipped']))}")
+    if "steps" not in g:
+        console.print(f"  [yellow]generation not judged[/]: "
+                      f"{escape(str(g.get('skipped') or g.get('error')))}")
         return
     tf = g["teacher_forced"]
     console.print(f"  generation: {g['tokens_agree']:.0%} of {g['steps']} greedy tokens agree"

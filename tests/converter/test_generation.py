@@ -301,3 +301,20 @@ def test_a_pickled_folder_loads_only_when_trusted(tmp_path, folders):
                                max_new_tokens=4, trust_pickle=True, iterations=2, warmup=0)
     gen = report.targets["onnx-mobile"].generation
     assert gen["passed"] and gen["target_tokens"] == gen["reference_tokens"]
+
+
+def test_a_target_whose_logits_have_another_shape_fails_without_crashing(monkeypatch, folders):
+    """A runtime answering with the wrong vocabulary size: the target fails with the reason,
+    the run goes on (no exception out of the judgement)."""
+    from mtconvert.generation import reference, step, target
+    from mtconvert.report import TargetReport
+
+    model = _load(folders["gpt2"])
+    ref = reference.greedy(model, (1, 2), 3)
+    _, geo = step.build(model, 16)
+    wrong = {"forced_logits": np.zeros((4, 7), np.float32), "free_tokens": [0, 0, 0],
+             "step_ms": [1.0] * 4, "runtime": "x", "latency_unavailable": None}
+    monkeypatch.setattr(target, "run_loop", lambda *a: wrong)
+    out = target.generated(None, None, None, TargetReport("t", "passed"), ref, geo,
+                           PROFILES["fp32"])
+    assert out.status == "failed" and "logits per step (4, 7)" in out.reason
