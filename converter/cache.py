@@ -114,8 +114,10 @@ class _ImportsMemo:
                     self._known = {}
             if digest in self._known:
                 return list(self._known[digest])
-        found = _imports(source)
-        with self._mutex:
+            # parsed under the lock: CPython 3.11's ast.parse from two threads at once can
+            # raise "SystemError: AST constructor recursion depth mismatch" (targets convert
+            # in threads)
+            found = _imports(source)
             self._known[digest], self._new = found, True
         return list(found)
 
