@@ -2,6 +2,8 @@
 quantizer, and ExecuTorch's own runtime (executorch.runtime) running each .pte."""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -85,15 +87,139 @@ def test_snippets_use_the_module_api_and_positions():
     assert "torch.zeros((1, 8), dtype=torch.int64)" in python and "logits, = " in python
 
 
+class IndexedEncoder:
+    """Integer index arithmetic by a Python scalar (``arange(n) + 1``, as HF BERT builds its
+    mask) and a MatMul by an [in, out] weight (an ONNX MatMul as onnx2torch traces it)."""
+
+    @staticmethod
+    def make():
+        import torch
+
+        class Indexed(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.pos = torch.nn.Parameter(torch.randn(16, 8))
+                self.w = torch.nn.Parameter(torch.randn(8, 8))  # stored [in, out]
+
+            def forward(self, x):
+                return (x + self.pos[torch.arange(x.shape[1]) + 1]) @ self.w
+
+        return Indexed().eval(), (torch.randn(1, 4, 8),)
+
+
+def _quantize_indexed(monkeypatch=None):
+    import torch
+
+    from mtconvert.backends.executorch import convert
+
+    module, args = IndexedEncoder.make()
+    with torch.no_grad():
+        program = torch.export.export(module, args, strict=False)
+    steps = []
+    quantized = convert._quantized(program, args, {"int8_scheme": "dynamic"}, steps)
+    return module, args, quantized, steps
+
+
+def test_int8_keeps_integer_index_arithmetic_integer(monkeypatch):
+    """The XNNPACK quantizer makes the scalar of ``add.Tensor(int_tensor, 1)`` a float32 tensor
+    (its _convert_scalars_to_attrs): without the rewrite to add.Scalar, the indices turn float."""
+    import torch
+
+    from mtconvert.backends.executorch import convert
+
+    module, args, quantized, steps = _quantize_indexed()
+    assert any(s.startswith("1 integer add/mul with a Python scalar") for s in steps)
+    ref, out = module(*args), quantized.module()(*args)
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), 0) > 0.999
+    monkeypatch.setattr(convert, "_integer_scalars", lambda module: 0)
+    with pytest.raises(IndexError, match="tensors used as indices must be long"):
+        _quantize_indexed()
+
+
+def test_int8_quantizes_a_matmul_by_an_untransposed_weight():
+    _, _, quantized, steps = _quantize_indexed()
+    assert any(s.startswith("1 mm/matmul/addmm of an untransposed [in, out] weight") for s in steps)
+    targets = {str(n.target) for n in quantized.graph.nodes}
+    assert "aten.linear.default" in targets
+    assert any("dequantize_per_channel" in t for t in targets)  # the weight is int8 now
+
+
 # --- slow: real conversions -----------------------------------------------------------------
 
+FIXTURES = [f["name"] for f in json.loads(
+    (Path(__file__).resolve().parents[2] / "fixtures" / "manifest.json").read_text())["fixtures"]]
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                 "QLinearMatMul", "ConvInteger", "QLinearConv"}
+
+
 @pytest.fixture(scope="module")
-def onnx_built(fixtures_dir, tmp_path_factory):
-    """bert_encoder.onnx to a .pte once, with a golden bundle: (target report, out, bundle)."""
-    root = tmp_path_factory.mktemp("executorch")
-    t = _run(fixtures_dir / "bert_encoder.onnx", root / "out",
-             extra={"bundle": str(root / "gold")})
-    return t, root / "out", root / "gold"
+def converted(fixtures_dir, tmp_path_factory):
+    """``get(fixture, precision)``: the fixture's ONNX to a .pte once per module, with a golden
+    bundle: (target report, out, bundle). Converted inside the first test that asks (under
+    its private cache), reused by the others."""
+    done = {}
+
+    def get(name, precision="fp32"):
+        if (name, precision) not in done:
+            root = tmp_path_factory.mktemp(f"executorch-{name}-{precision}")
+            t = _run(fixtures_dir / f"{name}.onnx", root / "out", precision=precision,
+                     extra={"bundle": str(root / "gold")})
+            done[name, precision] = (t, root / "out", root / "gold")
+        return done[name, precision]
+    return get
+
+
+@pytest.fixture
+def onnx_built(converted):
+    return converted("bert_encoder")
+
+
+def _int8_tables(t):
+    """How many int8 embedding tables of a quantized source were folded to float (its
+    ``dequantize:`` step), 0 for a float source."""
+    for step in t.conversion.steps:
+        found = re.match(r"dequantize: .* and (\d+) int8 tables folded", step)
+        if found:
+            return int(found.group(1))
+    return 0
+
+
+def _quantized_source(path):
+    import onnx
+
+    return bool({n.op_type for n in onnx.load(str(path)).graph.node} & QUANTIZED_OPS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_every_fixture_to_pte_against_the_reference(fixture, precision, converted,
+                                                    fixtures_dir):
+    t, out, _ = converted(fixture, precision)
+    assert t.numerics.runtime.startswith("executorch")
+    assert t.numerics.passed
+    if _int8_tables(t):  # the XNNPACK quantizer quantizes no embedding: tables come back float
+        assert t.status == "failed"
+        assert re.fullmatch(r"size: \d+\.\d\dx the quantized source's bytes \(limit 1\.25x\): "
+                            r"the artifact did not stay compressed", t.reason), t.reason
+        return
+    assert t.status == "passed", t.reason
+    quantized = _quantized_source(fixtures_dir / f"{fixture}.onnx")
+    # a quantized source stays int8 whatever --precision says (its weights are int8 steps)
+    assert t.precision == ("int8" if quantized else precision)
+    suffix = "" if t.precision == "fp32" else f".{t.precision}"
+    assert t.artifacts[0].path == str(out / f"{fixture}{suffix}.pte")
+    if t.precision == "int8":  # judged with its fp32 twin, made the same way
+        # the twin of a float source matches it; a quantized source's twin is its dequantized
+        # graph, which the source's int8 steps keep from matching within fp32 tolerances
+        assert "max_abs" in t.numerics.fp32_worst
+        assert quantized or t.numerics.fp32_worst["max_abs"] < 1e-4
+        assert all(0 < c["max_abs"] for c in t.numerics.vs_fp32.values())
+        assert any("XNNPACK quantizer (PT2E)" in s for s in t.conversion.steps)
+        assert "quantized_decomposed" in _codes(t)["executorch-delegation"]["message"]
+    else:
+        assert t.numerics.worst["max_abs"] < 1e-4
 
 
 @pytest.mark.slow
@@ -201,3 +327,33 @@ def test_torch_module_int8_is_judged_with_its_fp32_twin(tmp_path):
     change = next(iter(t.numerics.vs_fp32.values()))
     assert 0 < change["max_abs"] and change["cosine"] > 0.999  # int8 costs something
     assert "quantized_decomposed" in _codes(t)["executorch-delegation"]["message"]
+
+
+@pytest.mark.slow
+def test_dynamic_axes_give_a_static_pte_and_say_so(tiny_onnx, tmp_path):
+    """The source's dynamic batch/sequence axes cannot become torch.export Dims through
+    onnx2torch: the .pte is fixed at the first sweep shape, the other is skipped with the
+    reason, and the report says why the program is static."""
+    t = _run(tiny_onnx, tmp_path, seq_lens=(8, 16))
+    assert t.status == "passed", t.reason
+    assert t.input_shapes == {"input_ids": [1, 8], "attention_mask": [1, 8]}
+    [other] = t.sweep
+    assert other["input_shapes"] == {"input_ids": [1, 16], "attention_mask": [1, 16]}
+    assert other["status"] == "skipped"
+    assert other["reason"] == "the artifact is fixed to input_ids=1x8, attention_mask=1x8"
+    warning = _codes(t)["executorch-fixed-shapes"]
+    assert warning["severity"] == "warning"
+    assert "input_ids axis 0 (batch), 1 (sequence)" in warning["message"]
+    assert "torch.export refuses at symbolic sizes" in warning["message"]
+    assert warning["message"] in t.conversion.steps
+
+
+@pytest.mark.slow
+def test_torch_program_int8_stays_on_the_torch_export_route(fixtures_dir, tmp_path):
+    t = _run(fixtures_dir / "bert_encoder.pt2", tmp_path, precision="int8")
+    assert t.status == "passed", t.reason
+    assert t.conversion.steps[0] == "route torch.export: chosen (passed)"  # none rejected
+    assert any("written as add.Scalar/mul.Scalar" in s for s in t.conversion.steps)
+    delegation = _codes(t)["executorch-delegation"]["message"]
+    assert "aten_linear_defaultx14" in delegation
+    assert "quantized_decomposed_dequantize_per_channel_defaultx14" in delegation
