@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mtconvert import quantized
 from mtconvert.backends.base import Backend
 from mtconvert.errors import ModelLoadError, UsageError
 from mtconvert.options import ConvertOptions
@@ -104,4 +105,18 @@ def _one(skeleton: Run, src: Any, path: Path, name: str, report_name: str) -> tu
     point = skeleton.point(dict(given) | {k: tuple(v) for k, v in fixed.items()})
     skeleton.say(f"{report_name}: reference at {point.shapes}")
     ctx = skeleton.context(src, point, report_name=report_name)
-    return check_artifact(ctx, backend, artifact, None), point
+    plan = _quantized_plan(src, backend, skeleton.opts.precision)
+    report = check_artifact(ctx, backend, quantized.judged(artifact, plan), None)
+    return quantized.summary(report, name, plan), point
+
+
+def _quantized_plan(src: Any, backend: Backend, precision: str) -> dict[str, Any] | None:
+    """A quantized source judges an artifact built elsewhere as it judges its own conversion:
+    the int8-source profile and the size against the source's bytes (no weight record: the
+    artifact's conversion is not known, so ``kept`` is not read)."""
+    plan = quantized.plan_for(src, backend.name, backend.precisions, precision)
+    if plan is None:
+        return None
+    stated = ({"fallback": f"{backend.name} has no int8 form here: its float artifact is "
+                           "not held to the source's size"} if plan.get("fallback") else {})
+    return plan | {"record": None, "route": "built elsewhere (validate)"} | stated

@@ -203,3 +203,25 @@ def test_per_channel_source_keeps_its_scales_in_core_ml(per_channel_qdq: Path,
     kept = t.compressed["kept"]
     assert kept["int8_tensors"] == kept["same_ints_and_scales"] > 0
     assert t.compressed["size_ratio"] <= quantized.RATIO_LIMIT
+
+
+@pytest.mark.slow
+def test_validate_mode_judges_built_artifacts_as_a_conversion_does(converted) -> None:
+    """`mtconvert validate QUANTIZED.onnx ARTIFACT`: the int8-source profile and the size
+    against the source, as for mtconvert's own conversion (the artifacts of the test above)."""
+    import mtconvert
+
+    name, report = converted
+    paths = [a.path for t in ("tflite", "ncnn") for a in report.targets[t].artifacts
+             if a.role == "artifact"]
+    checked = mtconvert.validate(FIXTURES / f"{name}.onnx", paths, iterations=3, warmup=1,
+                                 input_shapes={"input_ids": "1x16"})
+    for target in ("tflite", "ncnn"):
+        t = checked.targets[target]
+        assert t.status == "passed", t.reason
+        assert any("int8-source" in f["message"] for f in t.findings)
+        c = t.compressed
+        assert c["route"] == "built elsewhere (validate)" and c["kept"] is None
+        assert c["bytes"] == sum(a.bytes for a in report.targets[target].artifacts)
+    assert checked.targets["tflite"].compressed["size_ratio"] <= quantized.RATIO_LIMIT
+    assert checked.targets["ncnn"].compressed["size_limit"] is None
