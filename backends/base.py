@@ -61,6 +61,9 @@ class PreparedSource:
     work_dir: Path
     path: Path | None = None
     torch_module: Any = None
+    # the ONNX graph's quantization as described when it was loaded ({} for a float graph);
+    # None when not described (then whoever needs it reads the graph)
+    quantization: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

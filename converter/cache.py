@@ -340,7 +340,8 @@ class SourceCache:
     place like conversions. The key is the file's sha256, mtconvert's version and the code that
     describes and exports sources, and the versions of the tools involved (``parts``)."""
 
-    CODE = ("mtconvert.source", "mtconvert.torch_source", "mtconvert.safety")
+    CODE = ("mtconvert.source", "mtconvert.torch_source", "mtconvert.safety",
+            "mtconvert.quantized")
 
     def __init__(self, root: Path | None):
         self.root = None if root is None else root / "sources"

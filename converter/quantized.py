@@ -114,8 +114,9 @@ def plan_for(src: Any, target: str, precisions: tuple[str, ...],
     graph itself takes it as it is; the others take the dequantized graph (``lowered``) at
     their int8 precision, re-compressing the weights from the source's record, or at fp32 with
     dequantized weights where they have no int8 here (the stated fallback)."""
-    info = _describe_cached(str(src.onnx_path), Path(src.onnx_path).stat().st_mtime_ns)
-    if info is None:
+    info = src.quantization if src.quantization is not None else \
+        _describe_cached(str(src.onnx_path), Path(src.onnx_path).stat().st_mtime_ns)
+    if not info:
         return None
     plan: dict[str, Any] = {"source": info, "source_bytes": source_bytes(src.path or
                                                                           src.onnx_path),
@@ -172,7 +173,7 @@ def lowered(src: Any, target: str, topts: Any, plan: dict[str, Any] | None) -> t
     extra = {**topts.extra, "source_quantization": {
         "record": plan["record"], "scheme": plan["source"]["scheme"],
         "granularity": granularity}}
-    return (replace(src, onnx_path=path, torch_module=None),
+    return (replace(src, onnx_path=path, torch_module=None, quantization={}),
             replace(topts, precision=plan["precision"], extra=extra))
 
 

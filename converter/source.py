@@ -118,22 +118,28 @@ class Description:
     outputs: tuple[TensorSpec, ...]
     int_highs: dict[str, int]
     weight_dims: set[int]
+    quantization: dict[str, Any]  # mtconvert.quantized.describe's, {} for a float graph
 
     @classmethod
     def of(cls, model: Any) -> Description:
+        from mtconvert import quantized
+
         inputs, outputs = describe_onnx(model)
-        return cls(inputs, outputs, embedding_table_sizes(model), weight_dims(model))
+        return cls(inputs, outputs, embedding_table_sizes(model), weight_dims(model),
+                   quantized.describe(model) or {})
 
     def to_meta(self) -> dict[str, Any]:
         return {"inputs": [s.to_dict() for s in self.inputs],
                 "outputs": [s.to_dict() for s in self.outputs],
-                "int_highs": self.int_highs, "weight_dims": sorted(self.weight_dims)}
+                "int_highs": self.int_highs, "weight_dims": sorted(self.weight_dims),
+                "quantization": self.quantization}
 
     @classmethod
     def from_meta(cls, d: dict[str, Any]) -> Description:
         return cls(tuple(TensorSpec.from_dict(x) for x in d["inputs"]),
                    tuple(TensorSpec.from_dict(x) for x in d["outputs"]),
-                   {k: int(v) for k, v in d["int_highs"].items()}, set(d["weight_dims"]))
+                   {k: int(v) for k, v in d["int_highs"].items()}, set(d["weight_dims"]),
+                   d.get("quantization"))
 
 
 def _from_onnx(path: Path, work_dir: Path, cache: Any = None) -> LoadedSource:
@@ -150,7 +156,8 @@ def _from_onnx(path: Path, work_dir: Path, cache: Any = None) -> LoadedSource:
         if cache and not _external_data(model):  # external files may change on their own
             cache.put(key, desc.to_meta())
     prepared = PreparedSource(format="onnx", name=path.stem, onnx_path=path, inputs=desc.inputs,
-                              outputs=desc.outputs, input_shapes={}, work_dir=work_dir, path=path)
+                              outputs=desc.outputs, input_shapes={}, work_dir=work_dir, path=path,
+                              quantization=desc.quantization)
     return LoadedSource(prepared, sha, desc.int_highs, desc.weight_dims)
 
 
@@ -303,7 +310,8 @@ def _from_torch(module: Any, example_inputs: Any, work_dir: Path, name: str,
             cache.put(key, desc.to_meta(), (onnx_path,))
     prepared = PreparedSource(format="torch", name=name, onnx_path=onnx_path,
                               inputs=desc.inputs, outputs=desc.outputs, input_shapes={},
-                              work_dir=work_dir, path=path, torch_module=module)
+                              work_dir=work_dir, path=path, torch_module=module,
+                              quantization=desc.quantization)
     np_feeds = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
     return LoadedSource(prepared, sha, desc.int_highs, desc.weight_dims, np_feeds)
 

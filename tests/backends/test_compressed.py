@@ -112,7 +112,8 @@ def _src(name: str, tmp_path: Path):
     from types import SimpleNamespace
 
     path = FIXTURES / f"{name}.onnx"
-    return SimpleNamespace(onnx_path=path, path=path, work_dir=tmp_path, name=name)
+    return SimpleNamespace(onnx_path=path, path=path, work_dir=tmp_path, name=name,
+                           quantization=None)  # not described at load: plan_for reads it
 
 
 def test_each_target_gets_its_plan(tmp_path: Path) -> None:
@@ -125,6 +126,19 @@ def test_each_target_gets_its_plan(tmp_path: Path) -> None:
     assert tfl["lower"] and tfl["precision"] == "int8" and not tfl.get("fallback")
     ncnn = quantized.plan_for(src, "ncnn", ("fp32", "fp16"), "fp32")
     assert ncnn["lower"] and ncnn["precision"] == "fp32" and "fp32" in ncnn["fallback"]
+
+
+def test_the_description_made_at_load_is_used_not_the_graph_again(tmp_path: Path) -> None:
+    """A source loaded (or found in the source cache) carries its quantization description,
+    so a warm run does not parse the ONNX again to plan the targets."""
+    from mtconvert import source
+
+    loaded = source.load(FIXTURES / "bert_int8_qdq.onnx", tmp_path).prepared
+    assert loaded.quantization["scheme"] == "qdq"
+    assert source.load(FIXTURES / "bert_encoder.onnx", tmp_path).prepared.quantization == {}
+    described_float = _src("bert_int8_qdq", tmp_path)
+    described_float.quantization = {}
+    assert quantized.plan_for(described_float, "tflite", ("fp32", "int8"), "fp32") is None
 
 
 def test_a_target_larger_than_the_limit_fails_unless_a_fallback_is_stated(
