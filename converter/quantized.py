@@ -89,18 +89,20 @@ def describe_path(path: Path | str) -> dict[str, Any] | None:
 
 def source_bytes(path: Path | str) -> int:
     """The source's bytes on disk (its external-data files included)."""
-    p = Path(path)
-    total = p.stat().st_size
     try:
         import onnx
 
-        model = onnx.load(str(p), load_external_data=False)
-        files = {p.parent / e.value for t in model.graph.initializer for e in t.external_data
-                 if e.key == "location"}
-        total += sum(f.stat().st_size for f in files if f.is_file())
+        return model_bytes(onnx.load(str(path), load_external_data=False), path)
     except Exception:  # noqa: BLE001 - the file itself is the size then
-        pass
-    return total
+        return Path(path).stat().st_size
+
+
+def model_bytes(model: Any, path: Path | str) -> int:
+    """The bytes of a loaded ONNX model's file and its external-data files."""
+    p = Path(path)
+    files = {p.parent / e.value for t in model.graph.initializer for e in t.external_data
+             if e.key == "location"}
+    return p.stat().st_size + sum(f.stat().st_size for f in files if f.is_file())
 
 
 # --- a quantized source at a target ------------------------------------------------------------
@@ -118,8 +120,9 @@ def plan_for(src: Any, target: str, precisions: tuple[str, ...],
         _describe_cached(str(src.onnx_path), Path(src.onnx_path).stat().st_mtime_ns)
     if not info:
         return None
-    plan: dict[str, Any] = {"source": info, "source_bytes": source_bytes(src.path or
-                                                                          src.onnx_path),
+    size = info.get("source_bytes") or source_bytes(src.path or src.onnx_path)
+    info = {k: v for k, v in info.items() if k != "source_bytes"}
+    plan: dict[str, Any] = {"source": info, "source_bytes": size,
                             "record": str(_work(src, target) / f"{src.name}.weights.json")}
     if target in NATIVE_TARGETS:
         return plan | {"lower": False, "record": None,

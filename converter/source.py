@@ -152,13 +152,26 @@ def _from_onnx(path: Path, work_dir: Path, cache: Any = None) -> LoadedSource:
         desc = Description.from_meta(hit[0])
     else:
         model = read_onnx(path)
-        desc = Description.of(model)
+        desc = _with_bytes(Description.of(model), model, path)
         if cache and not _external_data(model):  # external files may change on their own
             cache.put(key, desc.to_meta())
     prepared = PreparedSource(format="onnx", name=path.stem, onnx_path=path, inputs=desc.inputs,
                               outputs=desc.outputs, input_shapes={}, work_dir=work_dir, path=path,
                               quantization=desc.quantization)
     return LoadedSource(prepared, sha, desc.int_highs, desc.weight_dims)
+
+
+def _with_bytes(desc: Description, model: Any, path: Path) -> Description:
+    """A quantized source's description holds its bytes on disk (what its artifacts are held
+    to), measured from the parsed model so that a warm run needs no ONNX parse for it."""
+    if not desc.quantization:
+        return desc
+    from dataclasses import replace
+
+    from mtconvert import quantized
+
+    return replace(desc, quantization=desc.quantization |
+                   {"source_bytes": quantized.model_bytes(model, path)})
 
 
 def _external_data(model: Any) -> bool:
