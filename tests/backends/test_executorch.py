@@ -156,15 +156,19 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
 @pytest.fixture(scope="module")
 def converted(fixtures_dir, tmp_path_factory):
     """``get(fixture, precision)``: the fixture's ONNX to a .pte once per module, with a golden
-    bundle: (target report, out, bundle). Converted inside the first test that asks (under
-    its private cache), reused by the others."""
+    bundle: (target report, out, bundle). Converted inside the first test that asks, reused
+    by the others; the module's conversions share one cache, so an int8 run's fp32 twin is the
+    fp32 run's artifact (each .pte lowered once)."""
     done = {}
+    cache = tmp_path_factory.mktemp("executorch-cache")
 
     def get(name, precision="fp32"):
         if (name, precision) not in done:
             root = tmp_path_factory.mktemp(f"executorch-{name}-{precision}")
-            t = _run(fixtures_dir / f"{name}.onnx", root / "out", precision=precision,
-                     extra={"bundle": str(root / "gold")})
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("MTCONVERT_CACHE_DIR", str(cache))
+                t = _run(fixtures_dir / f"{name}.onnx", root / "out", precision=precision,
+                         extra={"bundle": str(root / "gold")})
             done[name, precision] = (t, root / "out", root / "gold")
         return done[name, precision]
     return get
