@@ -179,7 +179,7 @@ def load_model(folder: HFFolder) -> Any:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise ModelLoadError("reading a model folder needs torch and transformers: pip install "
-                             "'mtconvert[torch]' transformers") from None
+                             "'mtconvert[generation]'") from None
     try:
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
