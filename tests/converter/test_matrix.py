@@ -362,7 +362,9 @@ def test_cache_shared_by_processes_converts_each_entry_once(tmp_path, monkeypatc
     assert sorted(r["cached"] for r in results) == [False, True, True]
     assert len((tmp_path / "conversions").read_text().split()) == 1  # converted once
     assert {r["artifact"] for r in results} == {model.read_bytes().hex()}
-    entries = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    # one conversion entry, whole (beside it: the source cache sources/, code-imports.json)
+    entries = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")
+               and p.name != "sources"]
     assert len(entries) == 1 and json.loads((entries[0] / "entry.json").read_text())
     assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]  # nothing torn
 
