@@ -301,7 +301,16 @@ def param_io(param: Path) -> tuple[list[dict[str, Any]], list[str]]:
                     "int": bool(readers) and all(k == "Embed" for k in readers)})
     outs = [t for kind, _, _, tops, _ in layers for t in tops
             if kind != "Input" and t not in read]
-    return ins, outs
+    return sorted(ins, key=lambda i: _pnnx_index(i["blob"], "in", ins.index(i))), \
+        sorted(outs, key=lambda o: _pnnx_index(o, "out", outs.index(o)))
+
+
+def _pnnx_index(blob: str, prefix: str, position: int) -> tuple[int, int]:
+    """pnnx names the graph's inputs in0, in1… and outputs out0, out1… in the model's order,
+    while the .param lists layers in topological order (a later output can be made first): a
+    pnnx-named blob sorts by its number, anything else keeps its place."""
+    tail = blob[len(prefix):] if blob.startswith(prefix) else ""
+    return (0, int(tail)) if tail.isdigit() else (1, position)
 
 
 def declare_input_shapes(param: Path, shapes: list[list[int]]) -> None:

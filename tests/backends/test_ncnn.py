@@ -203,6 +203,21 @@ def test_declared_input_shapes_round_trip(tmp_path, shapes):
     assert [i["int"] for i in ins] == [True, False] and outs == ["out0", "out1"]
 
 
+def test_pnnx_named_outputs_keep_the_models_order(tmp_path):
+    """pnnx names outputs out0, out1… in the model's order, but a .param lists layers
+    topologically: out1 made first must still be the model's second output (a KV-cache step
+    graph's logits and presents came back swapped in `validate`)."""
+    param = tmp_path / "m.param"
+    param.write_text("7767517\n4 4\nInput in0 0 1 in0\n"
+                     "UnaryOp neg_0 1 1 in0 out1 0=1\nSplit split_1 1 2 in0 a b\n"
+                     "BinaryOp add_2 2 1 a b out0 0=0\n")
+    assert param_io(param)[1] == ["out0", "out1"]
+    other = tmp_path / "n.param"  # not pnnx's names: the file's order
+    other.write_text("7767517\n3 3\nInput x 0 1 x\nUnaryOp neg_0 1 1 x zeta 0=1\n"
+                     "UnaryOp abs_1 1 1 x alpha 0=0\n")
+    assert param_io(other)[1] == ["zeta", "alpha"]
+
+
 @pytest.fixture(scope="module")
 def built_ncnn(fixtures_dir, tmp_path_factory):
     """The distilled BERT fixture as .param/.bin at 1x12 (mtconvert validate's input)."""
