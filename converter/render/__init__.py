@@ -104,6 +104,31 @@ def profile_headline(profile: dict[str, Any]) -> str:
             f"{profile['operators']} operators, {profile['total_ms']:.2f} ms in all): {types}")
 
 
+def generation_headline(g: dict[str, Any]) -> str:
+    """One line on a target's generation (generative models): tokens agreed, the first
+    mismatch, the teacher-forced logits, per-token latency; or why it was not judged."""
+    if "steps" not in g:
+        return f"generation not judged: {g.get('skipped') or g.get('error')}"
+    line = f"{g['tokens_agree']:.0%} of {g['steps']} greedy tokens agree"
+    if g["first_mismatch_step"] is not None:
+        line += f", first mismatch at step {g['first_mismatch_step']}" + (
+            " (a near-tie in the reference)" if g.get("first_mismatch_is_tie") else "")
+    tf = g["teacher_forced"]
+    line += (f"; teacher-forced logits max abs {tf['max_abs']:.2e} "
+             f"({'within' if tf['passed'] else 'outside'} tolerance)")
+    if "decode_ms_p50" in g:
+        line += (f"; time to first token {g['time_to_first_token_ms']:.2f} ms, decode p50 "
+                 f"{g['decode_ms_p50']:.2f} / p90 {g['decode_ms_p90']:.2f} ms/token")
+    return line + f"; KV cache {g['kv_cache_bytes']} bytes at {g['max_cache']} slots"
+
+
+def generation_differences(g: dict[str, Any]) -> list[tuple[int, int, int | None]]:
+    """(step, reference token, target token) wherever the generated ids differ."""
+    ref, got = g.get("reference_tokens") or [], g.get("target_tokens") or []
+    return [(i, r, got[i] if i < len(got) else None) for i, r in enumerate(ref)
+            if i >= len(got) or got[i] != r]
+
+
 def emit(destination: Path | IO[str] | str, text: str) -> None:
     """A renderer's text to a file (written atomically) or to a text stream."""
     if isinstance(destination, (str, Path)):

@@ -147,12 +147,27 @@ def _target(i: int, t: TargetReport, report: Report, plots: _Plots) -> str:
         parts.append(_conversion(t))
     if t.findings:
         parts.append(_findings(t))
+    if t.generation:
+        parts.append(_generation(t.generation))
     if t.profile:
         parts.append(profile_section(t.profile))
     if t.snippets:
         parts.append(_snippets(t))
     parts.append("</section>")
     return "".join(parts)
+
+
+def _generation(g: dict[str, Any]) -> str:
+    """Generative models: the headline, and the token ids side by side where they differ."""
+    from mtconvert.render import generation_differences, generation_headline
+
+    rows = "".join(f"<tr><td>{k}</td><td>{r}</td><td>{'-' if o is None else o}</td></tr>"
+                   for k, r, o in generation_differences(g))
+    table = (f"<table><thead><tr><th>step</th><th>reference token</th><th>target token</th>"
+             f"</tr></thead><tbody>{rows}</tbody></table>" if rows else "")
+    ids = (f"<p>prompt {_e(g.get('prompt_tokens'))}; generated (reference) "
+           f"{_e(g.get('reference_tokens'))}</p>" if "steps" in g else "")
+    return f"<h3>Generation</h3><p>{_e(generation_headline(g))}</p>{ids}{table}"
 
 
 def profile_section(profile: dict[str, Any]) -> str:

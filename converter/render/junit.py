@@ -134,7 +134,7 @@ def _cases(t: TargetReport, mode: str) -> list[TestCase]:
             c.stopped = "the mobile-compatibility check failed"
     _numerics(c, reason)
     _latency(c)
-    for case in _accuracy(t):
+    for case in _accuracy(t) + _generation(t):
         c.cases.append(case)
     _baseline(c)
     verdict = {"failed": Failure(_text(reason), "failed"),
@@ -223,6 +223,30 @@ def _accuracy(t: TargetReport) -> list[TestCase]:
         case.result = [Failure(_text(
             f"{a['target']:.4g} vs the reference's {a['reference']:.4g} on {a['items']} items: "
             f"-{a['drop_points']:.2f} points > {a['max_drop_points']:g}"), "failed")]
+    return [case]
+
+
+def _generation(t: TargetReport) -> list[TestCase]:
+    """Generative models: one testcase, failed when the generation did not pass, skipped when
+    it was not judged; its text the headline and any differing token ids."""
+    from junitparser import Failure, Skipped, TestCase
+
+    from mtconvert.render import generation_differences, generation_headline
+
+    g = t.generation
+    if not g:
+        return []
+    case = TestCase("generation", f"mtconvert.{t.name}")
+    text = generation_headline(g)
+    differ = generation_differences(g)
+    if differ:
+        text += "\n" + "\n".join(f"step {k}: reference {r}, target {o}" for k, r, o in differ)
+    if "steps" not in g:
+        case.result = [Skipped(_text(text))]
+    elif not g.get("passed"):
+        case.result = [Failure(_text(text), "generation")]
+    else:
+        case.system_out = _text(text)
     return [case]
 
 

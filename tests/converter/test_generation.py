@@ -281,6 +281,19 @@ def test_reports_show_the_generation():
         == [["2", "9", "11"], ["3", "10", "12"]]
     md = markdown.to_markdown(report)
     assert "| 2/4 | 0.50 |" in md and "step 2: reference token 9, target 11" in md
+    from junitparser import Failure, JUnitXml
+
+    from mtconvert.render import html, junit
+
+    page = html.to_html(report)
+    assert "<h3>Generation</h3>" in page and "<td>2</td><td>9</td><td>11</td>" in page
+    assert "50% of 4 greedy tokens agree, first mismatch at step 2" in page
+    xml = io.BytesIO()
+    junit.render(report, xml)
+    cases = {c.name: c for suite in JUnitXml.fromstring(xml.getvalue().decode())
+             for c in suite}
+    failure = cases["generation"].result[0]
+    assert isinstance(failure, Failure) and "step 2: reference 9, target 11" in failure.message
 
 
 def test_a_pickled_folder_loads_only_when_trusted(tmp_path, folders):
