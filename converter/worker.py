@@ -125,15 +125,7 @@ def run_profile(*, name: str, backend: str, artifact: dict[str, Any],
         np.savez(t / "feeds.npz", **feeds)
         job = {"name": name, "backend": backend, "artifact": artifact, "threads": threads,
                "feeds": str(t / "feeds.npz"), "profile": runs, "result": str(t / "result.json")}
-        (t / "job.json").write_text(json.dumps(job))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        try:
-            proc = subprocess.run([sys.executable, "-m", "mtconvert.worker", str(t / "job.json")],
-                                  env=env, capture_output=True, text=True, timeout=timeout_s,
-                                  stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise RuntimeFailure(f"timed out after {timeout_s:g} s", target=name,
-                                 step="profile") from None
+        proc = _spawn(t, job, name, "profile", timeout_s)
         if proc.returncode != 0 or not (t / "result.json").is_file():
             raise RuntimeFailure(_crash_reason(proc), target=name, step="profile",
                                  stderr_tail=tail(proc.stderr))
@@ -322,15 +314,7 @@ def run_session(*, name: str, backend: str, artifact: dict[str, Any],
                "result": str(t / "result.json"),
                "intermediates": str(intermediates) if intermediates else None,
                "chunk": chunk}
-        (t / "job.json").write_text(json.dumps(job))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        try:
-            proc = subprocess.run([sys.executable, "-m", "mtconvert.worker", str(t / "job.json")],
-                                  env=env, capture_output=True, text=True, timeout=timeout_s,
-                                  stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise RuntimeFailure(f"timed out after {timeout_s:g} s", target=name,
-                                 step="run") from None
+        proc = _spawn(t, job, name, "run", timeout_s)
         if intermediates and proc.returncode == 0 and (intermediates / "index.json").is_file():
             return SessionResult({}, {}, 0.0, 0.0, name)
         if proc.returncode != 0 or not (t / "result.json").is_file():
@@ -344,6 +328,23 @@ def run_session(*, name: str, backend: str, artifact: dict[str, Any],
     return SessionResult(outputs, result["latency"], result["peak_rss_mb"],
                          result["baseline_rss_mb"], result["runtime"],
                          result.get("latency_unavailable"))
+
+
+def _spawn(folder: Path, job: dict[str, Any], name: str, step: str,
+           timeout_s: float | None) -> subprocess.CompletedProcess:
+    """One job in a worker child (``folder/job.json``), to its end; RuntimeFailure on a
+    time-out. The caller reads the result files and the exit code."""
+    from mtconvert.errors import RuntimeFailure
+
+    (folder / "job.json").write_text(json.dumps(job))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        return subprocess.run([sys.executable, "-m", "mtconvert.worker", str(folder / "job.json")],
+                              env=env, capture_output=True, text=True, timeout=timeout_s,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise RuntimeFailure(f"timed out after {timeout_s:g} s", target=name,
+                             step=step) from None
 
 
 def _crash_reason(proc: subprocess.CompletedProcess) -> str:
