@@ -105,11 +105,7 @@ def _linears(program: Any) -> int:
             continue
         if args is None or args[1] is None:
             continue
-        with graph.inserting_before(node):
-            linear = graph.call_function(aten.linear.default, args)
-        linear.meta = dict(node.meta)
-        node.replace_all_uses_with(linear)
-        graph.erase_node(node)
+        _replace_by_linear(graph, node, lambda a=args: a)
         count += 1
     if count:
         graph.eliminate_dead_code()
@@ -206,13 +202,8 @@ def _weight_matmuls(module: Any) -> int:
             name = f"_mtconvert_linear_weight_{len(done)}"
             module.register_buffer(name, value.detach().t().contiguous())
             done[w.target] = name
-        with graph.inserting_before(node):
-            weight = graph.get_attr(done[w.target])
-            linear = graph.call_function(aten.linear.default,
-                                         (x, weight) if bias is None else (x, weight, bias))
-        linear.meta = dict(node.meta)
-        node.replace_all_uses_with(linear)
-        graph.erase_node(node)
+        _replace_by_linear(graph, node, lambda x=x, t=done[w.target], b=bias: (
+            x, graph.get_attr(t)) + (() if b is None else (b,)))
         count += 1
     if count:
         graph.eliminate_dead_code()
@@ -222,6 +213,18 @@ def _weight_matmuls(module: Any) -> int:
             delattr(module.get_submodule(owner) if owner else module, attr)
         module.recompile()
     return count
+
+
+def _replace_by_linear(graph: Any, node: Any, args: Any) -> None:
+    """``node`` replaced by ``aten.linear(*args())`` (``args`` is called at the insertion point,
+    so any node it makes comes before the linear), with the node's metadata."""
+    import torch
+
+    with graph.inserting_before(node):
+        linear = graph.call_function(torch.ops.aten.linear.default, args())
+    linear.meta = dict(node.meta)
+    node.replace_all_uses_with(linear)
+    graph.erase_node(node)
 
 
 def _attr(module: Any, target: str) -> Any:
