@@ -6,7 +6,6 @@ JSON); `mtconvert verify` then steps the bundled artifact through the same gener
 judges it as the conversion did, without the source model."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from mtconvert.backends.base import Artifact, Backend
 from mtconvert.errors import ModelLoadError
 from mtconvert.generation.reference import Reference
 from mtconvert.generation.step import Geometry
+from mtconvert.source import sha256_of
 from mtconvert.generation.target import generated
 from mtconvert.report import TargetReport
 from mtconvert.validators.tolerances import Tolerance
@@ -33,7 +33,7 @@ def add(bundle_dir: Path, ref: Reference, geo: Geometry, tol: Tolerance) -> None
     (bundle_dir / MANIFEST).write_text(json.dumps({
         "format": FORMAT, "geometry": vars(geo), "tolerance": tol.to_dict(),
         "reference": {"runtime": ref.runtime, "version": ref.version},
-        "arrays_sha256": _sha256(bundle_dir / ARRAYS)}, indent=2))
+        "arrays_sha256": sha256_of(bundle_dir / ARRAYS)}, indent=2))
 
 
 def verify(bundle_dir: Path, opts: Any, backend: Backend, artifact: Artifact,
@@ -56,7 +56,7 @@ def read(bundle_dir: Path) -> tuple[dict[str, Any], Reference]:
         raise ModelLoadError(f"bundle {bundle_dir.name}: {MANIFEST} format "
                              f"{manifest.get('format')!r}, expected {FORMAT}")
     arrays = bundle_dir / ARRAYS
-    if not arrays.is_file() or _sha256(arrays) != manifest.get("arrays_sha256"):
+    if not arrays.is_file() or sha256_of(arrays) != manifest.get("arrays_sha256"):
         raise ModelLoadError(f"bundle {bundle_dir.name}: {ARRAYS} is missing or was changed")
     with np.load(arrays, allow_pickle=False) as data:
         ref = Reference(tuple(int(i) for i in data["prompt"]),
@@ -64,7 +64,3 @@ def read(bundle_dir: Path) -> tuple[dict[str, Any], Reference]:
                         data["reference_logits"], manifest["reference"]["runtime"],
                         manifest["reference"]["version"])
     return manifest, ref
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
