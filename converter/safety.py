@@ -56,12 +56,47 @@ def pt2_pickle_payloads(path: Path) -> list[str]:
             found += [f"pickled {k}" for k, meta in entries.items() if meta.get("use_pickle")]
         found += [n for n in names if "/data/constants/" in n and
                   n.rsplit("/", 1)[-1].startswith(("custom_obj_", "opaque_obj_"))]
+        found += _subclass_payloads(z, names, configs)
         for sample in (n for n in names if "/data/sample_inputs/" in n):
             try:
                 torch.load(io.BytesIO(z.read(sample)), weights_only=True)
             except Exception:
                 found.append(f"{sample} needs the full unpickler")
     return found
+
+
+# packages whose tensor subclasses torch.export.save pickles (quantized weights)
+SUBCLASS_PACKAGES = ("torchao",)
+
+
+def _subclass_payloads(z: zipfile.ZipFile, names: list[str], configs: list[str]) -> list[str]:
+    """Pickled weights that are a quantization package's tensor subclasses (named by the
+    package's module path inside the pickle), said as such."""
+    pickled = []
+    for cfg in configs:
+        entries = json.loads(z.read(cfg)).get("config", {})
+        folder = cfg.rsplit("/", 1)[0]
+        pickled += [(k, f"{folder}/{meta.get('path_name', '')}") for k, meta in entries.items()
+                    if meta.get("use_pickle")]
+    found = []
+    for package in SUBCLASS_PACKAGES:
+        tag = package.encode()
+        hits = [k for k, member in pickled if member in names and tag in z.read(member)]
+        if hits:
+            found.append(f"{package} tensor subclasses ({len(hits)} weights)")
+    return found
+
+
+def pickle_advice(payloads: list[str]) -> str:
+    """What to do about a .pt2's pickle payloads: a quantization package's tensor subclasses
+    are pickled by torch.export.save itself, so re-exporting does not help; trusting it does."""
+    packages = [p for p in SUBCLASS_PACKAGES if any(x.startswith(p + " ") for x in payloads)]
+    if not packages:
+        return TRUST_HINT
+    names = ", ".join(packages)
+    return (f"{names}'s quantized weights are tensor subclasses, which torch.export.save "
+            f"pickles: pass --trust-pickle if you trust where it came from (loading them needs "
+            f"{names} installed)")
 
 
 def check_external_data(model: Any, base_dir: Path) -> None:

@@ -60,7 +60,8 @@ def load(model: Any, work_dir: Path, example_inputs: Any = None, *, trust_pickle
             payloads = [] if trust_pickle else safety.pt2_pickle_payloads(path)
             if payloads:
                 raise ModelLoadError(f"{path.name} carries pickle payloads that loading would run "
-                                     f"({'; '.join(payloads[:3])}); {safety.TRUST_HINT}")
+                                     f"({'; '.join(payloads[:3])}); "
+                                     f"{safety.pickle_advice(payloads)}")
             return _from_torch(*_load_pt2(path), work_dir, path.stem, path, cache)
         return _from_onnx(path, work_dir, cache)
     if _is_torch_module(model):
@@ -292,8 +293,15 @@ def _load_pt2(path: Path) -> tuple[Any, Any]:
         import torch
     except ImportError:
         raise ModelLoadError("reading a .pt2 program needs torch: pip install 'mtconvert[torch]'") from None
+    from mtconvert import torch_quantized
+
+    torch_quantized.register_ops()  # a PT2E program's quantize/dequantize ops
     try:
         ep = torch.export.load(str(path))
+    except ModuleNotFoundError as exc:
+        raise ModelLoadError(f"{path.name} needs the {exc.name} package to be read (its "
+                             f"tensors were pickled with {exc.name}'s classes): pip install "
+                             f"{exc.name}") from None
     except Exception as exc:
         raise ModelLoadError(f"{path.name} is not a readable torch.export program: "
                              f"{_first_line(exc)}") from None
@@ -332,11 +340,18 @@ def _from_torch(module: Any, example_inputs: Any, work_dir: Path, name: str,
 def _export(module: Any, feeds: dict[str, Any], onnx_path: Path) -> tuple[Description, bool]:
     """The module exported to ``onnx_path``: its description, and whether the export has
     external data files."""
-    from mtconvert import torch_source
+    from mtconvert import torch_quantized, torch_source
 
-    output_names = torch_source.export_onnx(module, feeds, onnx_path, OPSET)
+    exported, quantization = torch_quantized.exportable(module, feeds)
+    output_names = torch_source.export_onnx(exported, feeds, onnx_path, OPSET)
+    if quantization:
+        torch_quantized.finish(onnx_path)
     model = read_onnx(onnx_path)
     desc = Description.of(model)
+    if quantization and desc.quantization:
+        from dataclasses import replace
+
+        desc = replace(desc, quantization=desc.quantization | quantization)
     if [o.name for o in desc.outputs] != output_names:
         raise ModelLoadError(f"exported ONNX outputs {[o.name for o in desc.outputs]} do not "
                              f"match the module's outputs {output_names}")

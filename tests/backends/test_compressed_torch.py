@@ -1,0 +1,133 @@
+"""Quantized PyTorch sources (issue 20): a torchao weight-only-int8 module and a PT2E-quantized
+(XNNPACK quantizer) module, built here tiny and seeded, as .pt2 files and in memory; exported as
+quantized ONNX and taken the way a quantized ONNX source is."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchao")
+
+from mtconvert import quantized, source  # noqa: E402
+from mtconvert.errors import ModelLoadError  # noqa: E402
+from tests.models import quick_convert  # noqa: E402
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 64), torch.nn.Linear(64, 16)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return self.b(torch.relu(self.a(x)))
+
+
+def _float() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return Tiny().eval(), torch.randn(2, 32)
+
+
+def torchao_int8() -> tuple[torch.nn.Module, torch.Tensor]:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    module, x = _float()
+    quantize_(module, Int8WeightOnlyConfig())
+    return module, x
+
+
+def pt2e_int8() -> tuple[torch.nn.Module, torch.Tensor]:
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    module, x = _float()
+    quantizer = XNNPACKQuantizer().set_global(
+        get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(torch.export.export(module, (x,)).module(), quantizer)
+    prepared(x)
+    return convert_pt2e(prepared), x
+
+
+MAKERS = {"torchao": torchao_int8, "pt2e": pt2e_int8}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("torch_q")
+    paths = {}
+    for name, make in MAKERS.items():
+        module, x = make()
+        paths[name] = folder / f"{name}.pt2"
+        torch.export.save(torch.export.export(module, (x,)), str(paths[name]))
+    return paths
+
+
+def _ort(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path))
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+
+
+def test_torchao_pt2_is_refused_naming_its_tensor_subclasses(saved, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError) as err:
+        source.load(saved["torchao"], tmp_path)
+    text = str(err.value)
+    assert "torchao" in text and "tensor subclasses" in text and "--trust-pickle" in text
+    assert "export it with torch.export.save" not in text  # it already was
+
+
+@pytest.mark.parametrize("kind,scheme", [("torchao", "weight-only"), ("pt2e", "qdq")])
+def test_pt2_is_described_and_exported_as_quantized_onnx(saved, tmp_path: Path, kind: str,
+                                                         scheme: str) -> None:
+    loaded = source.load(saved[kind], tmp_path, trust_pickle=(kind == "torchao"))
+    q = loaded.prepared.quantization
+    assert q["origin"] == kind and q["bits"] == 8 and q["scheme"] == scheme
+    assert q["int8_weights"] == 2 and q["weight_granularity"] == "per-channel"
+    if kind == "torchao":
+        assert [layer["weight"] for layer in q["torch_layers"]] == ["a.weight", "b.weight"]
+    # the exported quantized ONNX computes what the PyTorch source computes
+    from mtconvert import torch_source
+
+    want = torch_source.run(loaded.prepared.torch_module, loaded.example_feeds)
+    got = _ort(loaded.prepared.onnx_path, loaded.example_feeds)
+    for key, value in want.items():
+        assert np.abs(got[key] - value).max() <= 1e-5 * max(1.0, np.abs(value).max())
+
+
+@pytest.mark.parametrize("kind", sorted(MAKERS))
+def test_in_memory_quantized_module_is_described(kind: str, tmp_path: Path) -> None:
+    module, x = MAKERS[kind]()
+    prepared = source.load(module, tmp_path, example_inputs=(x,)).prepared
+    assert prepared.quantization["origin"] == kind
+    assert prepared.quantization["int8_weights"] == 2
+    plan = quantized.plan_for(prepared, "tflite", ("fp32", "int8"), "fp32")
+    assert plan["lower"] and plan["precision"] == "int8"
+
+
+def test_a_float_module_is_not_quantized(tmp_path: Path) -> None:
+    module, x = _float()
+    assert source.load(module, tmp_path, example_inputs=(x,)).prepared.quantization == {}
+
+
+@pytest.fixture(scope="module")
+def converted(saved, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return {kind: quick_convert("onnx-mobile,tflite", saved[kind],
+                                tmp_path_factory.mktemp(f"conv_{kind}"),
+                                trust_pickle=(kind == "torchao"))
+            for kind in MAKERS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(MAKERS))
+@pytest.mark.parametrize("target", ["onnx-mobile", "tflite"])
+def test_quantized_pt2_converts_and_stays_compressed(converted, kind: str, target: str) -> None:
+    t = converted[kind].targets[target]
+    assert t.status == "passed", t.reason
+    assert any("int8-source" in step for step in t.conversion.steps)
+    c = t.compressed
+    assert c["source"]["origin"] == kind and c["fallback"] is None
+    assert c["size_ratio"] <= quantized.RATIO_LIMIT
+    if target == "tflite":
+        assert t.precision == "int8" and c["kept"]["int8_tensors"] == 2
