@@ -218,9 +218,10 @@ class PteSession(Session):
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
 
-        from mtconvert.backends.executorch.pte import DTYPES
+        from mtconvert.backends.executorch.pte import DTYPES, load_quantized_kernels
 
         portable_lib._unsafe_reset_threadpool(max(1, int(threads)))
+        load_quantized_kernels()  # an int8 .pte's embedding_byte
         try:
             self._program = Runtime.get().load_program(artifact.primary)
             self._method = self._program.load_method("forward")

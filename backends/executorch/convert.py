@@ -158,12 +158,77 @@ def _quantized(program: Any, args: tuple[Any, ...], job: dict[str, Any],
         for sample in samples:
             prepared(*sample)
         converted = convert_pt2e(prepared)
+        tables = _embeddings_byte(converted)
         program = torch.export.export(converted, args, strict=False)
     what = ("int8 per-channel weights, activations quantized dynamically (per tensor, at run "
             "time)" if dynamic else "int8 per-channel weights, static int8 activations "
             f"calibrated on {len(samples)} sample(s)")
     steps.append(f"XNNPACK quantizer (PT2E): {what} [{time.perf_counter() - t0:.1f} s]")
+    if tables:
+        steps.append(f"{tables} embedding table(s) as int8 with per-row scales "
+                     "(quantized_decomposed.embedding_byte, ExecuTorch's quantized kernels; "
+                     "the XNNPACK quantizer leaves embeddings float)")
     return program
+
+
+def _embeddings_byte(module: Any) -> int:
+    """Every lookup in a 2-D float constant table, ``aten.embedding(W, ids)`` (nn.Embedding)
+    or ``aten.index.Tensor(W, [ids])`` (an ONNX Gather on axis 0 as onnx2torch and make_fx
+    leave it), as ``quantized_decomposed.embedding_byte(Wq, scales, None, -128, 127, ids)``:
+    ``Wq`` int8, one symmetric scale per row (max |row| / 127), what ExecuTorch's Llama export
+    does with ``--embedding-quantize 8,0``. XNNPACK delegates no embedding and its quantizer
+    annotates none, so without this the word-embedding table, most of a small encoder's
+    bytes, stayed float32 in an int8 .pte."""
+    import torch
+    from executorch.exir.passes import _quant_patterns_and_replacements  # noqa: F401 (defines the op)
+
+    aten = torch.ops.aten
+    graph = module.graph
+    done: dict[str, tuple[str, str]] = {}
+    count = 0
+    for node in list(graph.nodes):
+        table, ids = _lookup(node, aten)
+        if table is None:
+            continue
+        value = _attr(module, table.target)
+        if not (isinstance(value, torch.Tensor) and value.dim() == 2
+                and value.dtype == torch.float32):
+            continue
+        if table.target not in done:
+            scales = (value.detach().abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+            q = torch.round(value.detach() / scales[:, None]).clamp(-128, 127).to(torch.int8)
+            names = (f"_mtconvert_table_{len(done)}", f"_mtconvert_table_{len(done)}_scales")
+            module.register_buffer(names[0], q)
+            module.register_buffer(names[1], scales.contiguous())
+            done[table.target] = names
+        names = done[table.target]
+        _replace(graph, node, torch.ops.quantized_decomposed.embedding_byte.default,
+                 lambda ids=ids, n=names: (graph.get_attr(n[0]), graph.get_attr(n[1]), None,
+                                           -128, 127, ids))
+        count += 1
+    if count:
+        _drop_unused(module, graph, done)
+    return count
+
+
+def _lookup(node: Any, aten: Any) -> tuple[Any, Any]:
+    """(table, indices) of a row lookup in a constant table, else (None, None)."""
+    import torch
+
+    if node.op != "call_function" or node.kwargs:
+        return None, None
+    if node.target is aten.embedding.default and len(node.args) == 2:
+        table, ids = node.args
+    elif node.target is aten.index.Tensor and len(node.args) == 2 \
+            and len(node.args[1]) == 1 and isinstance(node.args[1][0], torch.fx.Node):
+        table, ids = node.args[0], node.args[1][0]
+    else:
+        return None, None
+    val = ids.meta.get("val") if isinstance(ids, torch.fx.Node) else None
+    if not (isinstance(table, torch.fx.Node) and table.op == "get_attr"
+            and isinstance(val, torch.Tensor) and val.dtype in (torch.int64, torch.int32)):
+        return None, None
+    return table, ids
 
 
 def _weight_matmuls(module: Any) -> int:
@@ -206,25 +271,35 @@ def _weight_matmuls(module: Any) -> int:
             x, graph.get_attr(t)) + (() if b is None else (b,)))
         count += 1
     if count:
-        graph.eliminate_dead_code()
-        used = {n.target for n in graph.nodes if n.op == "get_attr"}
-        for target in set(done) - used:  # an unused original would still be exported
-            owner, _, attr = target.rpartition(".")
-            delattr(module.get_submodule(owner) if owner else module, attr)
-        module.recompile()
+        _drop_unused(module, graph, done)
     return count
 
 
 def _replace_by_linear(graph: Any, node: Any, args: Any) -> None:
-    """``node`` replaced by ``aten.linear(*args())`` (``args`` is called at the insertion point,
-    so any node it makes comes before the linear), with the node's metadata."""
     import torch
 
+    _replace(graph, node, torch.ops.aten.linear.default, args)
+
+
+def _replace(graph: Any, node: Any, target: Any, args: Any) -> None:
+    """``node`` replaced by ``target(*args())`` (``args`` is called at the insertion point, so
+    any node it makes comes before the new one), with the node's metadata."""
     with graph.inserting_before(node):
-        linear = graph.call_function(torch.ops.aten.linear.default, args())
-    linear.meta = dict(node.meta)
-    node.replace_all_uses_with(linear)
+        new = graph.call_function(target, args())
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
     graph.erase_node(node)
+
+
+def _drop_unused(module: Any, graph: Any, done: dict[str, Any]) -> None:
+    """After rewrites that replaced the constants named by ``done``'s keys: dead nodes removed
+    and every original constant no node reads any more deleted (it would still be exported)."""
+    graph.eliminate_dead_code()
+    used = {n.target for n in graph.nodes if n.op == "get_attr"}
+    for target in set(done) - used:
+        owner, _, attr = target.rpartition(".")
+        delattr(module.get_submodule(owner) if owner else module, attr)
+    module.recompile()
 
 
 def _attr(module: Any, target: str) -> Any:

@@ -58,11 +58,30 @@ def _tensor(value: Any) -> dict[str, Any]:
             "dtype": DTYPES.get(int(value.scalar_type), f"scalar type {int(value.scalar_type)}")}
 
 
+def load_quantized_kernels() -> None:
+    """Register ExecuTorch's quantized kernels (``quantized_decomposed::embedding_byte.out``
+    and the other ``quantized_decomposed`` ops) in this process's runtime: the pip package's
+    pybindings link the portable and optimized kernels only; its
+    ``lib/libexecutorch_kernels_quantized.so`` registers the rest into the same registry when
+    loaded (a phone build links ``quantized_ops_lib`` the same way). Idempotent."""
+    import ctypes
+
+    import executorch
+
+    for root in executorch.__path__:
+        lib = Path(root) / "lib" / "libexecutorch_kernels_quantized.so"
+        if lib.is_file():
+            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+            return
+
+
 def runtime_registry() -> dict[str, list[str]]:
-    """The kernels and backends the installed ExecuTorch runtime registers."""
+    """The kernels and backends the installed ExecuTorch runtime registers (its quantized
+    kernels loaded)."""
     from executorch.runtime import Runtime
 
     runtime = Runtime.get()
+    load_quantized_kernels()
     return {"operators": sorted(runtime.operator_registry.operator_names),
             "backends": sorted(runtime.backend_registry.registered_backend_names)}
 
