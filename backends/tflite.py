@@ -23,8 +23,10 @@ from mtconvert.errors import ConversionError, RuntimeFailure, RuntimeUnavailable
 if TYPE_CHECKING:
     import numpy as np
 
-# ONNX ops that onnx2tf lowers to Flex unless replaced by its builtin "pseudo operators".
-PSEUDO_OPS = {"Erf": "erf", "Gelu": "gelu", "MatMulInteger": "matmulinteger"}
+# ONNX ops that onnx2tf lowers to Flex unless replaced by its builtin "pseudo operators". Gelu
+# is not one: onnx2tf writes tf.nn.gelu, which TFLiteConverter (TF 2.21) makes the builtin GELU
+# (tflite_routes.fuse_gelu turns the Erf formula into Gelu for that reason).
+PSEUDO_OPS = {"Erf": "erf", "MatMulInteger": "matmulinteger"}
 TOOLS = ["onnx2tf", "tensorflow", "onnxsim", "ai-edge-litert"]
 
 

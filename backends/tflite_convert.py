@@ -23,7 +23,8 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     import onnx2tf
     import tensorflow as tf
 
-    from mtconvert.backends.tflite_routes import LAYOUT_ROUTE, pin_layout_judgement, prepare
+    from mtconvert.backends.tflite_routes import (LAYOUT_ROUTE, register_gelu_schema,
+                                                  pin_layout_judgement, prepare)
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mtconvert-onnx2tf-") as tmp:
@@ -37,6 +38,8 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
                 "onnx2tf layout judgement pinned: an op output counts as channels-last only "
                 "when its shape differs from the ONNX shape, never because its axes have equal "
                 "sizes")
+        if prepared["op_counts"].get("Gelu"):
+            register_gelu_schema()
         t_pre = time.perf_counter()
         model = onnx2tf.convert(
             input_onnx_file_path=str(work), output_folder_path=tmp,

@@ -106,6 +106,151 @@ def expand_gelu(model: Any) -> int:
     return count
 
 
+# ONNX Runtime's contrib Gelu: the exact (erf) GELU as one node. onnx2tf maps any node whose type
+# is Gelu to tf.nn.gelu, which TFLiteConverter writes as LiteRT's builtin GELU (XNNPACK runs it);
+# the contrib domain lets ONNX Runtime check the fused graph at opset 17 (Gelu is opset 20).
+GELU_DOMAIN = "com.microsoft"
+_SQRT2 = 2.0 ** 0.5
+
+
+def fuse_gelu(model: Any) -> int:
+    """Replace every exact GELU written as its formula, x·0.5·(1 + erf(x/√2)) (x/√2 as a Div by
+    √2 or a Mul by 1/√2; the three factors multiplied in any order), by one Gelu node of
+    GELU_DOMAIN, its output shape kept. Intermediate tensors used elsewhere stop the match.
+    Returns the count fused (ONNX Gelu nodes are first expanded by expand_gelu, so they are
+    fused here too)."""
+    from onnx import helper
+
+    graph = model.graph
+    scalar = _scalars(model)
+    made = {o for n in graph.node for o in n.output}
+    users: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def only_user(name: str, op: str) -> Any:
+        found = users.get(name, [])
+        ok = len(found) == 1 and found[0].op_type == op and name not in outputs
+        return found[0] if ok else None
+
+    def other(node: Any, name: str) -> str | None:
+        rest = list(node.input)
+        if name not in rest or len(rest) != 2:
+            return None
+        rest.remove(name)
+        return rest[0]
+
+    def is_const(name: str | None, value: float) -> bool:
+        v = scalar.get(name or "")
+        return v is not None and abs(v - value) <= 1e-5 * abs(value)
+
+    by_output = {o: n for n in graph.node for o in n.output}
+    matches: list[tuple[str, str, list[Any]]] = []
+    for erf in [n for n in graph.node if n.op_type == "Erf" and n.domain in ("", "ai.onnx")]:
+        scale = by_output.get(erf.input[0])
+        if scale is None or only_user(scale.output[0], "Erf") is not erf:
+            continue
+        x = _gelu_input(scale, is_const)
+        plus = only_user(erf.output[0], "Add")
+        if x is None or plus is None or not is_const(other(plus, erf.output[0]), 1.0):
+            continue
+        tail = _gelu_tail(x, plus.output[0], only_user, other, is_const, by_output, made)
+        if tail is not None:
+            matches.append((x, tail[-1].output[0], [scale, erf, plus, *tail]))
+    if not matches:
+        return 0
+    shapes = {v.name: v for v in _inferred(model).graph.value_info}
+    drop = {id(n) for _, _, group in matches for n in group}
+    last = {id(group[-1]): (x, y) for x, y, group in matches}
+    nodes = []
+    for node in graph.node:
+        if id(node) in last:
+            x, y = last[id(node)]
+            nodes.append(helper.make_node("Gelu", [x], [y], name=f"{node.name or y}_gelu",
+                                          domain=GELU_DOMAIN))
+            if y in shapes and y not in outputs:
+                graph.value_info.append(shapes[y])
+        elif id(node) not in drop:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == GELU_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(GELU_DOMAIN, 1))
+    _prune_initializers(model)
+    return len(matches)
+
+
+def _gelu_input(scale: Any, is_const: Any) -> str | None:
+    """x of x/√2 (Div by √2, or Mul by 1/√2 on either side)."""
+    a, b = (list(scale.input) + ["", ""])[:2]
+    if scale.op_type == "Div" and is_const(b, _SQRT2):
+        return a
+    if scale.op_type == "Mul":
+        return a if is_const(b, 1 / _SQRT2) else b if is_const(a, 1 / _SQRT2) else None
+    return None
+
+
+def _gelu_tail(x: str, plus: str, only_user: Any, other: Any, is_const: Any,
+               by_output: dict[str, Any], made: set[str]) -> list[Any] | None:
+    """The two Muls that make x·(1 + erf)·0.5 from ``plus`` (= 1 + erf), in the three orders
+    exporters write: (x·p)·0.5, (x·0.5)·p, x·(p·0.5). None when they are not there."""
+    first = only_user(plus, "Mul")
+    if first is None:
+        return None
+    partner = other(first, plus)
+    if partner == x:                                            # (x·p)·0.5
+        second = only_user(first.output[0], "Mul")
+        ok = second is not None and is_const(other(second, first.output[0]), 0.5)
+        return [first, second] if ok else None
+    if is_const(partner, 0.5):                                  # x·(p·0.5)
+        second = only_user(first.output[0], "Mul")
+        ok = second is not None and other(second, first.output[0]) == x
+        return [first, second] if ok else None
+    half = by_output.get(partner or "")                         # (x·0.5)·p
+    if (half is not None and partner in made and half.op_type == "Mul"
+            and only_user(partner, "Mul") is first and other(half, x) is not None
+            and is_const(other(half, x), 0.5)):
+        return [half, first]
+    return None
+
+
+def _scalars(model: Any) -> dict[str, float]:
+    """Initializers holding one float value: name -> value."""
+    from onnx import numpy_helper
+
+    found = {}
+    for init in model.graph.initializer:
+        if init.data_type in (1, 10, 11) and int(_prod(init.dims)) == 1:
+            found[init.name] = float(numpy_helper.to_array(init).reshape(-1)[0])
+    return found
+
+
+def _prod(dims: Any) -> int:
+    out = 1
+    for d in dims:
+        out *= int(d)
+    return out
+
+
+def _inferred(model: Any) -> Any:
+    import onnx
+
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _prune_initializers(model: Any) -> None:
+    """Drop the initializers no node or graph output reads any more."""
+    graph = model.graph
+    used = ({i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+            | {i.name for i in graph.input})
+    keep = [i for i in graph.initializer if i.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
 def split_to_slices(model: Any) -> int:
     """Replace every Split by one Slice per output (Slice has the same form in opsets 13-21;
     onnx.version_converter has no adapter for Split 18 -> 17). Sizes come from the ``split``
@@ -349,11 +494,29 @@ def prepare(src: str, dst: str) -> dict[str, Any]:
     else:
         if done:
             model, steps = _checked(original, lowered, "; ".join(done), steps)
+    model, steps = _fused(model, steps)
     onnx.save(model, dst)
     counts: dict[str, int] = {}
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return {"steps": steps, "op_counts": counts}
+
+
+def _fused(model: Any, steps: list[str]) -> tuple[Any, list[str]]:
+    """``model`` with its exact GELU formulas fused (fuse_gelu) when ONNX Runtime agrees."""
+    import onnx
+
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    try:
+        count = fuse_gelu(fused)
+    except Exception as exc:  # noqa: BLE001 - a graph the matcher cannot read: left as it is
+        return model, [*steps, f"GELU not fused: {_first_line(exc)}"]
+    if not count:
+        return model, steps
+    return _checked(model, fused, f"GELU formula fused into one Gelu node ({count} nodes; "
+                    "onnx2tf writes tf.nn.gelu: LiteRT's builtin GELU, not the Erf emulation)",
+                    steps)
 
 
 def _checked(before: Any, after: Any, what: str, steps: list[str]) -> tuple[Any, list[str]]:
@@ -450,3 +613,25 @@ def _shape_differs(onnx_shape: Any, tf_shape: Any, batch: int | None) -> bool:
         return bool(dims != tf_shape)
     except Exception:  # noqa: BLE001 - an unknown-rank TF shape
         return True
+
+
+def register_gelu_schema() -> None:
+    """Teach ONNX shape inference, in this process (the onnx2tf child), the fused Gelu:
+    elementwise, output type and shape its input's. onnx2tf re-infers every shape, and sng4onnx
+    (its op-naming step) writes the node back without its domain, so the schema is registered
+    for GELU_DOMAIN and, below opset 20, for the default domain. Without it the shapes are lost
+    from the first Gelu on; an output of unknown shape counts as channels-last, its consumers
+    transpose, and LayerNorm fails on its axis."""
+    from onnx import defs
+
+    param = defs.OpSchema.FormalParameter
+    for domain in (GELU_DOMAIN, ""):
+        if defs.has("Gelu", 1, domain):
+            continue
+        schema = defs.OpSchema("Gelu", domain, 1, "exact GELU: x·0.5·(1 + erf(x/√2))",
+                               inputs=[param("X", "T")], outputs=[param("Y", "T")],
+                               type_constraints=[("T", ["tensor(float)", "tensor(float16)",
+                                                        "tensor(double)"], "float types")])
+        schema.set_type_and_shape_inference_function(
+            lambda ctx: ctx.set_output_type(0, ctx.get_input_type(0)))
+        defs.register_schema(schema)
