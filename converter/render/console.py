@@ -103,14 +103,21 @@ def _generation(t: TargetReport, console: Console) -> None:
                      if g["first_mismatch_step"] is not None else "")
                   + f"; teacher-forced logits max abs {_num(tf['max_abs'], '.2e')} "
                   f"({'within' if tf['passed'] else 'outside'} tolerance)")
+    steps = (f"encoder {g['encoder_ms']:.2f} ms + first decoder step" if "encoder_ms" in g
+             else f"{len(g['prompt_tokens'] or ())} prompt steps")
     timing = (f"time to first token {g['time_to_first_token_ms']:.2f} ms "
-              f"({len(g['prompt_tokens'])} prompt steps)" if "time_to_first_token_ms" in g
+              f"({steps})" if "time_to_first_token_ms" in g
               else "" if g.get("latency_unavailable") == t.latency_unavailable
               else f"latency not measured: {escape(str(g.get('latency_unavailable')))}")
     if "decode_ms_p50" in g:
         timing += f", decode p50 {g['decode_ms_p50']:.2f} / p90 {g['decode_ms_p90']:.2f} ms/token"
     console.print(f"  {timing + '; ' if timing else ''}KV cache {_fmt_bytes(g['kv_cache_bytes'])}"
                   f" at {g['max_cache']} slots")
+    for graph, c in (g.get("graphs") or {}).items():  # an encoder-decoder's graphs
+        if c:
+            console.print(f"  graph {graph}: {c['status']}, max abs "
+                          f"{_num((c.get('worst') or {}).get('max_abs'), '.2e')}"
+                          + (f": {escape(str(c['reason']))}" if c.get("reason") else ""))
     differ = [(i, r, o) for i, (r, o) in enumerate(zip(g["reference_tokens"],
                                                         g["target_tokens"])) if r != o]
     if differ:
