@@ -42,6 +42,7 @@ class ConvertOptions:
     bundle: Path | None = None  # write a golden bundle per target here
     from_report: Path | None = None  # validate: the artifacts a convert report lists
     eval_data: Path | None = None  # task accuracy on this dataset (.npz: inputs, labels)
+    float_model: Path | None = None  # a compressed source's float original (float_compare)
     max_accuracy_drop: float | None = None  # points; None: by profile (fp32 0, else 0.5)
     save_baseline: Path | None = None  # keep this run's measurements here
     baseline: Path | None = None  # gate this run against an earlier run's measurements

@@ -68,6 +68,9 @@ CORE: tuple[Option, ...] = (
            modes=BOTH, show_default=True),
     Option("max_size_growth", "float", 0.05, "With --baseline: the artifact size growth that "
            "fails (0.05: 5 %).", modes=BOTH, show_default=True),
+    Option("float_model", "path", None, "The float original of a compressed (quantized) "
+           "source: each target is also compared with it (int8 profile).", modes=BOTH,
+           metavar="PATH"),
     Option("eval_data", "path", None, "Task accuracy on this dataset (.npz: the inputs by name, "
            "items stacked on axis 0, and `labels`: class ids per item or per token, -100 "
            "ignored; without labels, embeddings' nearest-neighbour agreement).", modes=BOTH),

@@ -209,7 +209,7 @@ def summary(report: Any, target: str, plan: dict[str, Any] | None) -> Any:
         from mtconvert import compressed_check
 
         kept = compressed_check.kept(target, Path(primary), plan["record"])
-    field = {"source": plan["source"], "route": plan["route"], "fallback": fallback,
+    field = {**(report.compressed or {}), "source": plan["source"], "route": plan["route"], "fallback": fallback,
              "bytes": size or None, "source_bytes": plan["source_bytes"],
              "size_ratio": round(ratio, 4) if ratio is not None else None,
              "size_limit": None if fallback else RATIO_LIMIT, "kept": kept}

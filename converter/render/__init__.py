@@ -129,6 +129,24 @@ def generation_differences(g: dict[str, Any]) -> list[tuple[int, int, int | None
             if i >= len(got) or got[i] != r]
 
 
+def vs_float_line(v: dict[str, Any]) -> str:
+    """--float-model: the target's and the compressed source's distance from the float model."""
+    if "error" in v:
+        return f"vs the float model: {v['error']}"
+
+    def worst(w: dict[str, Any] | None) -> str:
+        w = w or {}
+        return f"max abs {_fmt(w.get('max_abs'), '.2e')}, cosine {_fmt(w.get('cosine'), '.6f')}"
+
+    def _fmt(x: Any, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    src = v.get("source") or {}
+    return (f"vs the float model ({v['profile']} profile): {worst(v.get('worst'))} "
+            f"({'within' if v.get('passed') else 'OUTSIDE'} the {v['profile']} bounds); the "
+            f"compressed source: {worst(src.get('worst'))}")
+
+
 def emit(destination: Path | IO[str] | str, text: str) -> None:
     """A renderer's text to a file (written atomically) or to a text stream."""
     if isinstance(destination, (str, Path)):

@@ -144,6 +144,12 @@ def _compressed(c: dict[str, Any], console: Console) -> None:
     """A quantized source: its scheme, the route, the size against it, what stayed int8."""
     from rich.markup import escape
 
+    if c.get("vs_float"):
+        from mtconvert.render import vs_float_line
+
+        console.print(f"  {escape(vs_float_line(c['vs_float']))}")
+    if "source" not in c:
+        return
     src = c.get("source") or {}
     size = (f"{_fmt_bytes(c['bytes'])}, {c['size_ratio']:.2f}x the source's "
             f"{_fmt_bytes(c['source_bytes'])}" if c.get("size_ratio") is not None else "size -")

@@ -266,6 +266,11 @@ def _numerics(t: TargetReport, plots: _Plots) -> str:
         parts.append(_histograms(t.name, measured, plots))
     if n.vs_fp32:
         parts.append(_vs_fp32(t))
+    if (t.compressed or {}).get("vs_float"):
+        from mtconvert.render import vs_float_line
+
+        parts.append(f"<h4>Against the float model</h4><p>"
+                     f"{_e(vs_float_line(t.compressed['vs_float']))}</p>")
     return "".join(parts)
 
 

@@ -49,6 +49,7 @@ def to_markdown(report: Report) -> str:
         lines += ["", "**Why not passed**", ""]
         lines += [item for t in failing for item in _why(t)]
     lines += _profiles(report)
+    lines += _vs_float(targets)
     for t in targets:
         lines += _snippets(t)
     return "\n".join(lines).rstrip() + "\n"
@@ -115,6 +116,15 @@ def _generation(t: TargetReport) -> list[str]:
     tie = " (tie)" if g.get("first_mismatch_is_tie") else ""
     p50 = g.get("decode_ms_p50")
     return [f"{agreed}/{g['steps']}{tie}", "–" if p50 is None else f"{p50:.2f}"]
+
+
+def _vs_float(targets: list[TargetReport]) -> list[str]:
+    """--float-model: each target against the compressed source's float original."""
+    from mtconvert.render import vs_float_line
+
+    rows = [f"- **{_esc(t.name)} {t.precision}**: {_esc(vs_float_line(t.compressed['vs_float']))}"
+            for t in targets if (t.compressed or {}).get("vs_float")]
+    return ["", "**Against the float model**", "", *rows] if rows else []
 
 
 def _why(t: TargetReport) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from mtconvert import localize as localize_mod, staging as stg
+from mtconvert import float_compare, localize as localize_mod, staging as stg
 from mtconvert.backends.base import (Artifact, Backend, Finding, TensorSpec, format_shapes,
                                      import_path)
 from mtconvert.errors import RuntimeUnavailable, StepError
@@ -53,6 +53,7 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
     except StepError as exc:  # the artifact is finished and kept; running it failed
         return TargetReport(status="error", reason=exc.reason, **base)
     numerics = numerics_of(ctx, ctx.ref_out, result, artifact.profile)
+    vs_float = float_compare.judge(ctx, result.outputs)
     if artifact.fp32_twin is not None:
         numerics = _with_fp32_change(ctx, backend, artifact.fp32_twin, numerics, result.outputs)
     sweep = _sweep(ctx, backend, artifact)
@@ -76,7 +77,8 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
                         latency_unavailable=result.latency_unavailable,
                         latency_vs_reference=vs_ref, accuracy=acc, profile=prof,
                         memory=Memory(round(result.peak_rss_mb, 1),
-                                      round(result.baseline_rss_mb, 1)), **base)
+                                      round(result.baseline_rss_mb, 1)),
+                        compressed={"vs_float": vs_float} if vs_float else None, **base)
 
 
 def snippets(ctx: RunContext, backend: Backend, artifact: Artifact) -> dict[str, str]:

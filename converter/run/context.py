@@ -34,6 +34,7 @@ class RunContext:
     evals: Any = None  # run.accuracy.EvalSet with --eval-data
     # run.timing.SharedReference: the reference's warm child, shared by the targets' timings
     reference: Any = None
+    float_model: Any = None  # float_compare.FloatModel with --float-model
 
     @property
     def target_feeds(self) -> dict[str, np.ndarray]:

@@ -52,6 +52,7 @@ class Run:
         self.say: Progress = progress or (lambda _msg: None)
         self.clock = Clock()
         self.loaded: source_mod.LoadedSource | None = None
+        self.float_model: Any = None  # float_compare.FloatModel with --float-model
         self.settings: dict[str, Any] = opts.settings() | ({} if mode == "convert"
                                                            else {"mode": mode})
         self._points: dict[tuple, Point] = {}
@@ -70,6 +71,9 @@ class Run:
                                       max_bytes=self.opts.max_model_bytes,
                                       cache=SourceCache(default_root() if self.opts.cache
                                                         else None))
+        from mtconvert import float_compare
+
+        self.float_model = float_compare.load(self.opts, self.loaded, work_dir)
         return self.loaded.prepared
 
     def point(self, input_shapes: dict[str, tuple[int, ...]] | None = None, *,
@@ -121,7 +125,7 @@ class Run:
             report_name=report_name, sweep=[(p.feeds, p.reference.outputs) for p in sweep],
             reference_info={"runtime": point.reference.runtime,
                             "version": point.reference.version}, evals=evals,
-            reference=reference)
+            reference=reference, float_model=self.float_model)
 
     def _evals(self, src: PreparedSource, point: Point) -> Any:
         """The --eval-data set at the point's shapes, the reference run on it once."""

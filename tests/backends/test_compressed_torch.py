@@ -131,3 +131,55 @@ def test_quantized_pt2_converts_and_stays_compressed(converted, kind: str, targe
     assert c["size_ratio"] <= quantized.RATIO_LIMIT
     if target == "tflite":
         assert t.precision == "int8" and c["kept"]["int8_tensors"] == 2
+
+
+# --- --float-model: the float original as a second yardstick ----------------------------------
+
+@pytest.fixture(scope="module")
+def float_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    module, x = _float()
+    path = tmp_path_factory.mktemp("float") / "float.pt2"
+    torch.export.save(torch.export.export(module, (x,)), str(path))
+    return path
+
+
+class Other(torch.nn.Module):
+    def forward(self, y):  # noqa: ANN001, ANN201
+        return y * 2
+
+
+@pytest.mark.parametrize("case", ["missing", "other inputs"])
+def test_a_bad_float_model_is_a_usage_error(saved, tmp_path: Path, case: str) -> None:
+    import mtconvert
+    from mtconvert.errors import UsageError
+
+    path = tmp_path / "nothere.pt2"
+    if case == "other inputs":
+        torch.export.save(torch.export.export(Other(), (torch.randn(2, 32),)), str(path))
+    with pytest.raises(UsageError, match="--float-model") as err:
+        mtconvert.convert(saved["pt2e"], targets=["onnx-mobile"], out_dir=tmp_path / "out",
+                          float_model=path)
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow
+def test_each_target_is_compared_with_the_float_model(saved, float_pt2: Path,
+                                                      tmp_path: Path) -> None:
+    report = quick_convert("onnx-mobile", saved["pt2e"], tmp_path, float_model=float_pt2)
+    t = report.targets["onnx-mobile"]
+    assert t.status == "passed", t.reason
+    v = t.compressed["vs_float"]
+    assert v["profile"] == "int8" and v["float_model"] == str(float_pt2)
+    assert v["worst"]["max_abs"] > 0  # the int8 source is not the float model
+    assert v["passed"] and v["source"]["passed"]
+    # the compressed source's own distance from the float model, measured independently
+    from mtconvert import source as source_mod, torch_source
+
+    compressed = source_mod.load(saved["pt2e"], tmp_path)
+    floated = source_mod.load(float_pt2, tmp_path)
+    want = torch_source.run(compressed.prepared.torch_module, compressed.example_feeds)
+    ref = torch_source.run(floated.prepared.torch_module, compressed.example_feeds)
+    diff = max(float(np.abs(want[k] - ref[k]).max()) for k in ref)
+    assert v["source"]["worst"]["max_abs"] == pytest.approx(diff, rel=1e-5)
+    assert report.to_dict()["targets"][0]["compressed"]["vs_float"]["passed"] is True
