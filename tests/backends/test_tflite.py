@@ -31,11 +31,46 @@ def test_fixture_passes_fp32_without_flex(fixture, fixtures_dir, tmp_path):
                                                           f"{fixture}.tflite.log"]
 
 
+def _gelu_and_erf(path):
+    """A tiny model with an exact GELU as torch exports it, x·(1 + erf(x/√2))·0.5, on one
+    output, and a lone Erf on the other."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32) * 0.2,
+                                     "w2"),
+             *(numpy_helper.from_array(np.array(v, np.float32), n)
+               for n, v in (("sqrt2", 2 ** 0.5), ("one", 1.0), ("half", 0.5)))]
+    mk = helper.make_node
+    nodes = [mk("MatMul", ["x", "w1"], ["h"]), mk("Div", ["h", "sqrt2"], ["s"]),
+             mk("Erf", ["s"], ["e"]), mk("Add", ["e", "one"], ["p"]), mk("Mul", ["h", "p"], ["hp"]),
+             mk("Mul", ["hp", "half"], ["g"]), mk("MatMul", ["g", "w2"], ["y"]),
+             mk("Erf", ["x"], ["z"])]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+          for n, s in (("x", [1, 8, 16]), ("y", [1, 8, 16]), ("z", [1, 8, 16]))]
+    graph = helper.make_graph(nodes, "gelu", vi[:1], vi[1:], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(path))
+    return path
+
+
 @pytest.mark.slow
-def test_erf_replacement_is_listed(fixtures_dir, tmp_path):
-    t = _run(fixtures_dir / "bert_encoder.onnx", tmp_path).targets["tflite"]
-    assert any(s.startswith("onnx2tf pseudo-operator: erf") for s in t.conversion.steps)
-    assert any(s.startswith("fix shapes: input_ids=1x32") for s in t.conversion.steps)
+def test_gelu_is_the_builtin_op_and_a_lone_erf_is_emulated(tmp_path):
+    """The GELU formula becomes LiteRT's builtin GELU (not onnx2tf's Erf emulation: only the
+    lone Erf is emulated), numerics exact, no Flex op."""
+    src = _gelu_and_erf(tmp_path / "gelu.onnx")
+    t = _run(src, tmp_path / "out").targets["tflite"]
+    assert t.status == "passed", t.reason
+    assert t.numerics.worst["max_abs"] < 1e-5
+    ops = tflite_ops(tmp_path / "out" / "gelu.tflite")
+    assert ops["GELU"] == 1 and not [op for op in ops if ":" in op], ops
+    steps = " | ".join(t.conversion.steps)
+    assert "GELU formula fused into one Gelu node (1 nodes" in steps
+    assert "onnx2tf pseudo-operator: erf -> builtin ops (1 nodes)" in steps  # the lone Erf only
+    assert "fix shapes: x=1x8x16" in steps
 
 
 @pytest.mark.slow

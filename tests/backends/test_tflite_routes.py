@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mtconvert.backends import tflite_routes as routes
-from mtconvert.backends.tflite import TfliteBackend
+from mtconvert.backends.tflite import TfliteBackend, tflite_ops
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=18):
@@ -71,6 +71,58 @@ def test_gelu_is_expanded_to_its_formula(approximate):
     assert "Gelu" not in ops and ("Erf" if approximate == "none" else "Tanh") in ops
     assert "Gelu expanded to its formula (1 nodes)" in done
     assert routes.same_outputs(model, low) is None
+
+
+def _gelu_formula(order, scale="div", shared=False):
+    """x·0.5·(1 + erf(x/√2)) after a MatMul, its three factors multiplied in ``order``;
+    ``shared``: the erf output is also a graph output (the formula must then stay)."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((6, 6)).astype(
+        np.float32), "w")
+    consts = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
+              (("sqrt2", 2 ** 0.5), ("inv_sqrt2", 2 ** -0.5), ("one", 1.0), ("half", 0.5))]
+    first = (helper.make_node("Div", ["x", "sqrt2"], ["s"]) if scale == "div"
+             else helper.make_node("Mul", ["inv_sqrt2", "x"], ["s"]))
+    tails = {"x*p*0.5": [helper.make_node("Mul", ["x", "p"], ["xp"]),
+                         helper.make_node("Mul", ["xp", "half"], ["y"])],
+             "x*0.5*p": [helper.make_node("Mul", ["x", "half"], ["xh"]),
+                         helper.make_node("Mul", ["xh", "p"], ["y"])],
+             "x*(p*0.5)": [helper.make_node("Mul", ["p", "half"], ["ph"]),
+                           helper.make_node("Mul", ["x", "ph"], ["y"])]}
+    nodes = [helper.make_node("MatMul", ["a", "w"], ["x"]), first,
+             helper.make_node("Erf", ["s"], ["e"]), helper.make_node("Add", ["e", "one"], ["p"]),
+             *tails[order]]
+    outputs = [_vi("y", [2, 6])] + ([_vi("e", [2, 6])] if shared else [])
+    return _model(nodes, [_vi("a", [2, 6])], outputs, [w, *consts], opset=17)
+
+
+@pytest.mark.parametrize("order,scale", [("x*p*0.5", "div"), ("x*0.5*p", "mul"),
+                                         ("x*(p*0.5)", "div")])
+def test_gelu_formula_is_fused_into_one_node(order, scale):
+    model = _gelu_formula(order, scale)
+    fused = _copy(model)
+    assert routes.fuse_gelu(fused) == 1
+    assert [(n.op_type, n.domain) for n in fused.graph.node] == [
+        ("MatMul", ""), ("Gelu", routes.GELU_DOMAIN)]
+    assert {i.name for i in fused.graph.initializer} == {"w"}  # the formula's constants went
+    assert routes.same_outputs(model, fused, atol=1e-6, rtol=1e-6) is None
+
+
+def test_gelu_formula_with_a_shared_intermediate_stays():
+    model = _gelu_formula("x*p*0.5", shared=True)
+    assert routes.fuse_gelu(_copy(model)) == 0
+
+
+def test_prepare_fuses_the_onnx_gelu_and_says_so(tmp_path):
+    model = _model([helper.make_node("Gelu", ["x"], ["y"])], [_vi("x", [3, 7])],
+                   [_vi("y", [3, 7])], opset=20)
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    result = routes.prepare(str(tmp_path / "g.onnx"), str(tmp_path / "p.onnx"))
+    assert result["op_counts"] == {"Gelu": 1}
+    assert result["steps"][1].startswith("GELU formula fused into one Gelu node (1 nodes")
+    assert result["steps"][1].endswith("ONNX Runtime outputs unchanged")
+    written = onnx.load(str(tmp_path / "p.onnx"))
+    assert routes.default_opset(written) == 17
+    assert [n.domain for n in written.graph.node] == [routes.GELU_DOMAIN]
 
 
 def test_split_num_outputs_and_pad_axes():
@@ -196,7 +248,9 @@ def test_default_exporter_sentence_encoder_converts(tmp_path):
     steps = " | ".join(t.conversion.steps)
     assert f"opset {opset} -> 17 (onnx.version_converter)" in steps
     assert "ONNX Runtime outputs unchanged" in steps
-    assert "onnx2tf pseudo-operator: erf" in steps  # the expanded Gelu, builtin ops, no Flex
+    assert "GELU formula fused into one Gelu node (1 nodes" in steps  # the expanded Gelu
+    assert "onnx2tf pseudo-operator" not in steps
+    assert tflite_ops(tmp_path / "out" / "encoder.tflite")["GELU"] == 1
 
 
 @pytest.mark.slow
