@@ -127,6 +127,9 @@ class TargetReport:
     # reference_tokens, target_tokens, step_max_abs_error, time_to_first_token_ms,
     # decode_ms_p50/p90, kv_cache_bytes, ...} (see mtconvert.generation.judge)
     generation: dict[str, Any] | None = None
+    # a pruned source: {source_zero_share, artifact: {...}, artifact_zero_share, kept}
+    # (see mtconvert.sparsity)
+    sparsity: dict[str, Any] | None = None
 
     def ratio_to_reference(self, ref_p50_ms: float | None) -> tuple[float, bool] | None:
         """(target p50 / reference p50, whether the machine was too noisy to tell): from the
@@ -171,7 +174,7 @@ class TargetReport:
                    latency_vs_reference=d.get("latency_vs_reference"),
                    baseline=d.get("baseline"), accuracy=d.get("accuracy"),
                    profile=d.get("profile"),
-                   generation=d.get("generation"))
+                   generation=d.get("generation"), sparsity=d.get("sparsity"))
 
 
 @dataclass(frozen=True)
@@ -183,12 +186,13 @@ class SourceInfo:
     outputs: tuple[dict[str, Any], ...]
     input_shapes: dict[str, list[int]] = field(default_factory=dict)  # shapes validated
     input_values: dict[str, str] = field(default_factory=dict)  # how each input was made
+    sparsity: dict[str, Any] | None = None  # a pruned source's weights (mtconvert.sparsity)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SourceInfo:
         return cls(d.get("path"), d["format"], d.get("sha256"), tuple(d["inputs"]),
                    tuple(d["outputs"]), dict(d.get("input_shapes", {})),
-                   dict(d.get("input_values", {})))
+                   dict(d.get("input_values", {})), d.get("sparsity"))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ class LoadedSource:
     int_highs: dict[str, int] = field(default_factory=dict)  # input -> embedding table size
     weight_dims: set[int] = field(default_factory=set)  # sizes of weight axes (hidden size...)
     example_feeds: dict[str, np.ndarray] | None = None  # torch sources' own example inputs
+    sparsity: dict[str, Any] | None = None  # mtconvert.sparsity.of_onnx's, None: not pruned
 
 
 def sha256_of(path: Path) -> str:
@@ -120,27 +121,28 @@ class Description:
     int_highs: dict[str, int]
     weight_dims: set[int]
     quantization: dict[str, Any]  # mtconvert.quantized.describe's, {} for a float graph
+    sparsity: dict[str, Any] | None = None  # mtconvert.sparsity.of_onnx's (a pruned source)
 
     @classmethod
     def of(cls, model: Any) -> Description:
-        from mtconvert import quantized
+        from mtconvert import quantized, sparsity
 
         inputs, outputs = describe_onnx(model)
         return cls(inputs, outputs, embedding_table_sizes(model), weight_dims(model),
-                   quantized.describe(model) or {})
+                   quantized.describe(model) or {}, sparsity.of_onnx(model))
 
     def to_meta(self) -> dict[str, Any]:
         return {"inputs": [s.to_dict() for s in self.inputs],
                 "outputs": [s.to_dict() for s in self.outputs],
                 "int_highs": self.int_highs, "weight_dims": sorted(self.weight_dims),
-                "quantization": self.quantization}
+                "quantization": self.quantization, "sparsity": self.sparsity}
 
     @classmethod
     def from_meta(cls, d: dict[str, Any]) -> Description:
         return cls(tuple(TensorSpec.from_dict(x) for x in d["inputs"]),
                    tuple(TensorSpec.from_dict(x) for x in d["outputs"]),
                    {k: int(v) for k, v in d["int_highs"].items()}, set(d["weight_dims"]),
-                   d.get("quantization"))
+                   d.get("quantization"), d.get("sparsity"))
 
 
 def _from_onnx(path: Path, work_dir: Path, cache: Any = None) -> LoadedSource:
@@ -159,7 +161,8 @@ def _from_onnx(path: Path, work_dir: Path, cache: Any = None) -> LoadedSource:
     prepared = PreparedSource(format="onnx", name=path.stem, onnx_path=path, inputs=desc.inputs,
                               outputs=desc.outputs, input_shapes={}, work_dir=work_dir, path=path,
                               quantization=desc.quantization)
-    return LoadedSource(prepared, sha, desc.int_highs, desc.weight_dims)
+    return LoadedSource(prepared, sha, desc.int_highs, desc.weight_dims,
+                        sparsity=desc.sparsity)
 
 
 def _with_bytes(desc: Description, model: Any, path: Path) -> Description:
@@ -334,7 +337,8 @@ def _from_torch(module: Any, example_inputs: Any, work_dir: Path, name: str,
                               work_dir=work_dir, path=path, torch_module=module,
                               quantization=desc.quantization)
     np_feeds = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
-    return LoadedSource(prepared, sha, desc.int_highs, desc.weight_dims, np_feeds)
+    return LoadedSource(prepared, sha, desc.int_highs, desc.weight_dims, np_feeds,
+                        sparsity=desc.sparsity)
 
 
 def _export(module: Any, feeds: dict[str, Any], onnx_path: Path) -> tuple[Description, bool]:

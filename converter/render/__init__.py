@@ -147,6 +147,25 @@ def vs_float_line(v: dict[str, Any]) -> str:
             f"compressed source: {worst(src.get('worst'))}")
 
 
+def sparsity_line(s: dict[str, Any]) -> str:
+    """A pruned source's weights in one line (SourceInfo.sparsity)."""
+    kind = "structured" if s["structured"] else "unstructured"
+    lines = (f", {s['zero_rows']} zero rows, {s['zero_columns']} zero columns"
+             if s["zero_rows"] or s["zero_columns"] else "")
+    return (f"pruned: {s['zero_share']:.1%} of the weights are exactly zero ({kind}; "
+            f"{s['pruned_tensors']} of {s['weight_tensors']} weight tensors at "
+            f"{s['pruned_zero_share']:.1%}{lines})")
+
+
+def target_sparsity_line(s: dict[str, Any]) -> str:
+    """Whether a target's artifact kept the source's zeros (TargetReport.sparsity)."""
+    got = s.get("artifact") or {}
+    if "unread" in got or "error" in got:
+        return f"sparsity: not measured ({got.get('unread') or got.get('error')})"
+    return (f"sparsity {'kept' if s['kept'] else 'LOST'}: {s['artifact_zero_share']:.1%} of "
+            f"the artifact's weights are zero (source {s['source_zero_share']:.1%})")
+
+
 def emit(destination: Path | IO[str] | str, text: str) -> None:
     """A renderer's text to a file (written atomically) or to a text stream."""
     if isinstance(destination, (str, Path)):

@@ -44,6 +44,10 @@ def _render(report: Report, console: Console) -> None:
     for name, shape in src.input_shapes.items():
         how = src.input_values.get(name, "")
         console.print(f"  input [cyan]{name}[/] {'x'.join(map(str, shape))}  [dim]{how}[/]")
+    if src.sparsity:
+        from mtconvert.render import sparsity_line
+
+        console.print(f"  {sparsity_line(src.sparsity)}")
     ref = report.reference
     ref_p50 = ref.latency.p50_ms if ref and ref.latency else None
     if ref:
@@ -187,6 +191,10 @@ def _details(t: TargetReport, console: Console) -> None:
                           f"{_num(fp32.get('max_abs'), '.2e')})[/]")
     if t.compressed:
         _compressed(t.compressed, console)
+    if t.sparsity:
+        from mtconvert.render import target_sparsity_line
+
+        console.print(f"  {escape(target_sparsity_line(t.sparsity))}")
     for out, m in ((t.numerics.outputs if t.numerics else {}) or {}).items():
         if m.get("top1_agreement") is not None:
             console.print(f"  {out}: top-1 agreement {m['top1_agreement']:.1%}, top-5 "

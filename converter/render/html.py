@@ -62,6 +62,10 @@ def _header(report: Report) -> str:
     facts = [("model", f"<code>{_e(src.path or '(in-memory module)')}</code>"),
              ("format", _e(src.format)),
              ("sha256", f"<code>{_e(src.sha256)}</code>" if src.sha256 else "-")]
+    if src.sparsity:
+        from mtconvert.render import sparsity_line
+
+        facts.append(("sparsity", _e(sparsity_line(src.sparsity))))
     if ref:
         p50 = ref.latency.p50_ms if ref.latency else None
         facts.append(("reference", f"{_e(ref.runtime)} {_e(ref.version or '')}, p50 "
@@ -266,6 +270,10 @@ def _numerics(t: TargetReport, plots: _Plots) -> str:
         parts.append(_histograms(t.name, measured, plots))
     if n.vs_fp32:
         parts.append(_vs_fp32(t))
+    if t.sparsity:
+        from mtconvert.render import target_sparsity_line
+
+        parts.append(f"<h4>Sparsity</h4><p>{_e(target_sparsity_line(t.sparsity))}</p>")
     if (t.compressed or {}).get("vs_float"):
         from mtconvert.render import vs_float_line
 

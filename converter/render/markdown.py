@@ -50,6 +50,7 @@ def to_markdown(report: Report) -> str:
         lines += [item for t in failing for item in _why(t)]
     lines += _profiles(report)
     lines += _vs_float(targets)
+    lines += _sparsity(targets)
     for t in targets:
         lines += _snippets(t)
     return "\n".join(lines).rstrip() + "\n"
@@ -81,6 +82,10 @@ def _source_line(report: Report) -> str:
     if src.input_shapes:
         parts.append("inputs " + ", ".join(f"`{k}` {'x'.join(map(str, v))}"
                                            for k, v in src.input_shapes.items()))
+    if src.sparsity:
+        from mtconvert.render import sparsity_line
+
+        parts.append(_esc(sparsity_line(src.sparsity)))
     ref = report.reference
     if ref:
         p50 = f", p50 {ref.latency.p50_ms:.2f} ms" if ref.latency else ""
@@ -125,6 +130,15 @@ def _vs_float(targets: list[TargetReport]) -> list[str]:
     rows = [f"- **{_esc(t.name)} {t.precision}**: {_esc(vs_float_line(t.compressed['vs_float']))}"
             for t in targets if (t.compressed or {}).get("vs_float")]
     return ["", "**Against the float model**", "", *rows] if rows else []
+
+
+def _sparsity(targets: list[TargetReport]) -> list[str]:
+    """A pruned source: whether each target kept its zeros."""
+    from mtconvert.render import target_sparsity_line
+
+    rows = [f"- **{_esc(t.name)} {t.precision}**: {_esc(target_sparsity_line(t.sparsity))}"
+            for t in targets if t.sparsity]
+    return ["", "**Sparsity**", "", *rows] if rows else []
 
 
 def _why(t: TargetReport) -> list[str]:

@@ -145,6 +145,10 @@ class Run:
         _close_all(self._references)  # every target is checked: no more timing
         ref = point.reference
         source = source or self.source_info(point)
+        if source.sparsity:
+            from mtconvert import sparsity
+
+            targets = [sparsity.judged(t, source.sparsity) for t in targets]
         if self.baseline is not None:
             targets = baseline.apply(targets, self.baseline, source.sha256, {
                 "max_latency_regression": self.opts.max_latency_regression,
@@ -185,7 +189,7 @@ class Run:
                           inputs=tuple(s.to_dict() for s in src.inputs),
                           outputs=tuple(s.to_dict() for s in src.outputs),
                           input_shapes={k: list(v) for k, v in point.shapes.items()},
-                          input_values=point.values)
+                          input_values=point.values, sparsity=self.loaded.sparsity)
 
 
 def _ort_reference(shared: SharedReference, opts: ConvertOptions) -> ReferenceRun:

@@ -1,0 +1,112 @@
+"""A pruned source's sparsity, and whether each target's artifact kept it.
+
+``of_tensors`` measures the weights (tensors of rank >= 2): a tensor with at least
+``PRUNED_MIN`` of its values exactly zero counts as pruned; the source is sparse when one is.
+Its zeros are *structured* when most of them (``STRUCTURED_MIN``) lie in whole zero rows or
+whole zero columns (a pruned neuron, channel or head), else *unstructured*. ``of_onnx`` reads a
+source ONNX's initializers; ``of_artifact`` reads a built artifact's constant tensors where the
+artifact can be read here without its runtime's private format (.tflite, Core ML program), an
+int8 tensor's zero being its int 0; ``judged`` puts both in ``TargetReport.sparsity``, with
+``kept`` when the artifact holds at least the source's zeros (``KEPT_SLACK`` below them).
+Never raises for an unreadable artifact: the entry says why.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PRUNED_MIN = 0.10  # share of exact zeros that makes a weight tensor a pruned one
+STRUCTURED_MIN = 0.9  # share of the zeros in whole zero rows/columns that makes it structured
+KEPT_SLACK = 0.01  # an artifact may hold this share fewer zeros and still have kept them
+MIN_SIZE = 256  # smaller constants (shapes, scales, biases) are not weights
+
+
+def of_tensors(tensors: Iterable[np.ndarray]) -> dict[str, Any] | None:
+    """The weights' sparsity, or None when no weight tensor is pruned."""
+    weights = total = zeros = pruned = pruned_size = pruned_zeros = in_lines = rows = cols = 0
+    for t in tensors:
+        a = np.asarray(t)
+        if a.ndim < 2 or a.size < MIN_SIZE:
+            continue
+        m = a.reshape(a.shape[0], -1) == 0
+        z = int(m.sum())
+        weights, total, zeros = weights + 1, total + a.size, zeros + z
+        if z < PRUNED_MIN * a.size:
+            continue
+        pruned, pruned_size, pruned_zeros = pruned + 1, pruned_size + a.size, pruned_zeros + z
+        zr, zc = m.all(axis=1), m.all(axis=0)
+        rows, cols = rows + int(zr.sum()), cols + int(zc.sum())
+        in_lines += int((m & (zr[:, None] | zc[None, :])).sum())
+    if not pruned:
+        return None
+    return {"weight_tensors": weights, "pruned_tensors": pruned,
+            "zero_share": round(zeros / total, 6),
+            "pruned_zero_share": round(pruned_zeros / pruned_size, 6),
+            "structured": in_lines >= STRUCTURED_MIN * pruned_zeros,
+            "zero_rows": rows, "zero_columns": cols}
+
+
+def of_onnx(model: Any) -> dict[str, Any] | None:
+    """A source ONNX's sparsity (its initializers and Constant nodes)."""
+    from onnx import numpy_helper
+
+    tensors = [numpy_helper.to_array(i) for i in model.graph.initializer if len(i.dims) >= 2]
+    tensors += [numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
+                for a in n.attribute if a.name == "value" and len(a.t.dims) >= 2]
+    return of_tensors(tensors)
+
+
+def of_artifact(target: str, primary: Path) -> dict[str, Any]:
+    """The artifact's sparsity (``{}`` when none of its weights is pruned), or ``{"error"}``
+    / ``{"unread"}`` saying why it was not measured."""
+    readers = {"tflite": _tflite, "coreml": _coreml}
+    if target not in readers:
+        return {"unread": f"the {target} artifact's weights are not read here"}
+    try:
+        return of_tensors(readers[target](primary)) or {}
+    except Exception as exc:  # noqa: BLE001 - a fact we could not read, said so
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def judged(report: Any, source: dict[str, Any] | None) -> Any:
+    """The target report with its ``sparsity`` (the source's, the artifact's, kept or not)."""
+    if not source:
+        return report
+    primary = next((a.path for a in report.artifacts if a.role == "artifact"), None)
+    if primary is None:
+        return report
+    got = of_artifact(report.name.split(":")[0], Path(primary))
+    entry: dict[str, Any] = {"source_zero_share": source["zero_share"], "artifact": got}
+    if "error" not in got and "unread" not in got:
+        share = got.get("zero_share", 0.0)
+        entry |= {"artifact_zero_share": share,
+                  "kept": share >= source["zero_share"] - KEPT_SLACK}
+    return replace(report, sparsity=entry)
+
+
+def _tflite(path: Path) -> list[np.ndarray]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    out = []
+    for t in interp.get_tensor_details():
+        try:
+            out.append(np.asarray(interp.get_tensor(t["index"])))
+        except ValueError:  # not a constant
+            continue
+    return out
+
+
+def _coreml(package: Path) -> list[np.ndarray]:
+    from mtconvert.backends.coreml import program
+
+    out = []
+    for op in program.load(package).ops:
+        values = [v for binds in op.inputs.values() for kind, v in binds if kind == "value"]
+        values += list(op.attributes.values())
+        out += [np.asarray(v) for v in values if isinstance(v, np.ndarray)]
+    return out
