@@ -248,6 +248,12 @@ class Backend(ABC):
     def lint(self, artifact: Artifact) -> list[Finding]:
         return []
 
+    def runs_other_shapes(self, artifact: Artifact) -> bool:
+        """Whether ``artifact`` runs at shapes other than the ones it was made for (the sweep
+        validates it there). Default: unless the backend is fixed-shape; a fixed-shape backend
+        may say so of one artifact (an executorch .pte exported with torch.export Dims)."""
+        return not type(self).fixed_shapes
+
     def routes(self, source: PreparedSource) -> list[str]:
         """Alternative ways to convert ``source``, best first. The pipeline converts and
         validates each in turn and keeps the first whose artifact passes; one route (the

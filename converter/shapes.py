@@ -106,3 +106,23 @@ def sweep_shapes(inputs: tuple[TensorSpec, ...], primary: dict[str, tuple[int, .
             if combo not in combos:
                 combos.append(combo)
     return combos
+
+
+def dynamic_range(declared: dict[str, dict[int, tuple[str, int, int | None]]],
+                  combos: list[dict]) -> dict[str, dict[int, list[int]]]:
+    """The smallest and largest size of the sweep on every axis the source declares dynamic
+    ({input: {axis: [lo, hi]}}: the range a program exported with Dims is made and validated
+    for, both ends being sweep points). ``declared`` is a .pt2's own Dims ({input: {axis:
+    (symbol, min, max)}}); a sweep size outside them is a UsageError."""
+    out: dict[str, dict[int, list[int]]] = {}
+    for name, axes in declared.items():
+        for axis, (symbol, lo, hi) in axes.items():
+            sizes = [combo[name][axis] for combo in combos if name in combo]
+            bad = [n for n in sizes if n < lo or (hi is not None and n > hi)]
+            if bad:
+                raise UsageError(f"{name} axis {axis} = {bad[0]} is outside the range the "
+                                 f"source was exported for: {lo}..{hi if hi else 'unbounded'} "
+                                 f"(torch.export Dim {symbol})")
+            if sizes:
+                out.setdefault(name, {})[axis] = [min(sizes), max(sizes)]
+    return out

@@ -29,6 +29,8 @@ class LoadedSource:
     weight_dims: set[int] = field(default_factory=set)  # sizes of weight axes (hidden size...)
     example_feeds: dict[str, np.ndarray] | None = None  # torch sources' own example inputs
     sparsity: dict[str, Any] | None = None  # mtconvert.sparsity.of_onnx's, None: not pruned
+    # a .pt2 exported with dynamic_shapes: {input: {axis: (symbol, min, max or None)}}
+    dynamic_axes: dict[str, dict[int, tuple[str, int, int | None]]] = field(default_factory=dict)
 
 
 def sha256_of(path: Path) -> str:
@@ -63,7 +65,8 @@ def load(model: Any, work_dir: Path, example_inputs: Any = None, *, trust_pickle
                 raise ModelLoadError(f"{path.name} carries pickle payloads that loading would run "
                                      f"({'; '.join(payloads[:3])}); "
                                      f"{safety.pickle_advice(payloads)}")
-            return _from_torch(*_load_pt2(path), work_dir, path.stem, path, cache)
+            module, feeds, dynamic = _load_pt2(path)
+            return _from_torch(module, feeds, work_dir, path.stem, path, cache, dynamic)
         return _from_onnx(path, work_dir, cache)
     if _is_torch_module(model):
         if example_inputs is None:
@@ -291,7 +294,7 @@ def _is_torch_module(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 
-def _load_pt2(path: Path) -> tuple[Any, Any]:
+def _load_pt2(path: Path) -> tuple[Any, Any, dict[str, Any]]:
     try:
         import torch
     except ImportError:
@@ -316,20 +319,42 @@ def _load_pt2(path: Path) -> tuple[Any, Any]:
     names = [s.arg.name for s in ep.graph_signature.input_specs
              if s.kind.name == "USER_INPUT"]
     feeds = dict(zip(names, args, strict=False)) | dict(kwargs or {})
-    return ep.module(), feeds
+    return ep.module(), feeds, _dynamic_axes(ep, names)
+
+
+def _dynamic_axes(ep: Any, names: list[str]) -> dict[str, dict[int, tuple[str, int, int | None]]]:
+    """The program's user inputs' symbolic axes (torch.export Dims): {input: {axis: (symbol,
+    min, max)}}, max None when unbounded; axes sharing a Dim share the symbol. An axis whose
+    size is an expression of symbols (``2*s0``) is not an input's own Dim and is left out."""
+    import sympy
+
+    ranges = {str(k): v for k, v in ep.range_constraints.items()}
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    out: dict[str, dict[int, tuple[str, int, int | None]]] = {}
+    for name in names:
+        for axis, size in enumerate(getattr(vals.get(name), "shape", ())):
+            expr = getattr(getattr(size, "node", None), "expr", None)
+            if not isinstance(expr, sympy.Symbol) or str(expr) not in ranges:
+                continue
+            bounds = ranges[str(expr)]
+            upper = int(bounds.upper) if bounds.upper.is_finite else None
+            out.setdefault(name, {})[axis] = (str(expr), int(bounds.lower), upper)
+    return out
 
 
 def _from_torch(module: Any, example_inputs: Any, work_dir: Path, name: str,
-                path: Path | None, cache: Any = None) -> LoadedSource:
+                path: Path | None, cache: Any = None,
+                dynamic: dict[str, dict[int, tuple[str, int, int | None]]] | None = None
+                ) -> LoadedSource:
     from mtconvert import torch_source
 
     feeds = torch_source.normalize_inputs(module, example_inputs)
     onnx_path = work_dir / f"{name}.onnx"
     sha = sha256_of(path) if path else None
-    key = _export_key(cache, sha, feeds)
+    key = _export_key(cache, sha, feeds, dynamic)
     desc = _cached_export(cache, key, onnx_path)
     if desc is None:
-        desc, external = _export(module, feeds, onnx_path)
+        desc, external = _export(module, feeds, onnx_path, dynamic)
         if cache and key and not external:  # over 2 GB: the export has side files; not kept
             cache.put(key, desc.to_meta(), (onnx_path,))
     prepared = PreparedSource(format="torch", name=name, onnx_path=onnx_path,
@@ -338,16 +363,19 @@ def _from_torch(module: Any, example_inputs: Any, work_dir: Path, name: str,
                               quantization=desc.quantization)
     np_feeds = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
     return LoadedSource(prepared, sha, desc.int_highs, desc.weight_dims, np_feeds,
-                        sparsity=desc.sparsity)
+                        sparsity=desc.sparsity, dynamic_axes=dynamic or {})
 
 
-def _export(module: Any, feeds: dict[str, Any], onnx_path: Path) -> tuple[Description, bool]:
-    """The module exported to ``onnx_path``: its description, and whether the export has
-    external data files."""
+def _export(module: Any, feeds: dict[str, Any], onnx_path: Path,
+            dynamic: dict[str, dict[int, tuple[str, int, int | None]]] | None = None
+            ) -> tuple[Description, bool]:
+    """The module exported to ``onnx_path`` (a .pt2's Dims as named dynamic axes): its
+    description, and whether the export has external data files."""
     from mtconvert import torch_quantized, torch_source
 
     exported, quantization = torch_quantized.exportable(module, feeds)
-    output_names = torch_source.export_onnx(exported, feeds, onnx_path, OPSET)
+    axes = {k: {a: d[0] for a, d in v.items()} for k, v in (dynamic or {}).items()}
+    output_names = torch_source.export_onnx(exported, feeds, onnx_path, OPSET, axes or None)
     if quantization:
         torch_quantized.finish(onnx_path)
     model = read_onnx(onnx_path)
@@ -362,14 +390,17 @@ def _export(module: Any, feeds: dict[str, Any], onnx_path: Path) -> tuple[Descri
     return desc, _external_data(model)
 
 
-def _export_key(cache: Any, sha: str | None, feeds: dict[str, Any]) -> str | None:
+def _export_key(cache: Any, sha: str | None, feeds: dict[str, Any],
+                dynamic: dict[str, Any] | None = None) -> str | None:
     """A .pt2 file's export is keyed by its bytes, the example inputs it carries (their
     shapes and dtypes), the exporter's versions and the opset."""
     if cache is None or sha is None:
         return None
     return cache.key(sha, kind="torch-export", opset=OPSET, torch=deps.dist_version("torch"),
                      onnx=deps.dist_version("onnx"),
-                     inputs={k: [list(v.shape), str(v.dtype)] for k, v in feeds.items()})
+                     inputs={k: [list(v.shape), str(v.dtype)] for k, v in feeds.items()},
+                     **({"dynamic_axes": {k: {str(a): list(d) for a, d in v.items()}
+                                          for k, v in dynamic.items()}} if dynamic else {}))
 
 
 def _cached_export(cache: Any, key: str | None, onnx_path: Path) -> Description | None:

@@ -82,9 +82,11 @@ def run(module: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in out.items()}
 
 
-def export_onnx(module: Any, feeds: dict[str, Any], path: Path, opset: int) -> list[str]:
+def export_onnx(module: Any, feeds: dict[str, Any], path: Path, opset: int,
+                dynamic_axes: dict[str, dict[int, str]] | None = None) -> list[str]:
     """Export with the legacy TorchScript exporter (stable, no onnxscript needed), at the
-    example inputs' shapes. Returns the output names."""
+    example inputs' shapes; ``dynamic_axes`` ({input: {axis: name}}, a .pt2's Dims) stay
+    dynamic. Returns the output names."""
     import torch
 
     mode = torch.onnx.TrainingMode.EVAL if eval_mode(module) else torch.onnx.TrainingMode.PRESERVE
@@ -96,7 +98,8 @@ def export_onnx(module: Any, feeds: dict[str, Any], path: Path, opset: int) -> l
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             torch.onnx.export(module, args, str(path), input_names=list(feeds),
                               output_names=names, opset_version=opset, dynamo=False,
-                              do_constant_folding=True, training=mode)
+                              do_constant_folding=True, training=mode,
+                              dynamic_axes=dynamic_axes)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not export the PyTorch model to ONNX: {msg}") from None

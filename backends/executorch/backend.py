@@ -24,7 +24,7 @@ from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource,
                                      TargetOptions, TensorSpec, format_shapes, match_names)
 from mtconvert.backends.options import Option
 from mtconvert.backends.process import expect_files, run_job
-from mtconvert.errors import ModelLoadError, RuntimeFailure
+from mtconvert.errors import ConversionError, ModelLoadError, RuntimeFailure
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,14 +62,19 @@ class ExecutorchBackend(Backend):
         work.mkdir(parents=True, exist_ok=True)
         shapes = {s.name: list(source.input_shapes[s.name]) for s in source.inputs}
         steps: list[str] = []
-        if opts.route == "torch.export":
+        dims = _dims(source, opts) if opts.route == "torch.export" else {}
+        if dims:
+            kind, model = "pt2", _export_with_dims(source, shapes, dims, work / "program.pt2")
+            steps.append(f"torch.export of the PyTorch module with Dims {_format_dims(dims)} "
+                         f"(the validated range), example at {format_shapes(shapes)}")
+        elif opts.route == "torch.export":
             kind, model = "pt2", torch_inputs.export_module(source, shapes,
                                                             work / "program.pt2", self.name)
             steps.append(f"torch.export of the PyTorch module at {format_shapes(shapes)}")
         else:
             kind, model = "onnx", torch_inputs.fixed_onnx(source, shapes, work, log,
                                                           opts.timeout_s, steps, self.name)
-        fixed_note = _fixed_dynamic_axes(source, shapes)
+        fixed_note = None if dims else _fixed_dynamic_axes(source, shapes, opts.route)
         if fixed_note:
             steps.append(fixed_note)
         suffix = "" if opts.precision == "fp32" else f".{opts.precision}"
@@ -82,7 +87,7 @@ class ExecutorchBackend(Backend):
                "precision": opts.precision,
                "int8_scheme": opts.extra.get("int8_scheme") or "dynamic",
                "calibration": str(opts.calibration) if opts.calibration else None,
-               "fp32_twin": str(twin) if twin else None}
+               "fp32_twin": str(twin) if twin else None, "dims": dims}
         result = run_job("mtconvert.backends.executorch.convert", job, work / "executorch_job.json",
                          target=self.name, step="executorch", log_path=log,
                          timeout_s=opts.timeout_s, env={"TQDM_DISABLE": "1"})
@@ -92,10 +97,11 @@ class ExecutorchBackend(Backend):
         meta = {"inputs": [s.name for s in source.inputs],
                 "outputs": [s.name for s in source.outputs],
                 "delegation": result["delegation"], "program": result["program"],
-                "fixed_dynamic_axes": fixed_note}
+                "fixed_dynamic_axes": fixed_note, "dims": dims}
         fixed = {k: tuple(v) for k, v in shapes.items()}
         fp32 = Artifact(target=self.name, primary=twin, files=(twin,), input_shapes=fixed,
-                        meta={"inputs": meta["inputs"], "outputs": meta["outputs"]}) \
+                        meta={"inputs": meta["inputs"], "outputs": meta["outputs"],
+                              "dims": dims}) \
             if twin else None
         return Artifact(target=self.name, primary=out, files=(out,), precision=opts.precision,
                         steps=tuple(steps), tool_versions=deps.versions(TOOLS), log_path=log,
@@ -124,7 +130,15 @@ class ExecutorchBackend(Backend):
         if artifact.meta.get("fixed_dynamic_axes"):
             out.append(Finding("warning", "executorch-fixed-shapes",
                                artifact.meta["fixed_dynamic_axes"]))
+        if artifact.meta.get("dims"):
+            out.append(Finding("info", "executorch-dynamic-shapes",
+                               f"torch.export Dims {_format_dims(artifact.meta['dims'])}: the "
+                               ".pte runs at any size in these ranges (validated at both ends); "
+                               "other sizes are refused"))
         return out
+
+    def runs_other_shapes(self, artifact: Artifact) -> bool:
+        return bool(artifact.meta.get("dims"))
 
     def open(self, artifact: Artifact, threads: int) -> Session:
         return PteSession(artifact, threads)
@@ -145,22 +159,65 @@ class ExecutorchBackend(Backend):
         return {"kotlin": et.kotlin(name, ins, outs), "python": et.python(name, ins, outs)}
 
 
-def _fixed_dynamic_axes(source: PreparedSource, shapes: dict[str, list[int]]) -> str | None:
+def _fixed_dynamic_axes(source: PreparedSource, shapes: dict[str, list[int]],
+                        route: str) -> str | None:
     """Why the source's dynamic axes are not ``torch.export`` Dims in the .pte (None if it has
-    none). Only ONNX sources declare dynamic axes here (a PyTorch source is described by its
-    example inputs' fixed shapes), and they reach torch through onnx2torch, whose Shape, Slice
-    and Reshape modules read shape tensors with ``.numpy()``/``.item()``: ``torch.export`` with
-    Dims stops at ".numpy() is not supported for tensor subclasses", so the bridge traces at
-    fixed shapes (coreml's onnx_bridge.export) and the program is static."""
+    none). A .pt2 exported with Dims gets them over the validated range when the run sweeps
+    shapes (--seq-lens/--batch-sizes); without a sweep there is no validated range. ONNX
+    sources reach torch through onnx2torch, whose Shape, Slice and Reshape modules read shape
+    tensors with ``.numpy()``/``.item()``: ``torch.export`` with Dims stops at ".numpy() is not
+    supported for tensor subclasses", so the bridge traces at fixed shapes (coreml's
+    onnx_bridge.export) and the program is static."""
     axes = [f"{s.name} axis " + ", ".join(f"{i} ({d or 'unnamed'})" for i, d in
                                           enumerate(s.shape) if not isinstance(d, int))
             for s in source.inputs if s.is_dynamic]
     if not axes:
         return None
+    why = ("no range was validated: give --seq-lens/--batch-sizes to export them as Dims over "
+           "the swept sizes" if route == "torch.export" else
+           "the onnx2torch bridge reads shape tensors with .numpy()/.item(), which torch.export "
+           "refuses at symbolic sizes); other shapes need another conversion (--input-shape")
     return (f"static .pte: the source's dynamic axes {'; '.join(axes)} are fixed at "
-            f"{format_shapes(shapes)}, not exported as torch.export Dims (the onnx2torch bridge "
-            "reads shape tensors with .numpy()/.item(), which torch.export refuses at symbolic "
-            "sizes); other shapes need another conversion (--input-shape)")
+            f"{format_shapes(shapes)}, not exported as torch.export Dims ({why})")
+
+
+def _dims(source: PreparedSource, opts: TargetOptions) -> dict[str, dict[str, list[Any]]]:
+    """The source's dynamic axes that the run validates over more than one size, as
+    {input: {axis: [symbol, lo, hi]}} (the symbol ties axes sharing one Dim); {} if none."""
+    ranges = opts.extra.get("dynamic_range") or {}
+    out: dict[str, dict[str, list[Any]]] = {}
+    for spec in source.inputs:
+        for axis, (lo, hi) in (ranges.get(spec.name) or {}).items():
+            symbol = spec.shape[int(axis)]
+            if lo < hi and not isinstance(symbol, int):
+                out.setdefault(spec.name, {})[str(axis)] = [str(symbol), lo, hi]
+    return out
+
+
+def _format_dims(dims: dict[str, dict[str, list[Any]]]) -> str:
+    return "; ".join(f"{name} axis {axis} in {lo}..{hi}" for name, axes in dims.items()
+                     for axis, (_, lo, hi) in axes.items())
+
+
+def _export_with_dims(source: PreparedSource, shapes: dict[str, list[int]],
+                      dims: dict[str, dict[str, list[Any]]], path: Path) -> Path:
+    """torch.export of the in-memory module with its dynamic axes as Dims over ``dims``."""
+    import torch
+
+    from mtconvert.backends.executorch.convert import dim_spec, example_args
+
+    names = [s.name for s in source.inputs]
+    args = example_args(names, [shapes[n] for n in names], [s.dtype for s in source.inputs])
+    try:
+        with torch.no_grad():
+            program = torch.export.export(source.torch_module, args, strict=False,
+                                          dynamic_shapes=dim_spec(names, dims))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"torch.export with Dims {_format_dims(dims)} failed: {first}",
+                              target=NAME, step="torch.export") from None
+    torch.export.save(program, str(path))
+    return path
 
 
 def findings(program: dict[str, Any], delegation: dict[str, Any] | None) -> list[Finding]:
@@ -243,13 +300,27 @@ class PteSession(Session):
         self.outputs = [TensorSpec(n, tuple(meta.output_tensor_meta(i).sizes()), "")
                         for i, n in enumerate(names_out)]
         self.runtime = f"executorch {deps.versions(['executorch']).get('executorch', '')}".strip()
+        self._name, self._dims = artifact.primary.name, artifact.meta.get("dims") or {}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import numpy as np
         import torch
 
+        self._check_dims(feeds)
         args = [torch.from_numpy(np.ascontiguousarray(feeds[s.name], dtype=dtype))
                 for s, dtype in zip(self.inputs, self._dtypes, strict=True)]
         outs = self._method.execute(args)
         return {s.name: o.detach().numpy() if isinstance(o, torch.Tensor) else np.asarray(o)
                 for s, o in zip(self.outputs, outs, strict=True)}
+
+    def _check_dims(self, feeds: dict[str, np.ndarray]) -> None:
+        """A size outside a Dim's range is refused by name (the runtime would only say
+        "set_inputs() failed with error 0x10" above the bound, and run below it untested)."""
+        for name, axes in self._dims.items():
+            for axis, (_, lo, hi) in axes.items():
+                size = feeds[name].shape[int(axis)]
+                if not lo <= size <= hi:
+                    raise RuntimeFailure(
+                        f"{name} axis {axis} is {size}: {self._name} was exported for "
+                        f"{lo}..{hi} on that axis (torch.export Dim); convert again with "
+                        "--seq-lens/--batch-sizes covering it", target=NAME, step="run")

@@ -31,7 +31,7 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     if job["precision"] == "int8":
         program = _quantized(program, args, job, steps)
     elif job["precision"] == "fp16":
-        program = _half(program, args, steps)
+        program = _half(program, args, steps, dim_spec(job["input_order"], job.get("dims")))
     result["delegation"] = _lower(program, Path(job["out"]), steps)
     result["program"] = describe(Path(job["out"]))
     result["seconds"] = round(time.perf_counter() - clock, 2)
@@ -39,11 +39,39 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _example_args(job: dict[str, Any]) -> tuple[Any, ...]:
+    return example_args(job["input_order"], job["input_shapes"], job["input_dtypes"])
+
+
+def example_args(names: list[str], shapes: list[list[int]], dtypes: list[str]
+                 ) -> tuple[Any, ...]:
+    """Example inputs to trace with: ones for masks, zeros otherwise."""
     import torch
 
     return tuple((torch.ones if "mask" in name.lower() else torch.zeros)(
         shape, dtype=getattr(torch, dtype)) for name, shape, dtype in
-        zip(job["input_order"], job["input_shapes"], job["input_dtypes"], strict=True))
+        zip(names, shapes, dtypes, strict=True))
+
+
+def dim_spec(names: list[str], dims: dict[str, dict[str, list[Any]]] | None
+             ) -> tuple[dict[int, Any], ...] | None:
+    """``torch.export``'s ``dynamic_shapes`` for inputs ``names`` from ``dims`` ({input:
+    {axis: [symbol, lo, hi]}}): one ``Dim(min=lo, max=hi)`` per symbol, shared by the axes
+    that carry it (XNNPACK needs the upper bound). None for a static program."""
+    import re
+
+    import torch
+
+    if not dims:
+        return None
+    made: dict[str, Any] = {}
+    for axes in dims.values():
+        for symbol, lo, hi in axes.values():
+            if symbol not in made:
+                ident = re.sub(r"\W", "_", symbol)
+                made[symbol] = torch.export.Dim(ident if ident.isidentifier() else f"d_{ident}",
+                                                min=lo, max=hi)
+    return tuple({int(axis): made[d[0]] for axis, d in (dims.get(name) or {}).items()}
+                 for name in names)
 
 
 def _exported(job: dict[str, Any], steps: list[str]) -> tuple[Any, tuple[Any, ...]]:
@@ -159,7 +187,9 @@ def _quantized(program: Any, args: tuple[Any, ...], job: dict[str, Any],
             prepared(*sample)
         converted = convert_pt2e(prepared)
         tables = _embeddings_byte(converted)
-        program = torch.export.export(converted, args, strict=False)
+        program = torch.export.export(converted, args, strict=False,
+                                      dynamic_shapes=dim_spec(job.get("input_order"),
+                                                              job.get("dims")))
     what = ("int8 per-channel weights, activations quantized dynamically (per tensor, at run "
             "time)" if dynamic else "int8 per-channel weights, static int8 activations "
             f"calibrated on {len(samples)} sample(s)")
@@ -344,7 +374,7 @@ def _integer_scalars(module: Any) -> int:
 FP16_MAX = 65504.0
 
 
-def _half(program: Any, args: tuple[Any, ...], steps: list[str]) -> Any:
+def _half(program: Any, args: tuple[Any, ...], steps: list[str], dims: Any = None) -> Any:
     """Weights and activations in float16; floating-point inputs and outputs keep their type
     (cast at the edges), so the .pte takes what the source takes. The traced graph names
     float32 in its casts and factories (``mask.float()``, ``full(..., dtype=float32)``): those
@@ -395,7 +425,8 @@ def _half(program: Any, args: tuple[Any, ...], steps: list[str]) -> Any:
                 else t, out)
 
     with torch.no_grad():
-        program = torch.export.export(Half(module), args, strict=False)
+        program = torch.export.export(Half(module), args, strict=False,
+                                      dynamic_shapes=None if dims is None else (dims,))
     steps.append(f"fp16: weights and activations cast to float16 ({changed['dtypes']} float32 "
                  f"casts/factories retyped, {changed['literals']} literal(s) clamped to "
                  f"+-{FP16_MAX:g}), inputs/outputs keep their type "

@@ -16,7 +16,7 @@ from mtconvert.report import Report, TargetReport
 from mtconvert.run.context import Progress, RunContext
 from mtconvert.run.skeleton import Point, Run
 from mtconvert.run.target import run_target
-from mtconvert.shapes import resolve_shapes, sweep_shapes
+from mtconvert.shapes import dynamic_range, resolve_shapes, sweep_shapes
 
 
 def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
@@ -63,11 +63,15 @@ def _points(skeleton: Run) -> tuple[Point, list[Point]]:
     opts, loaded = skeleton.opts, skeleton.loaded
     if not (opts.seq_lens or opts.batch_sizes):
         return skeleton.point(), []
-    if opts.inputs is not None or loaded.example_feeds is not None:
+    if opts.inputs is not None or (loaded.example_feeds is not None and not loaded.dynamic_axes):
         raise UsageError("--seq-lens/--batch-sizes generate their inputs; they cannot be "
                          "combined with --inputs or a PyTorch source's example inputs")
     base, _ = resolve_shapes(loaded.prepared.inputs, dict(opts.input_shapes), loaded.weight_dims)
     combos = sweep_shapes(loaded.prepared.inputs, base, opts.seq_lens, opts.batch_sizes)
+    if loaded.dynamic_axes:  # a .pt2 exported with Dims: generated inputs within its range
+        skeleton.loaded = replace(loaded, example_feeds=None)
+        skeleton.opts = replace(opts, extra=dict(opts.extra) | {
+            "dynamic_range": dynamic_range(loaded.dynamic_axes, combos)})
     return skeleton.point(combos[0]), [skeleton.point(c, timed=False) for c in combos[1:]]
 
 
