@@ -93,5 +93,31 @@ def judge(ctx: Any, target_out: dict[str, np.ndarray]) -> dict[str, Any] | None:
     target, source = gates.judge(ref, target_out, tol), gates.judge(ref, ctx.ref_out, tol)
     return {"float_model": str(fm.path), "profile": PROFILE, "passed": target.passed,
             "worst": target.worst, "outputs": target.outputs,
-            "source": {"passed": source.passed, "worst": source.worst},
-            "accuracy": None}  # task-accuracy drop against the float model: not measured yet
+            "source": {"passed": source.passed, "worst": source.worst}, "accuracy": None}
+
+
+def with_accuracy(ctx: Any, vs_float: dict[str, Any] | None,
+                  acc: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``vs_float`` with the task-accuracy drop against the float model (--eval-data with
+    labels): the float model's metric on the dataset against the target's. Without labels
+    (embedding agreement is measured against the compressed source's outputs) it says so."""
+    if not vs_float or "error" in vs_float or not acc or "target" not in acc:
+        return vs_float
+    evals, fm = ctx.evals, ctx.float_model
+    if evals.labels is None:
+        return vs_float | {"accuracy": {"unavailable": "the dataset has no labels: neighbour "
+                                                       "agreement is not compared with the "
+                                                       "float model"}}
+    from mtconvert.run import accuracy
+    from mtconvert.validators import accuracy as metrics
+
+    try:
+        out = accuracy._reference(fm.loaded.prepared, evals.feeds, ctx.opts,
+                                  evals.chunk)[evals.output]
+    except (MtConvertError, KeyError) as exc:
+        return vs_float | {"accuracy": {"error": f"the float model on the dataset: {exc}"}}
+    floated = metrics.classification(out, evals.labels)
+    return vs_float | {"accuracy": {"metric": acc["metric"], "float": round(floated, 6),
+                                    "target": acc["target"],
+                                    "drop_points": round((floated - acc["target"]) * 100, 4),
+                                    "items": acc["items"]}}

@@ -141,10 +141,16 @@ def vs_float_line(v: dict[str, Any]) -> str:
     def _fmt(x: Any, spec: str) -> str:
         return "-" if x is None else format(x, spec)
 
-    src = v.get("source") or {}
-    return (f"vs the float model ({v['profile']} profile): {worst(v.get('worst'))} "
+    src, acc = v.get("source") or {}, v.get("accuracy") or {}
+    line = (f"vs the float model ({v['profile']} profile): {worst(v.get('worst'))} "
             f"({'within' if v.get('passed') else 'OUTSIDE'} the {v['profile']} bounds); the "
             f"compressed source: {worst(src.get('worst'))}")
+    if "drop_points" in acc:
+        line += (f"; {acc['metric']} {acc['target']:.4g} vs the float model's "
+                 f"{acc['float']:.4g} ({-acc['drop_points']:+.2f} points, {acc['items']} items)")
+    elif acc:
+        line += f"; accuracy vs the float model: {acc.get('unavailable') or acc.get('error')}"
+    return line
 
 
 def sparsity_line(s: dict[str, Any]) -> str:

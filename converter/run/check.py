@@ -68,6 +68,7 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
     bad = [f"shape {format_shapes(e['input_shapes'])}: {e['reason']}" for e in sweep
            if e["status"] in ("failed", "error")]
     acc = _accuracy(ctx, backend, artifact)
+    vs_float = float_compare.with_accuracy(ctx, vs_float, acc)
     if acc and not acc.get("passed", True):
         bad.append(gates.accuracy_reason(acc))
     status, reason = gates.verdict(

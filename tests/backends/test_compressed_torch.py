@@ -166,10 +166,19 @@ def test_a_bad_float_model_is_a_usage_error(saved, tmp_path: Path, case: str) ->
 @pytest.mark.slow
 def test_each_target_is_compared_with_the_float_model(saved, float_pt2: Path,
                                                       tmp_path: Path) -> None:
-    report = quick_convert("onnx-mobile", saved["pt2e"], tmp_path, float_model=float_pt2)
+    module, _ = _float()
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():  # labels: the float model's own classes
+        labels = module(x).argmax(-1).numpy()
+    np.savez(tmp_path / "eval.npz", x=x.numpy(), labels=labels)
+    report = quick_convert("onnx-mobile", saved["pt2e"], tmp_path, float_model=float_pt2,
+                           eval_data=tmp_path / "eval.npz")
     t = report.targets["onnx-mobile"]
     assert t.status == "passed", t.reason
     v = t.compressed["vs_float"]
+    acc = v["accuracy"]  # the float model is right on every item by construction
+    assert acc["float"] == 1.0 and acc["target"] == t.accuracy["target"]
+    assert acc["drop_points"] == pytest.approx((1.0 - acc["target"]) * 100)
     assert v["profile"] == "int8" and v["float_model"] == str(float_pt2)
     assert v["worst"]["max_abs"] > 0  # the int8 source is not the float model
     assert v["passed"] and v["source"]["passed"]
