@@ -90,8 +90,11 @@ def test_reduced_precisions_pass_and_shrink(precision, fixtures_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_full_integer_keeps_failing_kernels_in_float(fixtures_dir, tmp_path):
-    report = _run(fixtures_dir / "vit_encoder.onnx", tmp_path, precision="int8",
+def test_full_integer_keeps_failing_kernels_in_float(tmp_path):
+    """The DIV of onnx2tf's Erf emulation fails its int8 kernel (its divisor quantizes to the
+    zero point): kept in float. (The ViT fixture's exact GELUs are now the builtin GELU, whose
+    int8 kernel runs.)"""
+    report = _run(_gelu_and_erf(tmp_path / "gelu.onnx"), tmp_path / "out", precision="int8",
                   extra={"int8_scheme": "full"})
     t = report.targets["tflite"]
     assert t.status == "passed", t.reason
