@@ -172,6 +172,16 @@ def target_sparsity_line(s: dict[str, Any]) -> str:
             f"the artifact's weights are zero (source {s['source_zero_share']:.1%})")
 
 
+def quant_error_lines(q: dict[str, Any]) -> list[str]:
+    """A failing int8 artifact's worst layers (diagnostics.quantization_error), one line each."""
+    if "unavailable" in q:
+        return [f"per-layer quantization error: not measured ({q['unavailable']})"]
+    head = (f"layers adding the most quantization error (of {q['weight_layers']} weight layers; "
+            "keep these in float first):")
+    return [head, *(f"{e['op_type']} {e['node']}: adds {e['added']:.2%} relative error "
+                    f"(output {e['relative_error']:.2%})" for e in q["layers"])]
+
+
 def emit(destination: Path | IO[str] | str, text: str) -> None:
     """A renderer's text to a file (written atomically) or to a text stream."""
     if isinstance(destination, (str, Path)):

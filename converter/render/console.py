@@ -242,6 +242,11 @@ def _details(t: TargetReport, console: Console) -> None:
                       f"[dim]({d.get('method')}: {how}, {d['seconds']} s)[/]")
     elif t.diagnostics and "result" in t.diagnostics:
         console.print(f"  localization: {t.diagnostics.get('result')}")
+    if (t.diagnostics or {}).get("quantization_error"):
+        from mtconvert.render import quant_error_lines
+
+        for i, line in enumerate(quant_error_lines(t.diagnostics["quantization_error"])):
+            console.print(("  " if i == 0 else "    ") + escape(line))
     nonfinite = (t.diagnostics or {}).get("first_nonfinite_op")
     if nonfinite:
         console.print(f"  first op producing {'inf' if nonfinite['inf'] else 'NaN'}: "

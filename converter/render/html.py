@@ -147,6 +147,12 @@ def _target(i: int, t: TargetReport, report: Report, plots: _Plots) -> str:
         parts.append(_sweep(t))
     if t.diagnostics:
         parts.append(_localization(t.diagnostics))
+    if (t.diagnostics or {}).get("quantization_error"):
+        from mtconvert.render import quant_error_lines
+
+        lines = quant_error_lines(t.diagnostics["quantization_error"])
+        parts.append(f"<h3>Quantization error per layer</h3><p>{_e(lines[0])}</p><ul>"
+                     + "".join(f"<li>{_e(x)}</li>" for x in lines[1:]) + "</ul>")
     if t.conversion:
         parts.append(_conversion(t))
     if t.findings:

@@ -150,6 +150,11 @@ def _why(t: TargetReport) -> list[str]:
     if first:
         items.append(f"  - first divergence: {_esc(first.get('op_type', ''))} "
                      f"`{first.get('node')}` (max abs {_num(first.get('max_abs'))})")
+    if (t.diagnostics or {}).get("quantization_error"):
+        from mtconvert.render import quant_error_lines
+
+        lines = quant_error_lines(t.diagnostics["quantization_error"])
+        items += [f"  - {_esc(lines[0])}", *(f"    - {_esc(x)}" for x in lines[1:])]
     gen = t.generation or {}
     if gen.get("first_mismatch_step") is not None:
         k = gen["first_mismatch_step"]

@@ -65,6 +65,12 @@ def check_artifact(ctx: RunContext, backend: Backend, artifact: Artifact,
             ctx, backend, artifact, artifact.profile, converted=conversion is not None,
             nonfinite_outputs=gates.nonfinite(result.outputs))
         clock.lap("localize_s")
+    if artifact.precision == "int8" and not numerics.passed:  # which layers to keep in float
+        from mtconvert import quant_error
+
+        ctx.say(f"{name}: per-layer quantization error")
+        diagnostics = (diagnostics or {}) | {
+            "quantization_error": quant_error.layers(ctx, backend, artifact)}
     bad = [f"shape {format_shapes(e['input_shapes'])}: {e['reason']}" for e in sweep
            if e["status"] in ("failed", "error")]
     acc = _accuracy(ctx, backend, artifact)
