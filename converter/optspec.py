@@ -82,7 +82,8 @@ CORE: tuple[Option, ...] = (
            "reference outputs, tolerances, tool versions) for `mtconvert verify`."),
     Option("task", "choice", None, "What a Hugging Face model folder is converted for "
            "(default: from config.json's architectures).",
-           choices=("text-generation", "text2text-generation", "text-encoding")),
+           choices=("text-generation", "text2text-generation",
+                    "automatic-speech-recognition", "text-encoding")),
     Option("prompt", "str", None, "Generation: the prompt, tokenized by the folder's "
            "tokenizer.json."),
     Option("prompt_ids", "ints", None, "Generation: the prompt as token ids, exactly as given "

@@ -14,12 +14,16 @@ from typing import Any
 from mtconvert.errors import ModelLoadError, UsageError
 
 # architectures suffix -> the task it does
-TASKS_BY_SUFFIX = (("ForCausalLM", "text-generation"), ("LMHeadModel", "text-generation"),
+TASKS_BY_SUFFIX = (("WhisperForConditionalGeneration", "automatic-speech-recognition"),
+                   ("SpeechSeq2Seq", "automatic-speech-recognition"),
+                   ("MTModel", "text2text-generation"),  # MarianMTModel
+                   ("ForCausalLM", "text-generation"), ("LMHeadModel", "text-generation"),
                    ("ForConditionalGeneration", "text2text-generation"),
                    ("ForMaskedLM", "fill-mask"), ("ForSequenceClassification",
                                                    "text-classification"),
                    ("ForTokenClassification", "token-classification"), ("Model", "text-encoding"))
-SUPPORTED_TASKS = ("text-generation",)
+SUPPORTED_TASKS = ("text-generation", "text2text-generation", "automatic-speech-recognition")
+SEQ2SEQ_TASKS = ("text2text-generation", "automatic-speech-recognition")
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -62,7 +66,7 @@ def is_generative_source(model: Any, example_inputs: Any, task: str | None) -> b
     tf = sys.modules.get("transformers")
     if example_inputs is not None or tf is None or not isinstance(model, tf.PreTrainedModel):
         return False
-    return task is not None or _task_of([type(model).__name__]) == "text-generation"
+    return task is not None or _task_of([type(model).__name__]) in SUPPORTED_TASKS
 
 
 def from_model(model: Any, task: str | None) -> HFFolder:
@@ -150,15 +154,22 @@ def _digest(files: list[Path]) -> str:
     return h.hexdigest()
 
 
+def is_seq2seq(folder: HFFolder) -> bool:
+    return folder.task in SEQ2SEQ_TASKS
+
+
 def check_architecture(folder: HFFolder) -> None:
-    """The model type has a decode-step builder (mtconvert.generation.step)."""
-    from mtconvert.generation import step
+    """The model type has a decode-step builder for its task (mtconvert.generation.step;
+    encoder-decoder: mtconvert.generation.seq2seq)."""
+    from mtconvert.generation import seq2seq, step
 
     kind = folder.config.get("model_type")
-    if kind not in step.SUPPORTED:
+    supported = {"text-generation": step.SUPPORTED, "text2text-generation": seq2seq.TEXT2TEXT,
+                 "automatic-speech-recognition": seq2seq.SPEECH}[folder.task]
+    if kind not in supported:
         raise UsageError(f"{folder.label}: architecture {kind!r} "
                          f"({', '.join(folder.config.get('architectures') or [])}) is not "
-                         f"supported for generation yet (supported: {', '.join(step.SUPPORTED)})")
+                         f"supported for {folder.task} yet (supported: {', '.join(supported)})")
 
 
 def load_model(folder: HFFolder) -> Any:
@@ -176,13 +187,16 @@ def load_model(folder: HFFolder) -> Any:
         return model.eval()
     try:
         import torch
-        from transformers import AutoModelForCausalLM
+        import transformers
     except ImportError:
         raise ModelLoadError("reading a model folder needs torch and transformers: pip install "
                              "'mtconvert[generation]'") from None
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(
+            auto = {"text2text-generation": transformers.AutoModelForSeq2SeqLM,
+                    "automatic-speech-recognition": transformers.AutoModelForSpeechSeq2Seq}.get(
+                folder.task, transformers.AutoModelForCausalLM)
+            model = auto.from_pretrained(
                 str(folder.path), local_files_only=True, dtype=torch.float32,
                 attn_implementation="eager",
                 use_safetensors=folder.weights[0].name.startswith("model.safetensors"))

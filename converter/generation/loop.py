@@ -25,9 +25,12 @@ class Decoded:
 
 
 def decode(run: Run, geometry: Any, prompt: tuple[int, ...], new_tokens: int,
-           forced: tuple[int, ...] | None = None) -> Decoded:
+           forced: tuple[int, ...] | None = None,
+           extra: dict[str, np.ndarray] | None = None) -> Decoded:
     """Step through the prompt, then ``new_tokens`` - 1 more tokens: the model's own argmax
-    (free running) or ``forced`` (teacher forcing). len(prompt) + new_tokens - 1 steps."""
+    (free running) or ``forced`` (teacher forcing). len(prompt) + new_tokens - 1 steps.
+    ``extra``: inputs fed unchanged at every step, after the cache (an encoder-decoder's
+    cross-attention K/V)."""
     g = geometry
     cache = {f"past_{kv}_{i}": np.zeros(g.cache_shape(), np.float32)
              for i in range(g.layers) for kv in ("key", "value")}
@@ -37,7 +40,7 @@ def decode(run: Run, geometry: Any, prompt: tuple[int, ...], new_tokens: int,
     for pos in range(len(prompt) + new_tokens - 1):
         feeds = {"input_ids": np.array([[seq[pos]]], np.int64),
                  "position_ids": np.array([[pos]], np.int64), "attention_mask": mask.copy(),
-                 **cache}
+                 **cache, **(extra or {})}
         t0 = time.perf_counter()
         out = run(feeds)
         for name in cache:
@@ -63,19 +66,39 @@ def _child(job_path: Path) -> None:
     cls = BackendEntry(job["name"], job["backend"]).load()
     geo = Geometry(**job["geometry"])
     prompt, n = tuple(job["prompt"]), job["new_tokens"]
+    encoded: dict[str, Any] = {}
     try:
+        if job.get("encoder"):  # an encoder-decoder: the encoder graph first, its K/V kept
+            encoded = _encode(cls, job["encoder"], job["threads"])
         session_cm = cls().open(Artifact.from_dict(job["artifact"]), job["threads"])
     except RuntimeUnavailable as exc:
         Path(job["result"]).write_text(json.dumps({"unavailable": exc.reason}))
         return
     with session_cm as session:
-        forced = decode(session.run, geo, prompt, n, forced=tuple(job["reference_tokens"]))
-        free = decode(session.run, geo, prompt, n)  # warm: the teacher-forced pass ran first
+        extra = encoded.get("outputs")
+        forced = decode(session.run, geo, prompt, n, forced=tuple(job["reference_tokens"]),
+                        extra=extra)
+        free = decode(session.run, geo, prompt, n, extra=extra)  # warm: forced ran first
         np.savez(job["outputs"], forced_logits=forced.logits, free_logits=free.logits)
         Path(job["result"]).write_text(json.dumps({
             "free_tokens": free.tokens, "step_ms": free.step_ms,
-            "runtime": session.runtime or cls.name,
+            "encoder_ms": encoded.get("ms"), "runtime": session.runtime or cls.name,
             "latency_unavailable": session.latency_unavailable}))
+
+
+def _encode(cls: Any, job: dict[str, Any], threads: int) -> dict[str, Any]:
+    """The encoder artifact run on the encoder input: its outputs (by name) and the time of
+    a warm run (the second of two)."""
+    from mtconvert.backends.base import Artifact
+
+    with np.load(job["feeds"]) as data:
+        feeds = {k: data[k] for k in data.files}
+    with cls().open(Artifact.from_dict(job["artifact"]), threads) as session:
+        session.run(feeds)
+        t0 = time.perf_counter()
+        out = session.run(feeds)
+        ms = (time.perf_counter() - t0) * 1000.0
+    return {"outputs": {k: np.asarray(v, np.float32) for k, v in out.items()}, "ms": ms}
 
 
 if __name__ == "__main__":

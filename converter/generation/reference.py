@@ -84,3 +84,30 @@ def step_module_error(module: Any, geometry: Any, ref: Reference) -> float:
 
     got = decode(run, geometry, ref.prompt, len(ref.tokens), forced=ref.tokens)
     return float(np.max(np.abs(got.logits - ref.logits)))
+
+
+def decoder_start(config: dict[str, Any], label: str) -> int:
+    """The decoder's first token: the config's decoder_start_token_id (one line, exit 2,
+    without one)."""
+    start = config.get("decoder_start_token_id")
+    if start is None:
+        raise UsageError(f"{label}: config.json has no decoder_start_token_id; the decoder "
+                         "cannot start")
+    return int(start)
+
+
+def greedy_seq2seq(model: Any, encoder_input: dict[str, Any], start: int,
+                   new_tokens: int) -> Reference:
+    """An encoder-decoder model's greedy decode from its decoder_start_token_id, by full
+    forward passes (encoder and decoder each time, no cache): ``prompt`` is the decoder's
+    (the start token), the encoder input is ``encoder_input`` (name -> numpy array)."""
+    import torch
+
+    feeds = {k: torch.from_numpy(v) for k, v in encoder_input.items()}
+    seq, logits = [start], None
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            out = model(**feeds, decoder_input_ids=torch.tensor([seq]))
+            logits = out.logits[0].float().numpy()
+            seq.append(int(np.argmax(logits[-1])))
+    return Reference((start,), tuple(seq[1:]), logits, "pytorch-eager", torch.__version__)

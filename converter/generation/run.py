@@ -3,7 +3,9 @@ generates. The decode-step module is exported once and goes through the ordinary
 (every target's routes, lint, one-step numerics against the step module in PyTorch eager,
 latency of a step at the full cache); then each target's artifact is stepped token by token
 in a child process, teacher-forced and free-running, against the original model's greedy
-decode. Encoder-decoder models are not handled here yet."""
+decode. An encoder-decoder model has two graphs, each through its own skeleton: the encoder
+(its input → the cross-attention K/V) and the decoder-with-past step (mtconvert.generation
+.encdec, .seq2seq); a target's generation runs its encoder artifact first, then the step."""
 from __future__ import annotations
 
 import re
@@ -16,8 +18,8 @@ import numpy as np
 
 from mtconvert.cache import ConversionCache
 from mtconvert.errors import MtConvertError, UsageError
-from mtconvert.generation import folder as folder_mod, reference, step
-from mtconvert.generation.target import generated
+from mtconvert.generation import encdec, folder as folder_mod, reference, seq2seq, step
+from mtconvert.generation.target import EncoderInput, generated
 from mtconvert.generation.loop import decode
 from mtconvert.report import Report, TargetReport
 from mtconvert.run.context import RunContext
@@ -34,6 +36,13 @@ class Generation:
     def __init__(self, skeleton: Run, model: Any):
         self.skeleton, self.model = skeleton, model
         self._tmp = tempfile.TemporaryDirectory(prefix="mtconvert-")
+        self.enc_ctx: RunContext | None = None  # an encoder-decoder's encoder graph
+        self.encoder: tuple[dict[str, np.ndarray], list[int] | None] | None = None
+
+    @property
+    def contexts(self) -> list[RunContext]:
+        """The graphs every target converts: the decode step, then an encoder if any."""
+        return [self.ctx] + ([self.enc_ctx] if self.enc_ctx is not None else [])
 
     def __enter__(self) -> Generation:
         try:
@@ -44,24 +53,36 @@ class Generation:
 
     def _prepare(self) -> Generation:
         sk, opts = self.skeleton, self.skeleton.opts
-        refuse_unsupported(opts)
         self.folder = (folder_mod.open_folder(Path(self.model), opts.task, opts.trust_pickle)
                        if folder_mod.is_hf_folder(self.model)
                        else folder_mod.from_model(self.model, opts.task))
+        refuse_unsupported(opts, self.folder.task == "automatic-speech-recognition")
         folder_mod.check_architecture(self.folder)
         config = self.folder.config  # every input checked before torch is imported
-        prompt, how = reference.prompt_ids(self.folder, opts.prompt, opts.prompt_ids,
-                                           int(config.get("vocab_size") or 0))
-        max_cache = cache_length(config, len(prompt), opts.max_new_tokens, opts.max_cache)
+        if folder_mod.is_seq2seq(self.folder):
+            feeds, shown, how = encdec.encoder_input(self.folder, opts)
+            self.encoder, prompt = (feeds, shown), ()
+            max_cache = cache_length(config, 1, opts.max_new_tokens, opts.max_cache)
+        else:
+            prompt, how = reference.prompt_ids(self.folder, opts.prompt, opts.prompt_ids,
+                                               int(config.get("vocab_size") or 0))
+            max_cache = cache_length(config, len(prompt), opts.max_new_tokens, opts.max_cache)
         with folder_mod.quiet_transformers():
             src = self._step_graph(prompt, how, max_cache)
         self.point = sk.point()
-        self.ctx = sk.context(src, self.point, cache=True)
-        if self.ctx.cache.root is None:  # --no-cache: a cache of this run only, so that each
-            # target's Artifact, with its I/O maps, is at hand for the generation (converted)
-            self.ctx = replace(self.ctx, cache=ConversionCache(Path(self._tmp.name) / "cache"))
+        self.ctx = self._context(sk, src, self.point, "cache")
+        if self.encoder is not None:
+            self.enc_ctx = self._context(self.enc_sk, self.enc_src, self.enc_sk.point(),
+                                         "encoder-cache")
         sk.clock.lap("reference_s")
         return self
+
+    def _context(self, sk: Run, src: Any, point: Any, scratch: str) -> RunContext:
+        ctx = sk.context(src, point, cache=True)
+        if ctx.cache.root is None:  # --no-cache: a cache of this run only, so that each
+            # target's Artifact, with its I/O maps, is at hand for the generation (converted)
+            ctx = replace(ctx, cache=ConversionCache(Path(self._tmp.name) / scratch))
+        return ctx
 
     def _step_graph(self, prompt: tuple[int, ...], how: str, max_cache: int) -> Any:
         """Load the model, decode the reference, build the step module and export it (the
@@ -71,6 +92,8 @@ class Generation:
         hf = folder_mod.load_model(self.folder)
         sk.clock.lap("load_source_s")
         sk.say(f"reference: greedy decode of {opts.max_new_tokens} tokens, PyTorch eager")
+        if self.encoder is not None:
+            return self._seq2seq_graphs(hf, how, max_cache)
         self.ref = reference.greedy(hf, prompt, opts.max_new_tokens)
         try:
             module, self.geo = step.build(hf, max_cache)
@@ -85,9 +108,48 @@ class Generation:
                         else self.folder.path.name)
         return src
 
-    def report(self, reports: list[TargetReport]) -> Report:
-        judged = [generate(self.ctx, r, self.ref, self.geo) for r in reports]
-        if self.skeleton.opts.bundle is not None:
+    def _seq2seq_graphs(self, hf: Any, how: str, max_cache: int) -> Any:
+        """The encoder graph (loaded by a skeleton of its own) and the step graph (the run's
+        source) of an encoder-decoder model."""
+        sk, opts = self.skeleton, self.skeleton.opts
+        feeds, _ = self.encoder
+        self.ref = encdec.reference_decode(hf, self.folder, feeds, opts.max_new_tokens)
+        try:
+            enc, module, self.geo = seq2seq.build(hf, max_cache,
+                                                  next(iter(feeds.values())).shape[-1]
+                                                  if "input_ids" in feeds else 0)
+        except ValueError as exc:
+            raise UsageError(f"{self.folder.label}: {exc}") from None
+        cross = encdec.cross_kv(enc, feeds)
+        sk.settings["generation"] = {
+            "task": self.folder.task, "prompt": how, "max_new_tokens": opts.max_new_tokens,
+            "max_cache": max_cache, "reference": f"{self.ref.runtime} {self.ref.version}",
+            "decoder_start_token_id": self.ref.prompt[0],
+            "graphs": ["decoder_with_past", "encoder"],
+            "step_module_max_abs_error": encdec.step_module_error(module, self.geo, self.ref,
+                                                                  cross)}
+        base = stem(self.folder.label.lower() if self.folder.path is None
+                    else self.folder.path.name)[:-len("-step")]
+        self.enc_sk = Run("convert", opts, sk.registry, sk.say)
+        import torch
+
+        for sub in ("encoder", "step"):
+            (Path(self._tmp.name) / sub).mkdir()
+        self.enc_src = self.enc_sk.load(enc, Path(self._tmp.name) / "encoder",
+                                        {k: torch.from_numpy(v) for k, v in feeds.items()})
+        self.enc_src.name = f"{base}-encoder"
+        src = sk.load(module, Path(self._tmp.name) / "step",
+                      encdec.step_feeds(module, self.geo, self.ref, cross))
+        src.name = f"{base}-step"
+        return src
+
+    def report(self, reports: list[TargetReport],
+               encoder_reports: list[TargetReport] | None = None) -> Report:
+        if encoder_reports is not None:
+            judged = self._seq2seq_judged(reports, encoder_reports)
+        else:
+            judged = [generate(self.ctx, r, self.ref, self.geo) for r in reports]
+        if self.skeleton.opts.bundle is not None and encoder_reports is None:
             self._bundle(judged)
         path = self.folder.path
         source = replace(self.skeleton.source_info(self.point),
@@ -106,18 +168,42 @@ class Generation:
                 tol = r.generation["teacher_forced"]["tolerance"]
                 golden.add(root / r.name, self.ref, self.geo, golden.Tolerance(**tol))
 
+    def _seq2seq_judged(self, reports: list[TargetReport],
+                        encoder_reports: list[TargetReport]) -> list[TargetReport]:
+        """Each target generated through its encoder artifact then its step artifact; the
+        two graphs' checks listed under ``generation.graphs``."""
+        by_name = {r.name: r for r in encoder_reports}
+        out = []
+        for r in reports:
+            enc = by_name.get(r.name)
+            judged = generate(self.ctx, r, self.ref, self.geo, (self.enc_ctx, enc, *self.encoder))
+            if judged.generation is not None:
+                judged = replace(judged, generation=judged.generation | {"graphs": {
+                    "encoder": encdec.graph_summary(enc),
+                    "decoder_with_past": encdec.graph_summary(r)}})
+            out.append(encdec.merged(judged, enc))
+        self.enc_sk = None  # its reference children close (weakref.finalize)
+        if self.skeleton.opts.bundle is not None:
+            self.skeleton.settings["generation"]["bundle"] = (
+                "golden bundles hold each graph's one-step check; the encoder-decoder "
+                "generation is not carried to verify yet")
+        return out
+
     def __exit__(self, *exc: object) -> None:
         self._tmp.cleanup()
 
 
-def refuse_unsupported(opts: Any) -> None:
-    """Options of single-pass models that mean nothing here yet: refused, not ignored."""
-    given = [flag for flag, value in (("--inputs", opts.inputs), ("--seq-lens", opts.seq_lens),
+def refuse_unsupported(opts: Any, features: bool = False) -> None:
+    """Options of single-pass models that mean nothing here yet: refused, not ignored
+    (``features``: a speech model, whose encoder input --inputs gives)."""
+    given = [flag for flag, value in (("--inputs", opts.inputs and not features),
+                                      ("--seq-lens", opts.seq_lens),
                                       ("--batch-sizes", opts.batch_sizes),
                                       ("--eval-data", opts.eval_data)) if value]
     if given:
         raise UsageError(f"{', '.join(given)}: not available for a model folder's generation "
-                         "(the prompt is --prompt or --prompt-ids)")
+                         "(the prompt is --prompt or --prompt-ids; --inputs: a speech model's "
+                         "features)")
     if opts.precision == "int8":
         raise UsageError("--precision int8 is not available for generation yet (fp32, fp16)")
 
@@ -138,7 +224,8 @@ def cache_length(config: dict[str, Any], prompt_len: int, new_tokens: int, given
     if window and size + 1 > window:
         raise UsageError(f"a cache of {size} slots exceeds the model's sliding window ({window}); "
                          "the step graph attends to every slot")
-    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    limit = (config.get("max_position_embeddings") or config.get("n_positions")
+             or config.get("max_target_positions"))
     if limit and size + 1 > limit:
         raise UsageError(f"a cache of {size} slots needs {size + 1} positions; the model has "
                          f"{limit}")
@@ -166,19 +253,34 @@ def example_feeds(module: Any, geo: step.Geometry, prompt: tuple[int, ...]) -> d
     return {k: torch.from_numpy(v.copy()) for k, v in seen[-1].items()}
 
 
+def _artifact_file(report: TargetReport | None) -> Any:
+    if report is None or report.status in ("error", "skipped"):
+        return None
+    return next((a for a in report.artifacts if a.role == "artifact"), None)
+
+
 def generate(ctx: RunContext, report: TargetReport, ref: reference.Reference,
-             geo: step.Geometry) -> TargetReport:
+             geo: step.Geometry, encoder: tuple | None = None) -> TargetReport:
     """The target's artifact stepped through the prompt and the new tokens; its report gains
-    ``generation`` and fails on a generation the reference does not make."""
-    art = next((a for a in report.artifacts if a.role == "artifact"), None)
-    if art is None or report.status in ("error", "skipped"):
+    ``generation`` and fails on a generation the reference does not make. ``encoder``: (its
+    context, its report, its feeds, the prompt shown) of an encoder-decoder's encoder graph,
+    whose artifact runs first (none made: no generation, the encoder's report says why)."""
+    art = _artifact_file(report)
+    enc_art = _artifact_file(encoder[1]) if encoder else None
+    if art is None or (encoder and enc_art is None):
         return report
     backend = ctx.registry.get(report.name)()
     ctx.say(f"{report.name}: generating {len(ref.tokens)} tokens with its own KV cache")
     try:
         with tempfile.TemporaryDirectory(prefix="mtconvert-gen-art-") as tmp:
-            artifact = converted(ctx, backend, report, Path(art.path), Path(tmp))
-            return generated(ctx.opts, backend, artifact, report, ref, geo)
+            artifact = converted(ctx, backend, report, Path(art.path), Path(tmp) / "step")
+            enc_in = None
+            if encoder:
+                enc_ctx, enc_report, feeds, shown = encoder
+                enc_in = EncoderInput(converted(enc_ctx, backend, enc_report,
+                                                Path(enc_art.path), Path(tmp) / "encoder"),
+                                      feeds, shown)
+            return generated(ctx.opts, backend, artifact, report, ref, geo, encoder=enc_in)
     except MtConvertError as exc:  # the artifact could not be described again
         return replace(report, status="error", reason=f"generation: {exc}")
 

@@ -49,15 +49,17 @@ class Geometry:
 
 
 def _attend(torch: Any, q: Any, k: Any, v: Any, past_k: Any, past_v: Any, bias: Any,
-            kv_heads: int, head_dim: int) -> Any:
+            kv_heads: int, head_dim: int, scale: float | None = None) -> Any:
     """q [1, H, 1, D]; k, v [1, KV, 1, D]; past [1, KV, MAX, D]; bias [1, 1, 1, MAX + 1].
     Grouped-query attention without repeating the cache: q as [1, KV, group, D]. The past and
     the current token are scored apart and only the scores are joined (a graph input is never
-    concatenated with a computed tensor: onnx2tf gives the two different layouts)."""
+    concatenated with a computed tensor: onnx2tf gives the two different layouts). ``scale``
+    multiplies q·kᵀ (default 1/sqrt(head_dim)); ``bias`` may be per head [1, H, 1, MAX + 1]."""
     heads = q.shape[1]
     group = heads // kv_heads
     max_cache = past_k.shape[2]
-    qg = q.reshape(1, kv_heads, group, head_dim) * (1.0 / math.sqrt(head_dim))
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    qg = q.reshape(1, kv_heads, group, head_dim) * scale
     past_scores = torch.matmul(qg, past_k.transpose(2, 3))  # [1, KV, group, MAX]
     own_score = torch.matmul(qg, k.transpose(2, 3))  # [1, KV, group, 1]
     probs = torch.softmax(torch.cat([past_scores, own_score], dim=-1) + bias, dim=-1)

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,25 @@ from mtconvert.report import TargetReport
 from mtconvert.validators.tolerances import Tolerance
 
 
+@dataclass(frozen=True)
+class EncoderInput:
+    """An encoder-decoder's encoder graph as the host loop runs it: the target's encoder
+    artifact, its input, and the prompt the report shows (token ids; None for features)."""
+
+    artifact: Artifact
+    feeds: dict[str, np.ndarray]
+    prompt: list[int] | None
+
+
 def generated(opts: Any, backend: Backend, artifact: Artifact, report: TargetReport,
-              ref: Reference, geo: Geometry, tol: Tolerance | None = None) -> TargetReport:
+              ref: Reference, geo: Geometry, tol: Tolerance | None = None,
+              encoder: EncoderInput | None = None) -> TargetReport:
     """``report`` with its ``generation`` section; failed when the generation is not the
     reference's, error when the runtime failed. ``tol``: the logits' tolerance (default: the
-    artifact's profile under the run's overrides)."""
+    artifact's profile under the run's overrides). ``encoder``: an encoder-decoder's encoder
+    graph, run first in the same child; time to first token then includes it."""
     try:
-        result = run_loop(opts, backend, artifact, ref, geo)
+        result = run_loop(opts, backend, artifact, ref, geo, encoder)
     except StepError as exc:
         return replace(report, status="error", reason=f"generation: {exc.reason}")
     if "unavailable" in result:
@@ -44,14 +56,28 @@ def generated(opts: Any, backend: Backend, artifact: Artifact, report: TargetRep
                                    result["step_ms"], tol, geo.cache_bytes(), geo.max_cache,
                                    result["latency_unavailable"])
     section["runtime"] = result["runtime"]
+    if encoder is not None:
+        _encoder_fields(section, encoder, ref, result.get("encoder_ms"))
     if not reasons:
         return replace(report, generation=section)
     reason = "; ".join([*([report.reason] if report.reason else []), *reasons])
     return replace(report, status="failed", reason=reason, generation=section)
 
 
+def _encoder_fields(section: dict[str, Any], encoder: EncoderInput, ref: Reference,
+                    encoder_ms: float | None) -> None:
+    """An encoder-decoder's prompt is the encoder's input; the decoder starts from its
+    decoder_start_token_id; time to first token is the encoder's run plus the first step."""
+    section["decoder_start_tokens"] = list(ref.prompt)
+    section["prompt_tokens"] = encoder.prompt
+    if encoder_ms is not None and "time_to_first_token_ms" in section:
+        section["encoder_ms"] = round(encoder_ms, 4)
+        section["time_to_first_token_ms"] = round(section["time_to_first_token_ms"]
+                                                  + encoder_ms, 4)
+
+
 def run_loop(opts: Any, backend: Backend, artifact: Artifact, ref: Reference,
-             geo: Geometry) -> dict[str, Any]:
+             geo: Geometry, encoder: EncoderInput | None = None) -> dict[str, Any]:
     """loop.decode in a child process (a runtime crash or hang is this target's error)."""
     from mtconvert.backends.process import tail
 
@@ -62,6 +88,10 @@ def run_loop(opts: Any, backend: Backend, artifact: Artifact, ref: Reference,
                "geometry": vars(geo), "prompt": list(ref.prompt),
                "reference_tokens": list(ref.tokens), "new_tokens": len(ref.tokens),
                "outputs": str(t / "outputs.npz"), "result": str(t / "result.json")}
+        if encoder is not None:
+            np.savez(t / "encoder_feeds.npz", **encoder.feeds)
+            job["encoder"] = {"artifact": encoder.artifact.to_dict(),
+                              "feeds": str(t / "encoder_feeds.npz")}
         (t / "job.json").write_text(json.dumps(job))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:

@@ -53,8 +53,8 @@ def _generative(model: Any, opts: ConvertOptions, registry: Registry | None,
 
     skeleton = Run("convert", opts, registry, progress)
     names = resolve_targets(skeleton.registry, opts.targets)
-    with Generation(skeleton, model) as gen:
-        return gen.report(run_targets(gen.ctx, names))
+    with Generation(skeleton, model) as gen:  # an encoder-decoder: the step, then the encoder
+        return gen.report(*(run_targets(ctx, names) for ctx in gen.contexts))
 
 
 def _points(skeleton: Run) -> tuple[Point, list[Point]]:

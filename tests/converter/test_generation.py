@@ -121,7 +121,7 @@ def _folder_variants(tmp: Path, folders) -> dict[str, Path]:
      "give at least 10"),
     ("gpt2", ["--prompt", "hello"], "no tokenizer.json"),
     ("gpt2", ["--prompt-ids", "1,99999"], "outside the vocabulary"),
-    ("gpt2", ["--task", "text2text-generation"], "not supported for model folders"),
+    ("gpt2", ["--task", "text2text-generation"], "cannot do --task text2text-generation"),
     ("gpt2", ["--seq-lens", "8,16"], "--seq-lens: not available"),
     ("gpt2", ["--precision", "int8"], "int8 is not available for generation"),
 ])
