@@ -7,8 +7,17 @@ each round a whole generation of --new tokens; per side: p50 of each round's per
 and the round-to-round spread (max/min of those medians). Also whether the tokens agree.
 Asserts nothing.
 
+With --seq2seq: the encoder-decoder families instead (tiny T5, BART, Marian, Whisper folders of
+mtconvert.generation.fixtures): each family converted once to every target that can run here
+(both graphs), then every target's generation (encoder artifact, then the step artifact with
+its own KV cache, in a child process per target) repeated --rounds times, the targets in
+turn within each round; per target: tokens agree, time to first token (encoder + first
+step) and decode ms/token p50, each the median over rounds with its spread (min-max).
+
     .venv/bin/python benchmarks/bench_generation.py [--layers 4] [--hidden 256] [--new 32]
         [--rounds 7] [--threads 2]
+    .venv/bin/python benchmarks/bench_generation.py --seq2seq [--families t5,whisper]
+        [--targets onnx-mobile,tflite] [--new 16] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -67,7 +76,13 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seq2seq", action="store_true", help="the encoder-decoder families")
+    ap.add_argument("--families", default="t5,bart,marian,whisper")
+    ap.add_argument("--targets", default=None, help="default: every target that runs here")
     args = ap.parse_args()
+    if args.seq2seq:
+        seq2seq_main(args)
+        return
 
     import onnxruntime as ort
     import torch
@@ -120,6 +135,50 @@ def main() -> None:
     a, b = (statistics.median(m) for m in sides.values())
     print(f"  ratio step graph / eager: {b / a:.2f}x; greedy tokens identical in every round: "
           f"{agree}")
+
+
+def seq2seq_main(args: argparse.Namespace) -> None:
+    from mtconvert import optspec
+    from mtconvert.generation.fixtures import tiny_folder
+    from mtconvert.generation.run import Generation
+    from mtconvert.registry import default_registry
+    from mtconvert.run.convert import run_targets
+    from mtconvert.run.skeleton import Run
+
+    reg = default_registry()
+    targets = args.targets.split(",") if args.targets else reg.available()
+    print(f"encoder-decoder families, 2 layers, d_model 32, vocab 300; {args.new} new tokens, "
+          f"{args.rounds} rounds (targets in turn within a round), {args.threads} threads; the "
+          "machine is shared with other jobs, so spreads are wide")
+    for kind in args.families.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_dir = tiny_folder(kind, Path(tmp) / f"tiny-{kind}")
+            values = {"targets": targets, "out_dir": Path(tmp) / "out",
+                      "max_new_tokens": args.new, "iterations": 2, "warmup": 0,
+                      "threads": args.threads, "jobs": 1}
+            if kind != "whisper":
+                values["prompt_ids"] = "5,17,42,8,9"
+            opts = optspec.build("convert", values)
+            with Generation(Run("convert", opts), hf_dir) as gen:
+                step_reports, enc_reports = (run_targets(c, targets) for c in gen.contexts)
+                rounds = [gen.judged(step_reports, enc_reports) for _ in range(args.rounds)]
+        print(f"{kind}: prompt {gen.skeleton.settings['generation']['prompt']}")
+        for i, name in enumerate(targets):
+            per = [r[i] for r in rounds]
+            g = [t.generation or {} for t in per]
+            if "steps" not in g[0]:
+                print(f"  {name:12s} {per[0].status}: {per[0].reason or g[0]}")
+                continue
+            print(f"  {name:12s} {per[0].status:7s} tokens agree "
+                  f"{min(x['tokens_agree'] for x in g):.0%}  "
+                  f"TTFT ms {_spread([x.get('time_to_first_token_ms') for x in g])}  "
+                  f"decode ms/token p50 {_spread([x.get('decode_ms_p50') for x in g])}")
+
+
+def _spread(values: list) -> str:
+    if any(v is None for v in values):
+        return "   -  (not measured)     "
+    return f"{statistics.median(values):7.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
 if __name__ == "__main__":

@@ -91,8 +91,8 @@ def _bart(vocab: int):
 
     return BartForConditionalGeneration(BartConfig(
         vocab_size=vocab, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
-        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None, tie_word_embeddings=False,
-        **SMALL))
+        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+        tie_word_embeddings=False, **SMALL))
 
 
 def _marian(vocab: int):

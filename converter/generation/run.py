@@ -146,7 +146,8 @@ class Generation:
     def report(self, reports: list[TargetReport],
                encoder_reports: list[TargetReport] | None = None) -> Report:
         if encoder_reports is not None:
-            judged = self._seq2seq_judged(reports, encoder_reports)
+            judged = self.judged(reports, encoder_reports)
+            self.enc_sk = None  # its reference children close (weakref.finalize)
         else:
             judged = [generate(self.ctx, r, self.ref, self.geo) for r in reports]
         if self.skeleton.opts.bundle is not None and encoder_reports is None:
@@ -168,21 +169,21 @@ class Generation:
                 tol = r.generation["teacher_forced"]["tolerance"]
                 golden.add(root / r.name, self.ref, self.geo, golden.Tolerance(**tol))
 
-    def _seq2seq_judged(self, reports: list[TargetReport],
-                        encoder_reports: list[TargetReport]) -> list[TargetReport]:
-        """Each target generated through its encoder artifact then its step artifact; the
-        two graphs' checks listed under ``generation.graphs``."""
+    def judged(self, reports: list[TargetReport],
+               encoder_reports: list[TargetReport]) -> list[TargetReport]:
+        """An encoder-decoder's targets, each generated through its encoder artifact then its
+        step artifact; the two graphs' checks listed under ``generation.graphs``. (Called
+        again, it generates again: benchmarks/bench_generation.py repeats it.)"""
         by_name = {r.name: r for r in encoder_reports}
         out = []
         for r in reports:
             enc = by_name.get(r.name)
-            judged = generate(self.ctx, r, self.ref, self.geo, (self.enc_ctx, enc, *self.encoder))
-            if judged.generation is not None:
-                judged = replace(judged, generation=judged.generation | {"graphs": {
+            done = generate(self.ctx, r, self.ref, self.geo, (self.enc_ctx, enc, *self.encoder))
+            if done.generation is not None:
+                done = replace(done, generation=done.generation | {"graphs": {
                     "encoder": encdec.graph_summary(enc),
                     "decoder_with_past": encdec.graph_summary(r)}})
-            out.append(encdec.merged(judged, enc))
-        self.enc_sk = None  # its reference children close (weakref.finalize)
+            out.append(encdec.merged(done, enc))
         if self.skeleton.opts.bundle is not None:
             self.skeleton.settings["generation"]["bundle"] = (
                 "golden bundles hold each graph's one-step check; the encoder-decoder "
