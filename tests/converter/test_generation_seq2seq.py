@@ -197,3 +197,49 @@ def test_every_target_generates_the_reference_tokens(kind, runs):
                    for n, r in roles.items()), roles
         assert any(n.startswith(f"tiny-{kind}-step") and r == "artifact"
                    for n, r in roles.items()), roles
+
+
+def test_console_shows_each_graph_and_the_encoder_in_the_first_token():
+    """A speech model's generation (no prompt tokens): time to first token is the encoder's
+    run plus the first step, one line per graph, a failing encoder graph's reason shown."""
+    import io
+
+    from mtconvert.render import console
+    from mtconvert.report import Report, SourceInfo, TargetMap, TargetReport
+
+    gen = {"steps": 2, "tokens_agree": 1.0, "first_mismatch_step": None, "ties": 0,
+           "first_mismatch_is_tie": None, "prompt_tokens": None, "decoder_start_tokens": [1],
+           "reference_tokens": [7, 8], "target_tokens": [7, 8], "step_max_abs_error": [0, 0],
+           "teacher_forced": {"passed": True, "max_abs": 1e-6}, "kv_cache_bytes": 4096,
+           "max_cache": 16, "time_to_first_token_ms": 1.5, "encoder_ms": 1.25,
+           "decode_ms_p50": 0.5, "decode_ms_p90": 0.7, "passed": True,
+           "graphs": {"encoder": {"status": "failed", "reason": "cross_key_0 off",
+                                  "worst": {"max_abs": 0.25}},
+                      "decoder_with_past": {"status": "passed", "reason": None,
+                                            "worst": {"max_abs": 1e-6}}}}
+    t = TargetReport("tflite", "failed", "encoder graph: cross_key_0 off", generation=gen)
+    report = Report(SourceInfo("m", "hf-folder", None, (), ()), None, TargetMap([t]))
+    out = io.StringIO()
+    console.render(report, out)
+    text = " ".join(out.getvalue().split())
+    assert "time to first token 1.50 ms (encoder 1.25 ms + first decoder step)" in text
+    assert "graph encoder: failed, max abs 2.50e-01: cross_key_0 off" in text
+    assert "graph decoder_with_past: passed, max abs 1.00e-06" in text
+
+
+def test_a_failing_encoder_graph_is_the_targets_failure_never_hidden():
+    from mtconvert.generation.encdec import merged
+    from mtconvert.report import ArtifactFile, TargetReport
+
+    step = TargetReport("ncnn", "passed", artifacts=(ArtifactFile("/o/m-step.param", 1),))
+    enc = TargetReport("ncnn", "failed", "cross_key_0: max abs 0.3",
+                       artifacts=(ArtifactFile("/o/m-encoder.param", 1),
+                                  ArtifactFile("/o/m-encoder.bin", 1, "sidecar")))
+    out = merged(step, enc)
+    assert out.status == "failed" and out.reason == "encoder graph: cross_key_0: max abs 0.3"
+    assert [(a.path, a.role) for a in out.artifacts] == [
+        ("/o/m-step.param", "artifact"), ("/o/m-encoder.param", "encoder"),
+        ("/o/m-encoder.bin", "sidecar")]
+    crashed = merged(step, TargetReport("ncnn", "error", "pnnx crashed"))
+    assert crashed.status == "error" and "encoder graph: pnnx crashed" in crashed.reason
+    assert merged(step, TargetReport("ncnn", "passed")).status == "passed"
