@@ -5,8 +5,8 @@
 Its zeros are *structured* when most of them (``STRUCTURED_MIN``) lie in whole zero rows or
 whole zero columns (a pruned neuron, channel or head), else *unstructured*. ``of_onnx`` reads a
 source ONNX's initializers; ``of_artifact`` reads a built artifact's constant tensors where the
-artifact can be read here without its runtime's private format (.tflite, Core ML program), an
-int8 tensor's zero being its int 0; ``judged`` puts both in ``TargetReport.sparsity``, with
+artifact can be read here (.tflite, Core ML program, ORT format through onnxruntime's own
+flatbuffer schema), an int8 tensor's zero being its int 0; ``judged`` puts both in ``TargetReport.sparsity``, with
 ``kept`` when the artifact holds at least the source's zeros (``KEPT_SLACK`` below them).
 Never raises for an unreadable artifact: the entry says why.
 """
@@ -63,7 +63,7 @@ def of_onnx(model: Any) -> dict[str, Any] | None:
 def of_artifact(target: str, primary: Path) -> dict[str, Any]:
     """The artifact's sparsity (``{}`` when none of its weights is pruned), or ``{"error"}``
     / ``{"unread"}`` saying why it was not measured."""
-    readers = {"tflite": _tflite, "coreml": _coreml}
+    readers = {"tflite": _tflite, "coreml": _coreml, "onnx-mobile": _ort}
     if target not in readers:
         return {"unread": f"the {target} artifact's weights are not read here"}
     try:
@@ -86,6 +86,26 @@ def judged(report: Any, source: dict[str, Any] | None) -> Any:
         entry |= {"artifact_zero_share": share,
                   "kept": share >= source["zero_share"] - KEPT_SLACK}
     return replace(report, sparsity=entry)
+
+
+_ORT_TYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 10: np.float16}  # ONNX TensorProto types
+
+
+def _ort(path: Path) -> list[np.ndarray]:
+    """An ORT-format model's initializers, through onnxruntime's own flatbuffer schema."""
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.InferenceSession import (
+        InferenceSession)
+
+    graph = InferenceSession.GetRootAs(path.read_bytes(), 0).Model().Graph()
+    out = []
+    for j in range(graph.InitializersLength()):
+        t = graph.Initializers(j)
+        dtype = _ORT_TYPES.get(t.DataType())
+        if dtype is None or t.RawDataIsNone():
+            continue
+        out.append(np.frombuffer(t.RawDataAsNumpy().tobytes(), dtype).reshape(
+            [int(d) for d in t.DimsAsNumpy()]))
+    return out
 
 
 def _tflite(path: Path) -> list[np.ndarray]:
