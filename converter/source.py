@@ -5,6 +5,7 @@ Every failure to read the model is a ModelLoadError (exit 2) with one line namin
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,7 +376,8 @@ def _export(module: Any, feeds: dict[str, Any], onnx_path: Path,
 
     exported, quantization = torch_quantized.exportable(module, feeds)
     axes = {k: {a: d[0] for a, d in v.items()} for k, v in (dynamic or {}).items()}
-    output_names = torch_source.export_onnx(exported, feeds, onnx_path, OPSET, axes or None)
+    with _without_pre_hooks(exported if axes else None):
+        output_names = torch_source.export_onnx(exported, feeds, onnx_path, OPSET, axes or None)
     if quantization:
         torch_quantized.finish(onnx_path)
     model = read_onnx(onnx_path)
@@ -388,6 +390,23 @@ def _export(module: Any, feeds: dict[str, Any], onnx_path: Path,
         raise ModelLoadError(f"exported ONNX outputs {[o.name for o in desc.outputs]} do not "
                              f"match the module's outputs {output_names}")
     return desc, _external_data(model)
+
+
+@contextlib.contextmanager
+def _without_pre_hooks(module: Any) -> Any:
+    """``module``'s forward pre-hooks lifted for the ONNX export. ``ep.module()`` of a program
+    with Dims checks its inputs in a pre-hook when the call stack holds a file whose name has
+    "executorch" in it (torch/export/_unlift.py ``_ok_to_generate_guards_fn``), and under the
+    exporter's jit trace that check recursed in FakeTensor dispatch ("maximum recursion depth
+    exceeded"). The export runs at the program's own example inputs, inside its ranges."""
+    hooks = dict(module._forward_pre_hooks) if module is not None else {}
+    if module is not None:
+        module._forward_pre_hooks.clear()
+    try:
+        yield
+    finally:
+        if module is not None:
+            module._forward_pre_hooks.update(hooks)
 
 
 def _export_key(cache: Any, sha: str | None, feeds: dict[str, Any],
