@@ -8,19 +8,22 @@ batch 1, sequence 128, 2 threads. In one run it prints:
   its defaults (``onnx2tf -i COPY.onnx -o OUT``, converter/raw.py). When onnx2tf's default
   artifact holds Flex ops (no interpreter here runs them) that is said, and what a user runs
   instead is timed: the same command with ``-rtpo Erf`` (onnx2tf's own advice);
-- p50 latency, each artifact against ONNX Runtime on the same ONNX, by the project's interleaved
-  timing (``mtconvert validate``: reference and target in alternating rounds, each warm in its
-  own child), the artifacts taken in a rotating order, repeated --repeats times; the ratios'
-  median and spread, and mtconvert's artifact against the others run by run.
+- which ops LiteRT's XNNPACK delegate leaves out, and how many partitions it makes;
+- each .tflite's max abs difference from ONNX Runtime, then p50 ratios by pairs: each artifact
+  against ONNX Runtime (same ONNX, same input, same threads) and mtconvert's artifact against
+  the others, every pair timed by the project's interleaved timing (converter/run/timing.py:
+  both sides warm in their own child, ABBA rounds, more rounds while unclear), the pairs in a
+  rotating order, repeated --repeats times; the ratios' median and spread.
 
 The machine is shared (2 cores, other jobs running): the load average is printed with each
 repeat. Prints figures; asserts nothing.
 
-    .venv/bin/python benchmarks/bench_tflite.py [--repeats 5] [--work DIR]
+    .venv/bin/python benchmarks/bench_tflite.py [--repeats 5] [--work DIR [--reuse]]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -29,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtimes import make_bert, spread  # noqa: E402
@@ -113,7 +118,8 @@ def convert_raw(model: Path, fixed: Path, work: Path) -> tuple[Path, Path | None
                  cwd=out)
     except MtConvertError as exc:
         return default, None, f"{typed[-1]}; with -rtpo Erf it failed: {exc}"
-    return default, out / f"{copy.stem}_float32.tflite", typed[-1] + " -rtpo Erf"
+    return default, out / f"{copy.stem}_float32.tflite", (f"{typed[-1]}; then, its artifact "
+                                                         "needing Flex, the same with -rtpo Erf")
 
 
 def op_row(path: Path) -> list[str]:
@@ -126,19 +132,88 @@ def op_row(path: Path) -> list[str]:
     return cells + [", ".join(flex) or "none"]
 
 
-def validate(model: Path, artifact: Path, work: Path, tag: str, args: argparse.Namespace
-             ) -> dict:
-    """``mtconvert validate MODEL ARTIFACT``: the target's interleaved timing against ONNX
-    Runtime (latency_vs_reference) and the reference's own p50."""
-    path = work / f"validate-{tag}.json"
-    subprocess.run([MTCONVERT, "validate", str(model), str(artifact), *SHAPE, "--threads",
-                    str(args.threads), "--iterations", str(args.iterations), "--report-json",
-                    str(path), "-q"], capture_output=True, text=True)
-    report = json.loads(path.read_text())
-    t = report["targets"][0]
-    return {"vs": t.get("latency_vs_reference") or {}, "status": t["status"],
-            "reason": t.get("reason"), "ref_p50": report["reference"]["latency"]["p50_ms"],
-            "max_abs": ((t.get("numerics") or {}).get("worst") or {}).get("max_abs")}
+def off_xnnpack(path: Path) -> str:
+    """The ops LiteRT's default XNNPACK delegate leaves to the builtin kernels, and how many
+    partitions it made: walking back from the delegate nodes' inputs and the graph outputs to
+    the ops that produce them outside any partition."""
+    import warnings
+    from collections import Counter
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        interp = Interpreter(model_path=str(path), num_threads=1)
+    try:
+        interp.allocate_tensors()
+    except RuntimeError as exc:  # Flex ops: no interpreter here
+        return f"does not load ({str(exc).splitlines()[0][:60]})"
+    ops = interp._get_ops_details()
+    parts = [o for o in ops if o["op_name"] == "DELEGATE"]
+    producer = {t: o for o in ops if o["op_name"] != "DELEGATE" for t in o["outputs"]}
+    from_parts = {t for o in parts for t in o["outputs"]}
+    need = [t for o in parts for t in o["inputs"]] + [d["index"]
+                                                       for d in interp.get_output_details()]
+    plain: dict[int, str] = {}
+    seen: set[int] = set()
+    while need:
+        t = need.pop()
+        if t in seen or t < 0 or t in from_parts or t not in producer:
+            continue
+        seen.add(t)
+        op = producer[t]
+        if op["index"] not in plain:
+            plain[op["index"]] = op["op_name"]
+            need += list(op["inputs"])
+    counts = ", ".join(f"{k}x{v}" for k, v in sorted(Counter(plain.values()).items()))
+    return f"{len(parts)} partitions; outside: {counts or 'none'}"
+
+
+def open_sessions(stack: contextlib.ExitStack, model: Path, arts: dict[str, Path],
+                  threads: int) -> dict[str, Any]:
+    """Each side warm in its own child (the project's WarmSession, as validation times them):
+    ONNX Runtime on the ONNX, LiteRT (XNNPACK) on each .tflite; one seeded input."""
+    import numpy as np
+
+    from mtconvert.backends.base import Artifact
+    from mtconvert.backends.tflite import map_io
+    from mtconvert.worker import WarmSession
+
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 30522, (1, 128)).astype(np.int64),
+             "attention_mask": np.ones((1, 128), np.int64)}
+    ref = Artifact(target="reference", primary=model, files=(model,))
+    sides = {"ONNX Runtime": stack.enter_context(WarmSession(
+        name="reference", backend="mtconvert.reference:OrtReference", artifact=ref.to_dict(),
+        feeds=feeds, threads=threads, timeout_s=900))}
+    for name, path in arts.items():
+        io_map, _ = map_io(path, list(feeds), ["hidden"], {"hidden": [1, 128, 384]})
+        art = Artifact(target="tflite", primary=path, files=(path,),
+                       meta=io_map | {"allow_flex": False})
+        sides[name] = stack.enter_context(WarmSession(
+            name="tflite", backend="mtconvert.backends.tflite:TfliteBackend",
+            artifact=art.to_dict(), feeds=feeds, threads=threads, timeout_s=900))
+    return sides
+
+
+def max_abs(sides: dict[str, Any]) -> dict[str, float]:
+    """Each .tflite's largest absolute difference from ONNX Runtime on the seeded input."""
+    import numpy as np
+
+    ref = sides["ONNX Runtime"].result().outputs["hidden"]
+    return {n: float(np.abs(s.result().outputs["hidden"] - ref).max())
+            for n, s in sides.items() if n != "ONNX Runtime"}
+
+
+def pair(a: Any, b: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """a/b latency from the project's interleaved timing (converter/run/timing.interleave:
+    warm-up until stable, alternating ABBA rounds, more rounds while unclear)."""
+    from mtconvert.run.timing import interleave
+    from mtconvert.validators import latency
+
+    opts = SimpleNamespace(iterations=args.iterations, warmup=2)
+    b_rounds, a_rounds, _ = interleave(b.time, a.time, opts)
+    return latency.interleaved(b_rounds, a_rounds)
 
 
 def main() -> None:
@@ -147,16 +222,28 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path(tempfile.mkdtemp(prefix="bench-tflite-")))
+    ap.add_argument("--reuse", action="store_true", help="reuse the 'before' and onnx2tf "
+                    "artifacts an earlier run left in --work (mtconvert's comes from its cache)")
     args = ap.parse_args()
     work = args.work
     model = make_bert(work / "bert6.onnx")
     t0 = time.perf_counter()
     mt, entry = convert_mtconvert(model, work, args.threads)
     mt_s = time.perf_counter() - t0
-    before, fixed = convert_before(model, work)
-    t0 = time.perf_counter()
-    raw_default, raw_timed, raw_cmd = convert_raw(model, fixed, work)
-    raw_s = time.perf_counter() - t0
+    done = work / "conversions.json"  # --reuse: the 'before' and onnx2tf artifacts of a run
+    if args.reuse and done.is_file():
+        kept = json.loads(done.read_text())
+        before, raw_default = Path(kept["before"]), Path(kept["raw_default"])
+        raw_timed = Path(kept["raw_timed"]) if kept["raw_timed"] else None
+        raw_cmd, raw_s = kept["raw_cmd"], kept["raw_s"]
+    else:
+        before, fixed = convert_before(model, work)
+        t0 = time.perf_counter()
+        raw_default, raw_timed, raw_cmd = convert_raw(model, fixed, work)
+        raw_s = time.perf_counter() - t0
+        done.write_text(json.dumps({"before": str(before), "raw_default": str(raw_default),
+                                    "raw_timed": str(raw_timed) if raw_timed else None,
+                                    "raw_cmd": raw_cmd, "raw_s": raw_s}))
     print(f"{model.name}: BERT 6 layers x 384, batch 1, sequence 128, {args.threads} threads; "
           f"machine: {os.cpu_count()} cores shared with other jobs")
     print(f"  mtconvert tflite: {entry['status']} (max abs {entry['numerics']['worst']['max_abs']:.2e})"
@@ -171,6 +258,9 @@ def main() -> None:
     for name, path in arts.items():
         print(f"  {name:<18}" + "".join(f"| {c:>{len(h)}} " for c, h in
                                          zip(op_row(path), [*COLUMNS, "Flex"], strict=True)))
+    print("\nXNNPACK (LiteRT's default delegate, 1 thread here)")
+    for name, path in arts.items():
+        print(f"  {name:<18} {off_xnnpack(path)}")
     timed = {"mtconvert": mt, "before": before}
     if raw_timed is not None:
         timed["onnx2tf" + (" -rtpo Erf" if raw_timed != raw_default else "")] = raw_timed
@@ -178,44 +268,32 @@ def main() -> None:
         print("  onnx2tf's default artifact holds Flex ops: no interpreter here runs it (the app "
               "must link the Select-TF ops library); timed instead: "
               + ("onnx2tf -rtpo Erf" if raw_timed else "nothing (-rtpo Erf failed)"))
-    ratios: dict[str, list[float]] = {n: [] for n in timed}
-    ref_p50: list[float] = []
-    p50: dict[str, list[float]] = {n: [] for n in timed}
-    names = list(timed)
-    print("\nrun  " + "".join(f"{n + ' / ORT':>28}" for n in names) + "   ORT p50    load")
-    for i in range(args.repeats):
-        order = names[i % len(names):] + names[:i % len(names)]  # rotate who goes first
-        cells = {}
-        for name in order:
-            r = validate(model, timed[name], work, f"{i}-{name.replace(' ', '_')}", args)
-            vs = r["vs"]
-            if "ratio_p50" not in vs:
-                cells[name] = f"{r['status']}: {r['reason']}"[:26]
-                continue
-            ratios[name].append(vs["ratio_p50"])
-            p50[name].append(vs["target_p50_ms"])
-            ref_p50.append(r["ref_p50"])
-            lo, hi = vs["ci95"]
-            cells[name] = f"{vs['ratio_p50']:.2f}x [{lo:.2f}-{hi:.2f}]{'?' if vs['noisy'] else ''}"
-        print(f"{i:>3}  " + "".join(f"{cells[n]:>28}" for n in names)
-              + f"   {statistics.median(ref_p50[-len(names):] or [0]):6.1f} ms  "
-              f"{os.getloadavg()[0]:.1f}")
-    print("\nratio of p50s against ONNX Runtime, timed interleaved ([95 % interval]; ? = too "
-          "noisy to tell 10 %); load = 1-minute load average")
-    for name in names:
-        if ratios[name]:
-            print(f"  {name:<18} {spread(ratios[name])}; p50 median "
-                  f"{statistics.median(p50[name]):.1f} ms")
-        else:
-            print(f"  {name:<18} not measured")
-    for other in names[1:]:
-        paired = [a / b for a, b in zip(ratios["mtconvert"], ratios[other], strict=False)]
-        if paired:
-            print(f"  mtconvert / {other:<18} {spread(paired)} (run by run, each against the "
-                  "same run's ONNX Runtime)")
-    if ref_p50:
-        print(f"  ONNX Runtime p50: median {statistics.median(ref_p50):.1f} ms, min "
-              f"{min(ref_p50):.1f}, max {max(ref_p50):.1f}")
+    pairs = [("mtconvert", "ONNX Runtime"), *((o, "ONNX Runtime") for o in timed
+                                              if o != "mtconvert"),
+             *(("mtconvert", o) for o in timed if o != "mtconvert")]
+    found: dict[tuple[str, str], list[dict]] = {p: [] for p in pairs}
+    with contextlib.ExitStack() as stack:
+        sides = open_sessions(stack, model, timed, args.threads)
+        print("\nmax abs difference from ONNX Runtime (seeded input): " + ", ".join(
+            f"{n} {v:.2e}" for n, v in max_abs(sides).items()))
+        print("\nrun " + "".join(f"{a + ' / ' + b:>36}" for a, b in pairs) + "   load")
+        for i in range(args.repeats):
+            cells = {}
+            for a, b in pairs[i % len(pairs):] + pairs[:i % len(pairs)]:  # rotate the order
+                st = pair(sides[a], sides[b], args)
+                found[(a, b)].append(st)
+                lo, hi = st["ci95"]
+                cells[(a, b)] = (f"{st['ratio_p50']:.2f}x [{lo:.2f}-{hi:.2f}]"
+                                 f"{'?' if st['noisy'] else ''}")
+            print(f"{i:>3} " + "".join(f"{cells[p]:>36}" for p in pairs)
+                  + f"   {os.getloadavg()[0]:.1f}")
+    print("\nratio of p50s, each pair timed interleaved in warm children ([95 % interval]; "
+          "? = too noisy to tell 10 %); load = 1-minute load average on "
+          f"{os.cpu_count()} cores")
+    for (a, b), runs in found.items():
+        print(f"  {a + ' / ' + b:<36} {spread([r['ratio_p50'] for r in runs])}; p50 "
+              f"{statistics.median(r['target_p50_ms'] for r in runs):.1f} ms vs "
+              f"{statistics.median(r['reference_p50_ms'] for r in runs):.1f} ms")
 
 
 if __name__ == "__main__":
