@@ -14,6 +14,8 @@ read with ``get_delegation_info`` on the lowered graph, and the written file is 
 """
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,16 +28,65 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     steps: list[str] = []
     program, args = _exported(job, steps)
     result: dict[str, Any] = {"steps": steps}
+    store = _stored_fp32(job)
     if job.get("fp32_twin"):  # the same program at fp32: the yardstick for the precision loss
-        _lower(program, Path(job["fp32_twin"]), [])
+        _fp32_twin(program, Path(job["fp32_twin"]), store, steps)
     if job["precision"] == "int8":
         program = _quantized(program, args, job, steps)
     elif job["precision"] == "fp16":
         program = _half(program, args, steps, dim_spec(job["input_order"], job.get("dims")))
     result["delegation"] = _lower(program, Path(job["out"]), steps)
+    if job["precision"] == "fp32":
+        _keep(Path(job["out"]), store)
     result["program"] = describe(Path(job["out"]))
     result["seconds"] = round(time.perf_counter() - clock, 2)
     return result
+
+
+def _stored_fp32(job: dict[str, Any]) -> Path | None:
+    """Where the fp32 .pte lowered from this job's program is kept (``job["lowered_store"]``,
+    the conversion cache's folder): named by the program file's bytes, the shapes, dtypes and
+    Dims, this package's conversion code and the tools' versions, so an int8 or fp16 run's fp32
+    twin is the .pte an fp32 run of the same source already lowered. None: not kept."""
+    import hashlib
+    import json
+
+    from mtconvert import deps
+
+    if not job.get("lowered_store"):
+        return None
+    h = hashlib.sha256()
+    with open(job["model"], "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    here = Path(__file__).resolve().parent
+    for code in (here / "convert.py", here.parent / "coreml" / "onnx_bridge.py"):
+        h.update(code.read_bytes())
+    h.update(json.dumps([job["kind"], job["input_order"], job["input_shapes"],
+                         job["input_dtypes"], job.get("dims"),
+                         deps.versions(["executorch", "torch", "torchao", "onnx2torch"])],
+                        sort_keys=True).encode())
+    return Path(job["lowered_store"]) / f"{h.hexdigest()}.pte"
+
+
+def _fp32_twin(program: Any, twin: Path, store: Path | None, steps: list[str]) -> None:
+    if store is not None and store.is_file():
+        shutil.copyfile(store, twin)
+        steps.append("fp32 twin: the .pte an fp32 run lowered from the same program (kept in "
+                     "the cache), not lowered again")
+        return
+    _lower(program, twin, [])
+    _keep(twin, store)
+
+
+def _keep(pte: Path, store: Path | None) -> None:
+    """Copy ``pte`` to ``store`` whole (a temporary name, then an atomic rename)."""
+    if store is None or store.is_file():
+        return
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
+    shutil.copyfile(pte, tmp)
+    os.replace(tmp, store)
 
 
 def _example_args(job: dict[str, Any]) -> tuple[Any, ...]:

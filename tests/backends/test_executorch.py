@@ -430,17 +430,7 @@ class DynamicTiny:
 
 @pytest.fixture(scope="module")
 def dynamic_pt2(tmp_path_factory):
-    """Saved by another process, as a user's export is. (Exported in this pytest process,
-    loading it back made the ONNX export's input-constraint check recurse in FakeTensor
-    dispatch: "maximum recursion depth exceeded"; not seen in a plain Python process.)"""
-    import subprocess
-    import sys
-
-    path = tmp_path_factory.mktemp("dynamic") / "tiny.pt2"
-    subprocess.run([sys.executable, "-c", "import sys; from tests.backends.test_executorch "
-                    "import DynamicTiny; DynamicTiny.save(sys.argv[1])", str(path)],
-                   cwd=Path(__file__).resolve().parents[2], check=True, capture_output=True)
-    return path
+    return DynamicTiny.save(tmp_path_factory.mktemp("dynamic") / "tiny.pt2")
 
 
 @pytest.fixture(scope="module")
