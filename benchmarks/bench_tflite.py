@@ -246,8 +246,9 @@ def main() -> None:
                                     "raw_cmd": raw_cmd, "raw_s": raw_s}))
     print(f"{model.name}: BERT 6 layers x 384, batch 1, sequence 128, {args.threads} threads; "
           f"machine: {os.cpu_count()} cores shared with other jobs")
-    print(f"  mtconvert tflite: {entry['status']} (max abs {entry['numerics']['worst']['max_abs']:.2e})"
-          f", conversion {mt_s:.0f} s with its validation")
+    worst = entry["numerics"]["worst"]["max_abs"]
+    print(f"  mtconvert tflite: {entry['status']} (max abs {worst:.2e}), conversion {mt_s:.0f} s "
+          "with its validation")
     for step in entry["conversion"]["steps"]:
         print(f"      {step}"[:200])
     print(f"  onnx2tf: `{raw_cmd}` [{raw_s:.0f} s for the raw conversion(s)]")
