@@ -82,6 +82,9 @@ def dequantize(model: Any) -> Dequantized:
     if bad:
         raise NotApplicable(f"QOperator ops not rewritten yet: {', '.join(bad)}")
     consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    # exporters share one constant through Identity nodes (torch's zero points)
+    consts |= {n.output[0]: consts[n.input[0]] for n in g.node
+               if n.op_type == "Identity" and n.input[0] in consts}
     out = Dequantized(model=m)
     new_inits: dict[str, np.ndarray] = {}
     renames: dict[str, str] = {}
@@ -196,6 +199,9 @@ def _rewire(g: Any, renames: dict[str, str], drop: set[int]) -> None:
     from onnx import helper
 
     keep = [n for i, n in enumerate(g.node) if i not in drop]
+    for dst in renames:  # chained pairs (Q -> DQ -> Q -> DQ, PT2E's shared qparams)
+        while renames[dst] in renames:
+            renames[dst] = renames[renames[dst]]
     for n in keep:
         for k, name in enumerate(n.input):
             if name in renames:

@@ -239,3 +239,31 @@ def test_validate_mode_judges_built_artifacts_as_a_conversion_does(converted) ->
         assert c["bytes"] == sum(a.bytes for a in report.targets[target].artifacts)
     assert checked.targets["tflite"].compressed["size_ratio"] <= quantized.RATIO_LIMIT
     assert checked.targets["ncnn"].compressed["size_limit"] is None
+
+
+def test_chained_pairs_and_shared_zero_points_are_rewritten() -> None:
+    """PT2E exports re-quantize a dequantized activation (Q -> DQ -> Q -> DQ) and torch's
+    exporter shares one zero-point constant through Identity nodes: the float graph stays
+    connected and every weight's record keeps its zero points."""
+    T = onnx.TensorProto
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (8, 4)).astype(np.int8)
+    consts = [numpy_helper.from_array(v, n) for n, v in [
+        ("s", np.float32(0.05)), ("z", np.int8(0)), ("w", w),
+        ("ws", np.full(4, 0.01, np.float32)), ("wz", np.zeros(4, np.int8))]]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q1"]),
+             helper.make_node("DequantizeLinear", ["q1", "s", "z"], ["d1"]),
+             helper.make_node("QuantizeLinear", ["d1", "s", "z"], ["q2"]),
+             helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["d2"]),
+             helper.make_node("Identity", ["wz"], ["wz2"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz2"], ["wf"], axis=1),
+             helper.make_node("MatMul", ["d2", "wf"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, [2, 4])], consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    out = dequantize(model)
+    onnx.checker.check_model(out.model, full_check=True)
+    assert [n.op_type for n in out.model.graph.node] == ["MatMul"]
+    assert out.model.graph.node[0].input[0] == "x"
+    (r,) = out.weights.values()
+    assert r["zero_point"] == [0, 0, 0, 0] and r["axis"] == 1
