@@ -20,6 +20,14 @@ weights) quantized by onnxruntime (QDQ per-tensor and per-channel, dynamic), on 
 checks' inputs (no, one and half padding) at sequence --seq.
 
     .venv/bin/python benchmarks/bench_compressed.py --calibrate [--seq 64]
+
+--torch instead builds a small BERT encoder (transformers config, random weights, seeded) and
+quantizes it the two PyTorch ways (torchao Int8WeightOnlyConfig; PT2E with the XNNPACK
+quantizer on the linear layers, per-channel, calibrated on its example input; input_ids only), saves the three as .pt2 and runs
+each through the targets, the int8 ones with --float-model (the float .pt2): size against the
+source's, p50, error against the compressed source and against the float model.
+
+    .venv/bin/python benchmarks/bench_compressed.py --torch [--targets onnx-mobile,tflite]
 """
 from __future__ import annotations
 
@@ -161,6 +169,82 @@ def calibrate(args: argparse.Namespace) -> None:
                       f"| {snr:.1f} |")
 
 
+def build_torch(folder: Path, seq: int) -> dict[str, Path]:
+    """float / torchao / pt2e .pt2 files of one small seeded BERT encoder."""
+    import torch
+    import transformers
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            cfg = transformers.BertConfig(hidden_size=256, num_hidden_layers=4,
+                                          num_attention_heads=4, intermediate_size=1024,
+                                          vocab_size=2000, attn_implementation="eager")
+            self.bert = transformers.BertModel(cfg).eval()
+
+        def forward(self, input_ids):  # noqa: ANN001, ANN202
+            return self.bert(input_ids=input_ids).last_hidden_state
+
+    # no attention-mask input: PT2E's prepared program fails on BERT's mask indexing
+    # ("tensors used as indices must be long"), seen with torchao 0.18 / executorch's quantizer
+    args = (torch.randint(0, 2000, (1, seq), generator=torch.Generator().manual_seed(0)),)
+    paths = {k: folder / f"bert_{k}.pt2" for k in ("float", "torchao", "pt2e")}
+    torch.export.save(torch.export.export(Encoder().eval(), args), str(paths["float"]))
+    ao = Encoder().eval()
+    quantize_(ao, Int8WeightOnlyConfig())
+    torch.export.save(torch.export.export(ao, args), str(paths["torchao"]))
+    quantizer = XNNPACKQuantizer().set_operator_type(
+        torch.ops.aten.linear.default, get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(torch.export.export(Encoder().eval(), args).module(), quantizer)
+    prepared(*args)
+    torch.export.save(torch.export.export(convert_pt2e(prepared), args), str(paths["pt2e"]))
+    return paths
+
+
+def torch_sources(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        paths = build_torch(folder, args.seq)
+        reports = {}
+        for kind, path in paths.items():
+            extra = [] if kind == "float" else ["--float-model", str(paths["float"])]
+            extra += ["--trust-pickle"] if kind == "torchao" else []
+            report = folder / f"{kind}.json"
+            proc = subprocess.run([MTCONVERT, str(path), "--to", args.targets, "--out",
+                                   str(folder / kind), "--threads", str(args.threads),
+                                   "--report-json", str(report), "--no-cache", "-q", *extra],
+                                  capture_output=True, text=True)
+            if not report.is_file():
+                sys.exit(f"{kind}: no report (exit {proc.returncode}): {proc.stderr[-400:]}")
+            reports[kind] = (json.loads(report.read_text()), path.stat().st_size)
+    float_p50 = {t["name"]: (t.get("latency") or {}).get("p50_ms")
+                 for t in reports["float"][0]["targets"]}
+    print(f"BERT 4 layers x 256 (random weights), batch 1, sequence {args.seq}, "
+          f"{args.threads} threads; source bytes: " + ", ".join(
+              f"{k} {b / 1024:.0f} KiB" for k, (_, b) in reports.items()))
+    print("| model | target | precision | status | files | vs source | p50 ms | vs ORT "
+          "(interleaved, 95% CI) | int8/float p50 | max abs | cosine | SNR dB | int8 tensors "
+          "with the source's ints+scales | vs float model: max abs, cosine |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, (report, size) in reports.items():
+        for t in report["targets"]:
+            v = (t.get("compressed") or {}).get("vs_float") or {}
+            w = v.get("worst") or {}
+            vf = f"{w['max_abs']:.3g}, {w['cosine']:.6f}" if w else "-"
+            print(row(kind if kind != "float" else MODELS[0], t, size,
+                      float_p50.get(t["name"])).replace(f"| {MODELS[0]} |", "| float |", 1)
+                  + f" {vf} |")
+    for kind, (report, _) in reports.items():
+        for t in report["targets"]:
+            if t["status"] != "passed":
+                print(f"{kind}/{t['name']}: {t['status']}: {t.get('reason')}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="onnx-mobile,tflite,coreml,ncnn")
@@ -168,7 +252,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calibrate", action="store_true",
                     help="measure the int8-source profile's margins in ONNX Runtime instead")
+    ap.add_argument("--torch", action="store_true",
+                    help="quantized PyTorch sources (torchao, PT2E) instead")
     args = ap.parse_args()
+    if args.torch:
+        torch_sources(args)
+        return
     if args.calibrate:
         calibrate(args)
         return
