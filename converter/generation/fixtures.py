@@ -32,6 +32,12 @@ def tiny_folder(kind: str, path: Path, *, seed: int = 0, vocab: int = 300) -> Pa
             if any(k in name for k in ("wte", "embed_tokens", "lm_head", "shared", "proj_out",
                                        "relative_attention_bias")):
                 p.normal_(0.0, 0.7)
+        if kind in SPREAD:  # BART, Marian, Whisper: every other matrix at a trained-like
+            # spread (their init_std of 0.02 leaves the encoder's mark on the logits ~0.01)
+            for name, p in model.named_parameters():
+                if p.dim() >= 2 and not any(k in name for k in (
+                        "embed_tokens", "lm_head", "shared", "proj_out", "embed_positions")):
+                    p.normal_(0.0, SPREAD[kind])
         if kind in SEQ2SEQ:
             _sharpen_attention(model)
     model.eval().save_pretrained(str(path))
@@ -71,6 +77,8 @@ def _sharpen_attention(model) -> None:
         elif name == "shared.weight":  # T5's embedding must not drown its residual stream
             p.normal_(0.0, 0.3)
 
+
+SPREAD = {"bart": 0.1, "marian": 0.08, "whisper": 0.15}
 
 SMALL = {"d_model": 32, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
          "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}

@@ -62,6 +62,7 @@ class Generation:
         if folder_mod.is_seq2seq(self.folder):
             feeds, shown, how = encdec.encoder_input(self.folder, opts)
             self.encoder, prompt = (feeds, shown), ()
+            sk.opts = opts = replace(opts, inputs=None)  # read: each graph's feeds are its own
             max_cache = cache_length(config, 1, opts.max_new_tokens, opts.max_cache)
         else:
             prompt, how = reference.prompt_ids(self.folder, opts.prompt, opts.prompt_ids,

@@ -68,18 +68,37 @@ def test_two_graphs_match_the_original_model(kind, folders):
     assert (shown is None) == (kind == "whisper")
 
 
-def test_the_encoder_output_steers_the_decode(folders):
-    """Cross K/V of another input: the judgement must catch it (the step really attends to
-    the encoder)."""
+def test_speech_features_are_generated_seeded_when_not_given(folders):
+    from mtconvert.generation import encdec
+    from mtconvert.options import ConvertOptions
+
+    hf = _opened(folders["whisper"])
+    a, shown, how = encdec.encoder_input(hf, ConvertOptions(seed=7))
+    b, _, _ = encdec.encoder_input(hf, ConvertOptions(seed=7))
+    assert a["input_features"].shape == (1, 16, 32) and a["input_features"].dtype == np.float32
+    assert np.array_equal(a["input_features"], b["input_features"]) and shown is None
+    assert how.startswith("generated log-mel features: standard normal, seed 7, shape [1, 16, 32]")
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_the_encoder_input_steers_the_decode(kind, folders):
+    """Another encoder input, another greedy decode (the fixtures' cross-attention is not
+    uniform); the step fed the other input's cross K/V fails the judgement."""
     from mtconvert.generation import encdec, folder as folder_mod, seq2seq
     from mtconvert.generation.loop import decode
 
-    hf = _opened(folders["bart"])
+    hf = _opened(folders[kind])
     model = folder_mod.load_model(hf)
-    feeds = {"input_ids": np.array([[5, 17, 42, 8, 9]], np.int64)}
-    ref = encdec.reference_decode(model, hf, feeds, 6)
+    if kind == "whisper":
+        a, b = ({"input_features": np.random.default_rng(s).standard_normal((1, 16, 32))
+                 .astype(np.float32)} for s in (0, 3))
+    else:
+        a, b = ({"input_ids": np.array([p], np.int64)} for p in ([5, 17, 42, 8, 9],
+                                                                 [100, 200, 7, 250, 33]))
+    ref = encdec.reference_decode(model, hf, a, 6)
+    assert encdec.reference_decode(model, hf, b, 6).tokens != ref.tokens
     enc, module, geo = seq2seq.build(model, 16, 5)
-    other = encdec.cross_kv(enc, {"input_ids": np.array([[9, 8, 42, 17, 5]], np.int64)})
+    other = encdec.cross_kv(enc, b)
     got = decode(encdec._runner(module), geo, ref.prompt, 6, forced=ref.tokens, extra=other)
     section, reasons = judge_mod.judge(ref, got.logits, got.tokens, got.step_ms,
                                        PROFILES["fp32"], geo.cache_bytes(), 16, None)
@@ -158,7 +177,11 @@ def runs(folders, tmp_path_factory):
     out = {}
     for kind in FAMILIES:
         d = tmp_path_factory.mktemp(f"run-{kind}")
-        kw = {} if kind == "whisper" else {"prompt_ids": "5,17,42,8,9"}
+        kw = {"prompt_ids": "5,17,42,8,9"}
+        if kind == "whisper":  # the user's log-mel features (generated ones: a test above)
+            feats = np.random.default_rng(3).standard_normal((1, 16, 32)).astype(np.float32)
+            np.savez(d / "mel.npz", input_features=feats)
+            kw = {"inputs": d / "mel.npz"}
         report = mtconvert.convert(folders[kind], _targets(), d / "out", None,
                                    max_new_tokens=NEW, iterations=2, warmup=0, jobs=1, **kw)
         out[kind] = (json.loads(report.to_json()), d / "out")
@@ -176,7 +199,7 @@ def test_every_target_generates_the_reference_tokens(kind, runs):
     assert settings["graphs"] == ["decoder_with_past", "encoder"]
     assert settings["step_module_max_abs_error"] <= 1e-4
     if kind == "whisper":
-        assert settings["prompt"].startswith("generated log-mel features")
+        assert settings["prompt"] == "--inputs mel.npz (input_features [1, 16, 32])"
     bad = {t["name"]: t["reason"] for t in report["targets"] if t["status"] != "passed"}
     assert not bad, bad
     for t in report["targets"]:
