@@ -164,18 +164,22 @@ def fuse_gelu(model: Any) -> int:
     shapes = {v.name: v for v in _inferred(model).graph.value_info}
     drop = {id(n) for _, _, group in matches for n in group}
     last = {id(group[-1]): (x, y) for x, y, group in matches}
+    gone = {o for _, y, group in matches for n in group for o in n.output if o != y}
     nodes = []
     for node in graph.node:
         if id(node) in last:
             x, y = last[id(node)]
             nodes.append(helper.make_node("Gelu", [x], [y], name=f"{node.name or y}_gelu",
                                           domain=GELU_DOMAIN))
-            if y in shapes and y not in outputs:
-                graph.value_info.append(shapes[y])
         elif id(node) not in drop:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
+    # the fused outputs keep their shapes (no schema infers them); the removed tensors go
+    kept = [v for v in graph.value_info if v.name not in gone and v.name not in shapes]
+    kept += [v for name, v in shapes.items() if name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
     if not any(o.domain == GELU_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(GELU_DOMAIN, 1))
     _prune_initializers(model)
