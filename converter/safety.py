@@ -56,7 +56,7 @@ def pt2_pickle_payloads(path: Path) -> list[str]:
             found += [f"pickled {k}" for k, meta in entries.items() if meta.get("use_pickle")]
         found += [n for n in names if "/data/constants/" in n and
                   n.rsplit("/", 1)[-1].startswith(("custom_obj_", "opaque_obj_"))]
-        found += _subclass_payloads(z, names, configs)
+        found[:0] = _subclass_payloads(z, names, configs)  # named first: the reason
         for sample in (n for n in names if "/data/sample_inputs/" in n):
             try:
                 torch.load(io.BytesIO(z.read(sample)), weights_only=True)
