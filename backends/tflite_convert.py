@@ -38,13 +38,14 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
                 "onnx2tf layout judgement pinned: an op output counts as channels-last only "
                 "when its shape differs from the ONNX shape, never because its axes have equal "
                 "sizes")
-        if prepared["op_counts"].get("Gelu"):
+        fused = bool(prepared["op_counts"].get("Gelu"))
+        if fused:  # see register_gelu_schema; prepare named every node, sng4onnx is not needed
             register_gelu_schema()
         t_pre = time.perf_counter()
         model = onnx2tf.convert(
             input_onnx_file_path=str(work), output_folder_path=tmp,
             replace_to_pseudo_operators=list(pseudo), not_use_onnxsim=True,
-            disable_model_save=True, non_verbose=True,
+            disable_model_save=True, non_verbose=True, not_use_opname_auto_generate=fused,
             keep_ncw_or_nchw_or_ncdhw_input_names=job["keep_layout_inputs"] or None)
     t1 = time.perf_counter()
     if model is None:

@@ -175,7 +175,8 @@ def fuse_gelu(model: Any) -> int:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    # the fused outputs keep their shapes (no schema infers them); the removed tensors go
+    # every tensor keeps its shape, inferred before the fusion (ONNX has no schema for the
+    # fused node: shapes downstream of it could not be inferred after); the removed ones go
     kept = [v for v in graph.value_info if v.name not in gone and v.name not in shapes]
     kept += [v for name, v in shapes.items() if name not in gone]
     del graph.value_info[:]
@@ -499,11 +500,24 @@ def prepare(src: str, dst: str) -> dict[str, Any]:
         if done:
             model, steps = _checked(original, lowered, "; ".join(done), steps)
     model, steps = _fused(model, steps)
+    if any(n.op_type == "Gelu" for n in model.graph.node):
+        model = _as_sng4onnx_would(model)
     onnx.save(model, dst)
     counts: dict[str, int] = {}
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return {"steps": steps, "op_counts": counts}
+
+
+def _as_sng4onnx_would(model: Any) -> Any:
+    """What onnx2tf's sng4onnx step does, for a graph onnx2tf then runs without it (see
+    register_gelu_schema): a unique name for every unnamed node (``sng_<op>_<n>``); every
+    tensor's shape is already there (fuse_gelu)."""
+    taken = _names(model)
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = _fresh(taken, f"sng_{node.op_type}_{i}")
+    return model
 
 
 def _fused(model: Any, steps: list[str]) -> tuple[Any, list[str]]:
@@ -620,22 +634,22 @@ def _shape_differs(onnx_shape: Any, tf_shape: Any, batch: int | None) -> bool:
 
 
 def register_gelu_schema() -> None:
-    """Teach ONNX shape inference, in this process (the onnx2tf child), the fused Gelu:
-    elementwise, output type and shape its input's. onnx2tf re-infers every shape, and sng4onnx
-    (its op-naming step) writes the node back without its domain, so the schema is registered
-    for GELU_DOMAIN and, below opset 20, for the default domain. Without it the shapes are lost
-    from the first Gelu on; an output of unknown shape counts as channels-last, its consumers
-    transpose, and LayerNorm fails on its axis."""
+    """Teach ONNX shape inference, in this process (the onnx2tf child), the fused Gelu of
+    GELU_DOMAIN: elementwise, output type and shape its input's. onnx2tf re-infers every shape;
+    without the schema the shapes are lost from the first Gelu on, an output of unknown shape
+    counts as channels-last, its consumers transpose and LayerNorm fails on its axis. onnx2tf
+    must then run without sng4onnx (``not_use_opname_auto_generate``: ``prepare`` names every
+    node), which writes the node back without its domain: ONNX Runtime then cannot run the graph
+    and onnx2tf loses the dummy inference it corrects ambiguous axes with (LayerNorm's)."""
     from onnx import defs
 
+    if defs.has("Gelu", 1, GELU_DOMAIN):
+        return
     param = defs.OpSchema.FormalParameter
-    for domain in (GELU_DOMAIN, ""):
-        if defs.has("Gelu", 1, domain):
-            continue
-        schema = defs.OpSchema("Gelu", domain, 1, "exact GELU: x·0.5·(1 + erf(x/√2))",
-                               inputs=[param("X", "T")], outputs=[param("Y", "T")],
-                               type_constraints=[("T", ["tensor(float)", "tensor(float16)",
-                                                        "tensor(double)"], "float types")])
-        schema.set_type_and_shape_inference_function(
-            lambda ctx: ctx.set_output_type(0, ctx.get_input_type(0)))
-        defs.register_schema(schema)
+    schema = defs.OpSchema("Gelu", GELU_DOMAIN, 1, "exact GELU: x·0.5·(1 + erf(x/√2))",
+                           inputs=[param("X", "T")], outputs=[param("Y", "T")],
+                           type_constraints=[("T", ["tensor(float)", "tensor(float16)",
+                                                    "tensor(double)"], "float types")])
+    schema.set_type_and_shape_inference_function(
+        lambda ctx: ctx.set_output_type(0, ctx.get_input_type(0)))
+    defs.register_schema(schema)
