@@ -5,8 +5,8 @@ never runs inside mtconvert. It builds the Keras model only (``disable_model_sav
 the SavedModel was 60-75% of onnx2tf's time), and TFLiteConverter writes the one .tflite we
 need. Prints one ``MTCONVERT-RESULT {json}`` line: input/output tensor map and timings.
 
-Before onnx2tf, ``tflite_routes.prepare`` takes the graph to opset 17 (checked with ONNX
-Runtime), and on the ``onnx2tf-pinned-layout`` route ``pin_layout_judgement`` stops onnx2tf
+Before onnx2tf, ``tflite_routes.prepare`` takes the graph to opset 17 and fuses the exact GELU
+formula into one Gelu node (both checked with ONNX Runtime), and on the ``onnx2tf-pinned-layout`` route ``pin_layout_judgement`` stops onnx2tf
 from taking tensors whose axes have equal sizes for channels-last ones.
 """
 from __future__ import annotations

@@ -9,6 +9,11 @@ inputs back to attributes (Reduce* axes, Pad axes, Split num_outputs). The rewri
 (no model is named) and kept only when ONNX Runtime gives the same outputs before and after on
 a few seeded inputs; otherwise the graph goes to onnx2tf as it was, and the step says why.
 
+**GELU.** Every exact GELU written as its formula (PyTorch's export; ONNX Gelu once expanded) is
+then fused into one Gelu node (``fuse_gelu``, ONNX Runtime-checked the same way). onnx2tf writes
+it as ``tf.nn.gelu``, which TFLiteConverter makes LiteRT's builtin GELU (XNNPACK runs it),
+instead of emulating Erf with ABS/NEG/EXP/DIV and a dozen MUL/ADD per GELU.
+
 **Layouts guessed from sizes.** onnx2tf decides per op output whether the TF tensor is
 channels-last (to be transposed back by its consumers) by comparing the TF shape with the ONNX
 shape *and*, when every axis after the batch has the same size ([1, 32, 32]: its "avoiding
