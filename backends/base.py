@@ -74,6 +74,9 @@ class TargetOptions:
     calibration: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     route: str = ""  # which of the backend's routes() to take
+    # a folder the backend may keep derived files in across runs (content-keyed); None when the
+    # run keeps no cache (--no-cache): then nothing is kept
+    cache_dir: Path | None = None
 
 
 @dataclass(frozen=True)

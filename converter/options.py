@@ -74,9 +74,12 @@ class ConvertOptions:
 
     def target_options(self, route: str = "", precision: str | None = None) -> TargetOptions:
         """What a backend gets of these options (``precision`` overrides the run's)."""
+        from mtconvert.cache import default_root
+
         return TargetOptions(precision=precision or self.precision, threads=self.threads,
                              timeout_s=self.timeout_s, calibration=self.calibration,
-                             extra=dict(self.extra), route=route)
+                             extra=dict(self.extra), route=route,
+                             cache_dir=(default_root() / "backends") if self.cache else None)
 
     def settings(self) -> dict[str, Any]:
         """What the report records of these options."""

@@ -24,7 +24,6 @@ from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource,
                                      TargetOptions, TensorSpec, format_shapes, match_names)
 from mtconvert.backends.options import Option
 from mtconvert.backends.process import expect_files, run_job
-from mtconvert.cache import default_root
 from mtconvert.errors import ConversionError, ModelLoadError, RuntimeFailure
 
 if TYPE_CHECKING:
@@ -89,7 +88,8 @@ class ExecutorchBackend(Backend):
                "int8_scheme": opts.extra.get("int8_scheme") or "dynamic",
                "calibration": str(opts.calibration) if opts.calibration else None,
                "fp32_twin": str(twin) if twin else None, "dims": dims,
-               "lowered_store": str(default_root() / "executorch-lowered")}
+               "lowered_store": (str(opts.cache_dir / "executorch-lowered")
+                                 if opts.cache_dir else None)}
         result = run_job("mtconvert.backends.executorch.convert", job, work / "executorch_job.json",
                          target=self.name, step="executorch", log_path=log,
                          timeout_s=opts.timeout_s, env={"TQDM_DISABLE": "1"})
