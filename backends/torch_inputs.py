@@ -15,20 +15,36 @@ def has_onnx2torch() -> bool:
 
 def export_module(source: PreparedSource, shapes: dict[str, list[int]], path: Path,
                   target: str) -> Path:
-    """torch.export of the in-memory module (it lives in this process), saved for the child."""
+    """torch.export of the in-memory module (it lives in this process), saved for the child.
+    A copy is exported: non-strict export swaps the module's parameters for fake tensors while
+    it traces, and other threads of the run (the reference timed in this process, another
+    target exporting with ``--jobs`` > 1) use the same module meanwhile ("storage on device
+    meta", ".numpy() is not supported for tensor subclasses")."""
     import torch
 
     args = tuple((torch.ones if "mask" in s.name.lower() else torch.zeros)(
         shapes[s.name], dtype=getattr(torch, s.dtype)) for s in source.inputs)
     try:
         with torch.no_grad():
-            program = torch.export.export(source.torch_module, args, strict=False)
+            program = torch.export.export(private_copy(source.torch_module), args,
+                                          strict=False)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ConversionError(f"torch.export failed: {first}", target=target,
                               step="torch.export") from None
     torch.export.save(program, str(path))
     return path
+
+
+def private_copy(module):  # noqa: ANN001, ANN202 - a torch.nn.Module
+    """A deep copy of ``module`` for this export alone; the module itself when it cannot be
+    copied (then concurrent use of it stays unsafe, as it always was)."""
+    import copy
+
+    try:
+        return copy.deepcopy(module)
+    except Exception:  # noqa: BLE001 - a module holding something deepcopy refuses
+        return module
 
 
 def fixed_onnx(source: PreparedSource, shapes: dict[str, list[int]], work: Path, log: Path,

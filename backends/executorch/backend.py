@@ -212,8 +212,8 @@ def _export_with_dims(source: PreparedSource, shapes: dict[str, list[int]],
     args = example_args(names, [shapes[n] for n in names], [s.dtype for s in source.inputs])
     try:
         with torch.no_grad():
-            program = torch.export.export(source.torch_module, args, strict=False,
-                                          dynamic_shapes=dim_spec(names, dims))
+            program = torch.export.export(torch_inputs.private_copy(source.torch_module), args,
+                                          strict=False, dynamic_shapes=dim_spec(names, dims))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ConversionError(f"torch.export with Dims {_format_dims(dims)} failed: {first}",
