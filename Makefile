@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mtconvert-installed
 
-.PHONY: setup browser demo test fixtures bench clean
+.PHONY: setup browser demo test test-all fixtures bench clean
 
 setup: $(STAMP) browser
 
@@ -31,8 +31,15 @@ demo: setup
 	  rc=$$?; echo "mtconvert exit code: $$rc"; exit $$rc
 
 # pytest exits 5 when it collects no test: that is a failure here too (any non-zero exit fails).
+# Two pytest workers, a test file each (its module-scoped conversions stay in one worker); the
+# `sweep` tests (the same end-to-end check over every fixture, family or target) are left to
+# `make test-all`.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 test: setup
-	$(PY) -m pytest -q tests
+	$(PYTEST) -m "not sweep" tests
+
+test-all: setup
+	$(PYTEST) tests
 
 fixtures: setup
 	$(PY) fixtures/make_fixtures.py

@@ -177,36 +177,41 @@ def _targets(kind):
 
 @pytest.fixture(scope="module")
 def runs(folders, tmp_path_factory):
-    """One conversion per family to its targets that can run here (module-scoped: each family
-    converts once; no conversion cache, so the time is a cold run's), the report as JSON."""
+    """``get(kind)``: one conversion of that family to its targets that can run here, made by
+    the first test that asks (so a run of the suite without the sweep converts only the
+    families it checks; no conversion cache, so the time is a cold run's): (report JSON, out)."""
     import mtconvert
 
-    out = {}
-    for kind in FAMILIES:
-        d = tmp_path_factory.mktemp(f"run-{kind}")
-        kw = {"prompt_ids": "5,17,42,8,9"}
-        if kind == "whisper":  # the user's log-mel features (generated ones: a test above)
-            feats = np.random.default_rng(3).standard_normal((1, 16, 32)).astype(np.float32)
-            np.savez(d / "mel.npz", input_features=feats)
-            kw = {"inputs": d / "mel.npz"}
-        if not _targets(kind):
-            continue
-        report = mtconvert.convert(folders[kind], _targets(kind), d / "out", None,
-                                   max_new_tokens=NEW, iterations=2, warmup=0, jobs=1,
-                                   cache=False, **kw)
-        out[kind] = (json.loads(report.to_json()), d / "out")
-    return out
+    done = {}
+
+    def get(kind):
+        if kind not in done:
+            d = tmp_path_factory.mktemp(f"run-{kind}")
+            kw = {"prompt_ids": "5,17,42,8,9"}
+            if kind == "whisper":  # the user's log-mel features (generated ones: a test above)
+                feats = np.random.default_rng(3).standard_normal((1, 16, 32)).astype(np.float32)
+                np.savez(d / "mel.npz", input_features=feats)
+                kw = {"inputs": d / "mel.npz"}
+            report = mtconvert.convert(folders[kind], _targets(kind), d / "out", None,
+                                       max_new_tokens=NEW, iterations=2, warmup=0, jobs=1,
+                                       cache=False, **kw)
+            done[kind] = (json.loads(report.to_json()), d / "out")
+        return done[kind]
+    return get
 
 
+# T5 (three targets: onnx-mobile, coreml, executorch) in every run of the suite; the other
+# families are the sweep (`make test-all`; pytest -m sweep)
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("kind", [k if k == "t5" else pytest.param(k, marks=pytest.mark.sweep)
+                                  for k in FAMILIES])
 def test_every_target_generates_the_reference_tokens(kind, runs):
     """Each target converts both graphs; its encoder artifact then its step artifact,
     stepped with its own KV cache, generate the reference's greedy tokens (a near-tie may
     differ, and is reported so)."""
-    if kind not in runs:
+    if not _targets(kind):
         pytest.skip(f"none of {TARGETS[kind]} can convert here")
-    report, out = runs[kind]
+    report, out = runs(kind)
     settings = report["settings"]["generation"]
     assert settings["graphs"] == ["decoder_with_past", "encoder"]
     assert settings["step_module_max_abs_error"] <= 1e-4
