@@ -131,7 +131,8 @@ class Generation:
                                                                   cross)}
         base = stem(self.folder.label.lower() if self.folder.path is None
                     else self.folder.path.name)[:-len("-step")]
-        self.enc_sk = Run("convert", opts, sk.registry, sk.say)
+        self.enc_sk = Run("convert", replace(opts, bundle=self._enc_bundles())
+                          if opts.bundle is not None else opts, sk.registry, sk.say)
         import torch
 
         for sub in ("encoder", "step"):
@@ -151,7 +152,7 @@ class Generation:
             self.enc_sk = None  # its reference children close (weakref.finalize)
         else:
             judged = [generate(self.ctx, r, self.ref, self.geo) for r in reports]
-        if self.skeleton.opts.bundle is not None and encoder_reports is None:
+        if self.skeleton.opts.bundle is not None:
             self._bundle(judged)
         path = self.folder.path
         source = replace(self.skeleton.source_info(self.point),
@@ -168,7 +169,17 @@ class Generation:
             if (root / r.name / "bundle.json").is_file() and r.generation \
                     and "steps" in r.generation:
                 tol = r.generation["teacher_forced"]["tolerance"]
-                golden.add(root / r.name, self.ref, self.geo, golden.Tolerance(**tol))
+                enc = None
+                if self.encoder is not None:  # the encoder graph's bundle, if it was made
+                    if not (self._enc_bundles() / r.name / "bundle.json").is_file():
+                        continue
+                    enc = (self._enc_bundles() / r.name, *self.encoder)
+                golden.add(root / r.name, self.ref, self.geo, golden.Tolerance(**tol), enc)
+
+    def _enc_bundles(self) -> Path:
+        """Where the encoder graph's run writes its bundles, each then copied into its
+        target's step bundle (mtconvert.generation.golden)."""
+        return Path(self._tmp.name) / "encoder-bundles"
 
     def judged(self, reports: list[TargetReport],
                encoder_reports: list[TargetReport]) -> list[TargetReport]:
@@ -185,10 +196,6 @@ class Generation:
                     "encoder": encdec.graph_summary(enc),
                     "decoder_with_past": encdec.graph_summary(r)}})
             out.append(encdec.merged(done, enc))
-        if self.skeleton.opts.bundle is not None:
-            self.skeleton.settings["generation"]["bundle"] = (
-                "golden bundles hold each graph's one-step check; the encoder-decoder "
-                "generation is not carried to verify yet")
         return out
 
     def __exit__(self, *exc: object) -> None:

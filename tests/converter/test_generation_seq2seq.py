@@ -287,3 +287,52 @@ def test_a_failing_encoder_graph_is_the_targets_failure_never_hidden():
     crashed = merged(step, TargetReport("ncnn", "error", "pnnx crashed"))
     assert crashed.status == "error" and "encoder graph: pnnx crashed" in crashed.reason
     assert merged(step, TargetReport("ncnn", "passed")).status == "passed"
+
+
+@pytest.mark.slow
+def test_golden_bundle_carries_both_graphs_and_the_generation_to_verify(tmp_path, folders):
+    """--bundle of an encoder-decoder: the step graph's bundle carries the encoder graph's own
+    bundle, the encoder input, the decoder start and the reference tokens; verify runs the
+    encoder artifact then steps the step artifact, without the source. A changed reference
+    token is refused (hash), and judged a failed generation once its hash is rewritten."""
+    import mtconvert
+    from mtconvert.errors import ModelLoadError
+    from mtconvert.source import sha256_of
+
+    bundles = tmp_path / "bundles"
+    made = mtconvert.convert(folders["t5"], "onnx-mobile", tmp_path / "out", None,
+                             prompt_ids="5,17,42,8,9", max_new_tokens=6, iterations=2,
+                             warmup=0, cache=False, bundle=bundles)
+    made_gen = made.targets["onnx-mobile"].generation
+    assert made.targets["onnx-mobile"].status == "passed", made.targets["onnx-mobile"].reason
+    assert sorted(p.name for p in bundles.iterdir()) == ["onnx-mobile"]
+    here = bundles / "onnx-mobile"
+    manifest = json.loads((here / "generation.json").read_text())
+    assert manifest["encoder"]["prompt_tokens"] == [5, 17, 42, 8, 9]
+    assert json.loads((here / "encoder" / "bundle.json").read_text())["source"]["name"] == \
+        "tiny-t5-encoder"
+    assert json.loads((here / "bundle.json").read_text())["source"]["name"] == "tiny-t5-step"
+
+    checked = mtconvert.verify(bundles, iterations=2, warmup=0)
+    t = checked.targets["onnx-mobile"]
+    assert t.status == "passed", t.reason
+    assert t.generation["passed"] and t.generation["prompt_tokens"] == [5, 17, 42, 8, 9]
+    assert t.generation["decoder_start_tokens"] == made_gen["decoder_start_tokens"]
+    assert t.generation["target_tokens"] == made_gen["reference_tokens"]
+    assert t.generation["reference_tokens"] == made_gen["reference_tokens"]
+    assert [Path(a.path).name for a in t.artifacts if a.role == "encoder"] == \
+        ["tiny-t5-encoder.ort"]
+
+    arrays = here / "generation.npz"
+    with np.load(arrays) as data:
+        changed = {k: data[k] for k in data.files}
+    vocab = changed["reference_logits"].shape[-1]
+    changed["reference_tokens"][0] = (changed["reference_tokens"][0] + 1) % vocab
+    np.savez(arrays, **changed)
+    with pytest.raises(ModelLoadError, match="was changed"):
+        mtconvert.verify(bundles, iterations=2, warmup=0)
+    manifest["arrays_sha256"] = sha256_of(arrays)
+    (here / "generation.json").write_text(json.dumps(manifest))
+    tampered = mtconvert.verify(bundles, iterations=2, warmup=0).targets["onnx-mobile"]
+    assert tampered.status == "failed" and not tampered.generation["passed"], tampered.reason
+    assert tampered.generation["first_mismatch_step"] == 0
