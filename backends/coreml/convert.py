@@ -80,7 +80,7 @@ def _compress(ct: Any, model: Any, job: dict[str, Any], steps: list[str]) -> Any
 
     t0 = time.perf_counter()
     if job["precision"] == "int8" and job.get("source_quantization"):
-        model = _requantize_source(cto, model, job["source_quantization"], steps)
+        model = _keep_source_weights(model, job["source_quantization"], steps)
     elif job["precision"] == "int8":
         config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
             mode="linear_symmetric", dtype="int8"))
@@ -97,64 +97,99 @@ def _compress(ct: Any, model: Any, job: dict[str, Any], steps: list[str]) -> Any
     return model
 
 
-def _requantize_source(cto: Any, model: Any, quant: dict[str, Any], steps: list[str]) -> Any:
-    """A quantized source's int8 weights, and only those, back to int8 with the source's
-    granularity: a per-tensor symmetric source weight's largest |int| is 127, so coremltools'
-    symmetric scale (max |w| / 127) is the source's scale and its ints the source's ints. The
-    weights are found by value (the dequantized source weight, or its transpose)."""
+def _keep_source_weights(model: Any, quant: dict[str, Any], steps: list[str]) -> Any:
+    """A quantized source's int8 weights, and only those, as constexpr dequantize ops holding
+    the source's own ints, scales and zero points (the record ``backends.lowering.dequantize``
+    wrote), so no weight is re-rounded: torchao's scale (max |w| / 127.5, ints down to -128) is
+    kept as it is where coremltools' quantizer would recompute max |w| / 127. The weights are
+    found by value (the dequantized source weight, or its transpose)."""
     import json
 
-    import numpy as np
+    from coremltools.models.utils import _apply_graph_pass
 
     t0 = time.perf_counter()
     records = json.loads(Path(quant["record"]).read_text())
-    floats = {}
-    for r in records.values():
-        ints = np.asarray(r["ints"], np.float32).reshape(r["shape"])
-        scale = np.asarray(r["scale"], np.float32)
-        zero = np.asarray(r["zero_point"] or [0], np.float32)
-        if scale.size > 1:
-            axis = r["axis"] if r["axis"] is not None else 1
-            shape = [1] * ints.ndim
-            shape[axis] = scale.size
-            scale, zero = scale.reshape(shape), zero.reshape(shape)
-        w = (ints - zero) * scale
-        floats.setdefault(w.size, []).append(
-            (w, "per_channel" if scale.size > 1 else "per_tensor", r["dtype"]))
+    graph_pass = _source_weights_pass(records)
+    model = _apply_graph_pass(model, graph_pass)
+    found = graph_pass.replaced
+    if found != len(records):
+        steps.append(f"coremltools: {len(records) - found} of the source's int8 weights not in "
+                     "the program by value (folded by onnxsim at the fixed shapes, or changed "
+                     "by the conversion): left in float")
+    steps.append(f"coremltools: {found} of the source's {len(records)} int8 weights stored as "
+                 f"constexpr dequantize ops with the source's own ints, scales and zero points "
+                 f"(granularity: {', '.join(quant.get('granularity') or [])}), compute "
+                 f"precision FLOAT32 [{time.perf_counter() - t0:.1f} s]")
+    return model
 
-    def granularity_of(op: Any) -> tuple[str, str] | None:
-        val = getattr(op, "val", None)
-        v = getattr(val, "val", None)
+
+def _quant_params(record: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """(dequantized float32 weight, coremltools QuantParams) for a recorded source weight and
+    for its transpose."""
+    import numpy as np
+    from coremltools.optimize._utils import QuantParams
+
+    dtype = np.uint8 if record["dtype"] == "uint8" else np.int8
+    ints = np.asarray(record["ints"], np.int64).reshape(record["shape"])
+    scale = np.asarray(record["scale"], np.float32)
+    zero = np.asarray(record["zero_point"] or [0], np.int64)
+    shape = [1] * ints.ndim
+    if scale.size > 1:
+        shape[record["axis"] if record["axis"] is not None else 1] = scale.size
+    scale, zero = scale.reshape(shape), np.broadcast_to(zero.reshape(
+        shape if zero.size > 1 else [1] * ints.ndim), shape)
+    w = (ints.astype(np.float32) - zero.astype(np.float32)) * scale
+    out = []
+    for t in ((lambda a: a), np.transpose) if ints.ndim == 2 else ((lambda a: a),):
+        offset = t(zero).astype(dtype) if zero.any() else None
+        out.append((t(w), QuantParams(data=t(ints).astype(dtype), scale=t(scale),
+                                      offset=offset, nbits=np.uint8(8))))
+    return out
+
+
+def _source_weights_pass(records: dict[str, Any]) -> Any:
+    """A coremltools graph pass replacing each const equal to a recorded source weight by a
+    constexpr dequantize op (affine for iOS16/17, blockwise shift-scale for iOS18+) of the
+    record's values."""
+    import numpy as np
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.converters.mil.mil.passes.helper import block_context_manager
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
+
+    by_size: dict[int, list[tuple[Any, Any]]] = {}
+    for r in records.values():
+        for w, params in _quant_params(r):
+            by_size.setdefault(w.size, []).append((w, params))
+
+    def params_of(op: Any) -> Any:
+        v = getattr(getattr(op, "val", None), "val", None)
         if not isinstance(v, np.ndarray) or v.dtype != np.float32:
             return None
-        for w, gran, dtype in floats.get(v.size, ()):
-            for cand in (w, w.T) if w.ndim == 2 else (w,):
-                if cand.shape == v.shape and np.array_equal(cand, v):
-                    return gran, dtype
-        return None
+        return next((p for w, p in by_size.get(v.size, ()) if w.shape == v.shape
+                     and np.array_equal(w, v)), None)
 
-    names: dict[str, Any] = {}
-    for fn in model._mil_program.functions.values():
-        for op in fn.find_ops(op_type="const"):
-            found = granularity_of(op)
-            if found:  # uint8 weights (onnxruntime's asymmetric tables) stay asymmetric uint8
-                gran, dtype = found
-                names[op.name] = cto.OpLinearQuantizerConfig(
-                    mode="linear" if dtype == "uint8" else "linear_symmetric",
-                    dtype="uint8" if dtype == "uint8" else "int8", granularity=gran,
-                    weight_threshold=1)
-    if len(names) != len(records):
-        steps.append(f"coremltools.optimize: {len(records) - len(names)} of the source's int8 "
-                     "weights not in the program by value (folded by onnxsim at the fixed "
-                     "shapes, or changed by the conversion): not re-quantized")
-    model = cto.linear_quantize_weights(model, config=cto.OptimizationConfig(
-        op_name_configs=names))
-    steps.append(f"coremltools.optimize: {len(names)} of the source's {len(records)} int8 "
-                 f"weights re-quantized (int8 linear symmetric, uint8 linear for uint8 ones; "
-                 f"the source's granularity: "
-                 f"{', '.join(quant.get('granularity') or [])}), compute precision FLOAT32 "
-                 f"[{time.perf_counter() - t0:.1f} s]")
-    return model
+    class SourceWeights(AbstractGraphPass):
+        replaced = 0
+
+        def apply(self, prog: Any) -> None:
+            for fn in prog.functions.values():
+                self._block(fn)
+
+        @block_context_manager
+        def _block(self, block: Any) -> None:
+            for op in list(block.operations):
+                for inner in op.blocks:
+                    self._block(inner)
+                params = params_of(op) if op.op_type == "const" else None
+                if params is None:
+                    continue
+                new = linear_quantize_weights._create_constexpr_var(op, params)
+                block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0],
+                                                   new_var=new, no_check_var_types=True)
+                block.remove_ops([op])
+                self.replaced += 1
+
+    return SourceWeights()
 
 
 def _finish(ct: Any, model: Any, job: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -113,7 +113,7 @@ def test_a_float_module_is_not_quantized(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def converted(saved, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return {kind: quick_convert("onnx-mobile,tflite", saved[kind],
+    return {kind: quick_convert("onnx-mobile,tflite,coreml", saved[kind],
                                 tmp_path_factory.mktemp(f"conv_{kind}"),
                                 trust_pickle=(kind == "torchao"))
             for kind in MAKERS}
@@ -121,7 +121,7 @@ def converted(saved, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(MAKERS))
-@pytest.mark.parametrize("target", ["onnx-mobile", "tflite"])
+@pytest.mark.parametrize("target", ["onnx-mobile", "tflite", "coreml"])
 def test_quantized_pt2_converts_and_stays_compressed(converted, kind: str, target: str) -> None:
     t = converted[kind].targets[target]
     assert t.status == "passed", t.reason
@@ -131,6 +131,29 @@ def test_quantized_pt2_converts_and_stays_compressed(converted, kind: str, targe
     assert c["size_ratio"] <= quantized.RATIO_LIMIT
     if target == "tflite":
         assert t.precision == "int8" and c["kept"]["int8_tensors"] == 2
+    if target == "coreml":  # every int8 tensor holds a source weight's ints and scales as they are
+        kept = c["kept"]
+        assert kept["int8_tensors"] == kept["same_ints_and_scales"] == 2
+        assert kept["not_from_source"] == 0
+
+
+@pytest.mark.slow
+def test_core_ml_holds_torchao_own_ints_and_scales(converted) -> None:
+    """torchao's scale is max |w| / 127.5 with ints down to -128, not the max |w| / 127 a
+    symmetric re-quantizer would compute: Core ML's constexpr weights are torchao's own qdata
+    and scales (read from the torchao module here, not from mtconvert's record)."""
+    from mtconvert.compressed_check import _coreml
+
+    module, _ = torchao_int8()
+    t = converted["torchao"].targets["coreml"]
+    assert t.status == "passed", t.reason
+    tensors = _coreml(Path(next(a.path for a in t.artifacts if a.role == "artifact")))
+    for layer in (module.a, module.b):
+        qdata, scale = layer.weight.qdata.numpy(), layer.weight.scale.numpy().ravel()
+        assert qdata.min() == -128  # the case at stake: an int the /127 scale never yields
+        assert any(ints.shape == qdata.shape and np.array_equal(ints, qdata)
+                   and np.allclose(np.ravel(s), scale, rtol=1e-6, atol=0)
+                   for ints, s in tensors)
 
 
 # --- --float-model: the float original as a second yardstick ----------------------------------
