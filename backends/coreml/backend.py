@@ -83,7 +83,7 @@ class CoremlBackend(Backend):
                "input_dtypes": [s.dtype for s in source.inputs],
                "output_names": [s.name for s in source.outputs], "precision": opts.precision,
                "fp32_twin": str(twin) if compressed else None,
-               # a quantized source: its int8 weights re-quantized with their own scales
+               # a quantized source: its int8 weights stored as they are (own ints and scales)
                "source_quantization": opts.extra.get("source_quantization")} | settings
         result = self._run_child(job, work, log, opts.timeout_s)
         expect_files([out / "Manifest.json"], target=self.name, step="coremltools", log_path=log)
