@@ -185,6 +185,9 @@ class ConversionCache:
         parts = {"mtconvert": __version__, "backend": import_path(backend),
                  "code": _code_hash(backend), "tools": backend.availability().versions,
                  "onnx": sha256_of(src.onnx_path), "precision": opts.precision,
+                 # the artifacts are named after the source: a byte-identical model under
+                 # another name is another entry (a hit restored tiny2.pte for tiny.pt2)
+                 "name": src.name,
                  "extra": opts.extra, "route": opts.route, "shapes": {k: list(v) for k, v in src.input_shapes.items()},
                  "calibration": _sha_arrays(opts.calibration) if opts.precision == "int8" else None}
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

@@ -32,6 +32,17 @@ def test_cache_key_follows_options_and_can_be_bypassed(tiny_onnx, tmp_path, fake
     assert not bypass.targets["fake"].conversion.cached
 
 
+def test_a_copy_under_another_name_gets_artifacts_named_after_it(tiny_onnx, tmp_path,
+                                                                  fake_registry):
+    """The same bytes under another name: its own artifacts, never the first source's name."""
+    _convert(tiny_onnx, tmp_path / "a", fake_registry)
+    copy = tmp_path / "renamed.onnx"
+    copy.write_bytes(tiny_onnx.read_bytes())
+    other = _convert(copy, tmp_path / "b", fake_registry)
+    assert not other.targets["fake"].conversion.cached
+    assert sorted(os.listdir(tmp_path / "b")) == ["renamed.fake", "renamed.fake.log"]
+
+
 def test_failed_conversion_is_not_cached(tiny_onnx, tmp_path, fake_registry):
     bad = {"fake": {"convert_error": True}}
     for out in ("a", "b"):
