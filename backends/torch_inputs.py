@@ -3,6 +3,7 @@ saved torch.export program, or as a fixed-shape ONNX for the onnx2torch bridge."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from mtconvert import deps
 from mtconvert.backends.base import PreparedSource, format_shapes
@@ -14,9 +15,10 @@ def has_onnx2torch() -> bool:
 
 
 def export_module(source: PreparedSource, shapes: dict[str, list[int]], path: Path,
-                  target: str) -> Path:
-    """torch.export of the in-memory module (it lives in this process), saved for the child.
-    A copy is exported: non-strict export swaps the module's parameters for fake tensors while
+                  target: str, dynamic_shapes: Any = None, what: str = "torch.export") -> Path:
+    """torch.export of the in-memory module (it lives in this process), saved for the child;
+    ``dynamic_shapes`` as torch.export takes them (None: static), ``what`` names the export in
+    its error. A copy is exported: non-strict export swaps the module's parameters for fake tensors while
     it traces, and other threads of the run (the reference timed in this process, another
     target exporting with ``--jobs`` > 1) use the same module meanwhile ("storage on device
     meta", ".numpy() is not supported for tensor subclasses")."""
@@ -27,10 +29,10 @@ def export_module(source: PreparedSource, shapes: dict[str, list[int]], path: Pa
     try:
         with torch.no_grad():
             program = torch.export.export(private_copy(source.torch_module), args,
-                                          strict=False)
+                                          strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"torch.export failed: {first}", target=target,
+        raise ConversionError(f"{what} failed: {first}", target=target,
                               step="torch.export") from None
     torch.export.save(program, str(path))
     return path

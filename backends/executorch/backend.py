@@ -204,22 +204,11 @@ def _format_dims(dims: dict[str, dict[str, list[Any]]]) -> str:
 def _export_with_dims(source: PreparedSource, shapes: dict[str, list[int]],
                       dims: dict[str, dict[str, list[Any]]], path: Path) -> Path:
     """torch.export of the in-memory module with its dynamic axes as Dims over ``dims``."""
-    import torch
+    from mtconvert.backends.executorch.convert import dim_spec
 
-    from mtconvert.backends.executorch.convert import dim_spec, example_args
-
-    names = [s.name for s in source.inputs]
-    args = example_args(names, [shapes[n] for n in names], [s.dtype for s in source.inputs])
-    try:
-        with torch.no_grad():
-            program = torch.export.export(torch_inputs.private_copy(source.torch_module), args,
-                                          strict=False, dynamic_shapes=dim_spec(names, dims))
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"torch.export with Dims {_format_dims(dims)} failed: {first}",
-                              target=NAME, step="torch.export") from None
-    torch.export.save(program, str(path))
-    return path
+    return torch_inputs.export_module(
+        source, shapes, path, NAME, dynamic_shapes=dim_spec([s.name for s in source.inputs], dims),
+        what=f"torch.export with Dims {_format_dims(dims)}")
 
 
 def findings(program: dict[str, Any], delegation: dict[str, Any] | None) -> list[Finding]:
