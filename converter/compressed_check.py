@@ -71,16 +71,19 @@ def _coreml(package: Path) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def _tflite(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(value, np.asarray(t["quantization_parameters"]["scales"]))
+            for t, value in tflite_constants(path) if t["dtype"] in (np.int8, np.uint8)]
+
+
+def tflite_constants(path: Path) -> list[tuple[dict[str, Any], np.ndarray]]:
+    """Every constant tensor of a .tflite: (the interpreter's tensor details, its value)."""
     from ai_edge_litert.interpreter import Interpreter
 
     interp = Interpreter(model_path=str(path))
     out = []
     for t in interp.get_tensor_details():
-        if t["dtype"] in (np.int8, np.uint8):
-            q = t["quantization_parameters"]
-            try:
-                value = interp.get_tensor(t["index"])
-            except ValueError:  # not a constant
-                continue
-            out.append((np.asarray(value), np.asarray(q["scales"])))
+        try:
+            out.append((t, np.asarray(interp.get_tensor(t["index"]))))
+        except ValueError:  # not a constant
+            continue
     return out

@@ -109,16 +109,9 @@ def _ort(path: Path) -> list[np.ndarray]:
 
 
 def _tflite(path: Path) -> list[np.ndarray]:
-    from ai_edge_litert.interpreter import Interpreter
+    from mtconvert.compressed_check import tflite_constants
 
-    interp = Interpreter(model_path=str(path))
-    out = []
-    for t in interp.get_tensor_details():
-        try:
-            out.append(np.asarray(interp.get_tensor(t["index"])))
-        except ValueError:  # not a constant
-            continue
-    return out
+    return [value for _, value in tflite_constants(path)]
 
 
 def _coreml(package: Path) -> list[np.ndarray]:
