@@ -49,6 +49,36 @@ def record(ints: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
             "axis": axis, "ints": ints.ravel().astype(int).tolist()}
 
 
+def values(r: dict[str, Any]) -> np.ndarray:
+    """The float weight a record stands for, exactly as the rewrite folded it."""
+    ints = np.asarray(r["ints"], np.int64).reshape(r["shape"]).astype(r["dtype"])
+    zero = np.asarray(r["zero_point"]) if r["zero_point"] else None
+    return _dequant(ints, np.asarray(r["scale"], np.float32), zero, r["axis"])
+
+
+def _input_quantization(g: Any, weight: str, consts: dict[str, np.ndarray],
+                        producer: dict[str, int],
+                        users: dict[str, list[int]]) -> dict[str, Any] | None:
+    """The static QuantizeLinear -> DequantizeLinear on the other input of the one node that
+    reads a dequantized weight (a QDQ source's activation scale feeding that weight layer):
+    {"scale", "zero_point", "dtype"}, None when there is none (dynamic, weight-only, shared)."""
+    readers = users.get(weight, [])
+    if len(readers) != 1:
+        return None
+    other = [x for x in g.node[readers[0]].input[:2] if x != weight]
+    dq = g.node[producer[other[0]]] if other and other[0] in producer else None
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in producer or \
+            g.node[producer[dq.input[0]]].op_type != "QuantizeLinear":
+        return None
+    scale = consts.get(dq.input[1])
+    zero = consts.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+    if scale is None or scale.size != 1:
+        return None
+    return {"scale": float(scale.ravel()[0]),
+            "zero_point": 0 if zero is None else int(zero.ravel()[0]),
+            "dtype": "uint8" if zero is None else str(zero.dtype)}
+
+
 def _dequant(ints: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
              axis: int | None) -> np.ndarray:
     s = np.asarray(scale, np.float32)
@@ -110,6 +140,9 @@ def dequantize(model: Any) -> Dequantized:
             new_inits[n.output[0]] = _dequant(ints, scale, zero, axis)
             if ints.dtype in (np.int8, np.uint8):
                 out.weights[n.output[0]] = record(ints, scale, zero, axis)
+                feeding = _input_quantization(g, n.output[0], consts, producer, users)
+                if feeding:  # kept for targets with static activation scales (ncnn int8)
+                    out.weights[n.output[0]]["input"] = feeding
                 counts["weights"] += 1
             else:
                 counts["biases"] += 1
