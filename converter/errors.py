@@ -15,6 +15,13 @@ EXIT_BACKEND = 3
 EXIT_INTERNAL = 4
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first line (its type's name when it has no text), at most ``limit``
+    characters: what a one-line error quotes of a tool's exception."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]
+
+
 class MtConvertError(Exception):
     """Root of every error mtconvert raises on purpose."""
 

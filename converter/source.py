@@ -15,7 +15,7 @@ import numpy as np
 
 from mtconvert import deps, safety
 from mtconvert.backends.base import PreparedSource, TensorSpec
-from mtconvert.errors import ModelLoadError, UsageError
+from mtconvert.errors import ModelLoadError, UsageError, first_line
 
 ONNX_SUFFIXES = (".onnx",)
 TORCH_EXPORT_SUFFIXES = (".pt2",)
@@ -107,7 +107,7 @@ def _from_pickle(path: Path, work_dir: Path, example_inputs: Any) -> LoadedSourc
             module = torch.load(str(path), weights_only=False)
         except Exception as exc:
             raise ModelLoadError(f"{path.name} is not a readable pickled module: "
-                                 f"{_first_line(exc)}") from None
+                                 f"{first_line(exc)}") from None
     if not isinstance(module, torch.nn.Module):
         raise ModelLoadError(f"{path.name} holds a {type(module).__name__}, not a torch.nn.Module")
     feeds = {k: torch.from_numpy(np.asarray(v)) for k, v in example_inputs.items()}
@@ -193,24 +193,19 @@ def read_onnx(path: Path) -> Any:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise ModelLoadError(f"{path.name} is not a readable ONNX model: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{path.name} is not a readable ONNX model: {first_line(exc)}") from None
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path.name} is not an ONNX model (no graph found)")
     safety.check_external_data(model, path.parent)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
-        raise ModelLoadError(f"{path.name}: external data unreadable: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{path.name}: external data unreadable: {first_line(exc)}") from None
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        raise ModelLoadError(f"{path.name} is not a valid ONNX model: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{path.name} is not a valid ONNX model: {first_line(exc)}") from None
     return model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def _value_spec(vi: Any) -> TensorSpec:
@@ -311,7 +306,7 @@ def _load_pt2(path: Path) -> tuple[Any, Any, dict[str, Any]]:
                              f"{exc.name}") from None
     except Exception as exc:
         raise ModelLoadError(f"{path.name} is not a readable torch.export program: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
     example = getattr(ep, "example_inputs", None)
     if not example:
         raise ModelLoadError(f"{path.name} was saved without example inputs; re-export it with "

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mtconvert.errors import ModelLoadError
+from mtconvert.errors import ModelLoadError, first_line
 
 _ACCESS = "access_subclass_inner_tensor"
 _QD = "quantized_decomposed"
@@ -75,7 +75,7 @@ def _exported(module: Any, feeds: dict[str, Any]) -> Any:
         return torch.export.export(module, tuple(feeds.values())).module()
     except Exception as exc:  # noqa: BLE001 - named in one line
         raise ModelLoadError(f"could not torch.export the quantized module: "
-                             f"{str(exc).strip().splitlines()[0][:300]}") from None
+                             f"{first_line(exc)}") from None
 
 
 def _unwrap_subclasses(gm: Any, access: list[Any]) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mtconvert.errors import ModelLoadError, UsageError
+from mtconvert.errors import ModelLoadError, UsageError, first_line
 
 
 def normalize_inputs(module: Any, example_inputs: Any) -> dict[str, Any]:
@@ -101,6 +101,6 @@ def export_onnx(module: Any, feeds: dict[str, Any], path: Path, opset: int,
                               do_constant_folding=True, training=mode,
                               dynamic_axes=dynamic_axes)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not export the PyTorch model to ONNX: {msg}") from None
+        raise ModelLoadError(f"could not export the PyTorch model to ONNX: "
+                             f"{first_line(exc)}") from None
     return names
