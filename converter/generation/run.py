@@ -18,7 +18,7 @@ import numpy as np
 
 from mtconvert.cache import ConversionCache
 from mtconvert.errors import MtConvertError, UsageError
-from mtconvert.generation import encdec, folder as folder_mod, reference, seq2seq, step
+from mtconvert.generation import encdec, folder as folder_mod, optimum, reference, seq2seq, step
 from mtconvert.generation.target import EncoderInput, generated
 from mtconvert.generation.loop import decode
 from mtconvert.report import Report, TargetReport
@@ -37,6 +37,7 @@ class Generation:
         self.skeleton, self.model = skeleton, model
         self._tmp = tempfile.TemporaryDirectory(prefix="mtconvert-")
         self.enc_ctx: RunContext | None = None  # an encoder-decoder's encoder graph
+        self.optimum: optimum.OptimumSet | None = None  # an Optimum ONNX set
         self.encoder: tuple[dict[str, np.ndarray], list[int] | None] | None = None
 
     @property
@@ -53,11 +54,15 @@ class Generation:
 
     def _prepare(self) -> Generation:
         sk, opts = self.skeleton, self.skeleton.opts
-        self.folder = (folder_mod.open_folder(Path(self.model), opts.task, opts.trust_pickle)
+        self.optimum = (optimum.open_set(Path(self.model), opts.task)
+                        if optimum.is_optimum_set(self.model) else None)
+        self.folder = (self.optimum.folder if self.optimum is not None
+                       else folder_mod.open_folder(Path(self.model), opts.task, opts.trust_pickle)
                        if folder_mod.is_hf_folder(self.model)
                        else folder_mod.from_model(self.model, opts.task))
         refuse_unsupported(opts, self.folder.task == "automatic-speech-recognition")
-        folder_mod.check_architecture(self.folder)
+        if self.optimum is None:  # an ONNX set's graphs are read as they are, any family
+            folder_mod.check_architecture(self.folder)
         config = self.folder.config  # every input checked before torch is imported
         if folder_mod.is_seq2seq(self.folder):
             feeds, shown, how = encdec.encoder_input(self.folder, opts)
@@ -68,8 +73,12 @@ class Generation:
             prompt, how = reference.prompt_ids(self.folder, opts.prompt, opts.prompt_ids,
                                                int(config.get("vocab_size") or 0))
             max_cache = cache_length(config, len(prompt), opts.max_new_tokens, opts.max_cache)
-        with folder_mod.quiet_transformers():
-            src = self._step_graph(prompt, how, max_cache)
+        if self.optimum is not None:  # mtconvert.generation.optimum: the static step graph
+            src, self.ref, self.geo = optimum.step_source(sk, self.optimum, prompt, how,
+                                                          max_cache, Path(self._tmp.name))
+        else:
+            with folder_mod.quiet_transformers():
+                src = self._step_graph(prompt, how, max_cache)
         self.point = sk.point()
         self.ctx = self._context(sk, src, self.point, "cache")
         if self.encoder is not None:
@@ -157,7 +166,8 @@ class Generation:
         path = self.folder.path
         source = replace(self.skeleton.source_info(self.point),
                          path=str(path) if path else None, sha256=self.folder.sha256,
-                         format="hf-folder" if path else "hf-model")
+                         format="optimum-onnx" if self.optimum is not None
+                         else "hf-folder" if path else "hf-model")
         return self.skeleton.report(judged, self.point, source)
 
     def _bundle(self, reports: list[TargetReport]) -> None:

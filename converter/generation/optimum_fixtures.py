@@ -1,0 +1,164 @@
+"""ONNX sets laid out as Hugging Face Optimum exports them, made here from tiny Hugging Face
+folders (mtconvert.generation.fixtures), for tests, benchmarks and the README. Optimum itself
+cannot be installed beside transformers 5 (optimum-onnx pins transformers < 4.58), so this
+mimics its layout and I/O naming (optimum/exporters/onnx/config.py, ``add_past_key_values``;
+optimum/onnx/graph_transformations.py, ``merge_decoders``): ``model.onnx`` (inputs
+``input_ids``, ``attention_mask`` over past + current, ``past_key_values.{i}.key/value``,
+``position_ids``; outputs ``logits``, ``present.{i}.key/value``), or the legacy trio
+``decoder_model.onnx`` / ``decoder_with_past_model.onnx`` / ``decoder_model_merged.onnx``
+(an If on ``use_cache_branch``), each beside config.json. Exported with torch.export
+(``torch.onnx.export(dynamo=True)``) of the model's own forward with its DynamicCache."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from mtconvert.generation import fixtures
+
+OPSET = 18
+
+
+def tiny_set(kind: str, path: Path, *, layout: str = "model", seed: int = 0,
+             vocab: int = 300) -> Path:
+    """A tiny ``kind`` (gpt2, llama, ...) model exported into ``path`` as Optimum lays it out:
+    ``layout`` "model" (model.onnx), "split" (decoder_model.onnx and
+    decoder_with_past_model.onnx) or "merged" (decoder_model_merged.onnx alone). config.json
+    (and generation_config.json) are copied; no weights file is left."""
+    import torch
+
+    from mtconvert.generation.folder import load_model, open_folder
+
+    hf_dir = path.parent / f".{path.name}-hf"
+    fixtures.tiny_folder(kind, hf_dir, seed=seed, vocab=vocab)
+    _sharpen_self_attention(hf_dir)
+    model = load_model(open_folder(hf_dir, None, False))
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json"):
+        if (hf_dir / name).is_file():
+            shutil.copy(hf_dir / name, path / name)
+    with torch.no_grad():
+        if layout == "model":
+            export(model, path / "model.onnx", with_past=True)
+        else:
+            export(model, path / "decoder_model.onnx", with_past=False)
+            export(model, path / "decoder_with_past_model.onnx", with_past=True)
+            if layout == "merged":
+                merge(path / "decoder_model.onnx", path / "decoder_with_past_model.onnx",
+                      path / "decoder_model_merged.onnx")
+                (path / "decoder_model.onnx").unlink()
+                (path / "decoder_with_past_model.onnx").unlink()
+    shutil.rmtree(hf_dir)
+    return path
+
+
+def _sharpen_self_attention(hf_dir: Path) -> None:
+    """Query/key maps at a trained-like spread (fixtures._sharpen_attention), saved back: the
+    cache steers the decode and greedy steps are not near-ties."""
+    from mtconvert.generation.folder import load_model, open_folder
+
+    model = load_model(open_folder(hf_dir, None, False))
+    import torch
+
+    with torch.no_grad():
+        fixtures._sharpen_attention(model)
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and name.endswith(("c_attn.weight",)):  # GPT-2's fused q/k/v
+                p.normal_(0.0, 0.4)
+    model.save_pretrained(str(hf_dir))
+
+
+class _Forward:
+    """The model's forward with a flat cache, as Optimum's exported graph takes it."""
+
+    @staticmethod
+    def module(model: Any, layers: int, with_past: bool) -> Any:
+        import torch
+        from transformers.cache_utils import DynamicCache
+
+        class Forward(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, attention_mask, position_ids, *past):
+                cache = DynamicCache(config=model.config)
+                if with_past:
+                    for i in range(layers):
+                        cache.update(past[2 * i], past[2 * i + 1], i)
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, past_key_values=cache,
+                                 use_cache=True)
+                flat = []
+                for layer in out.past_key_values.layers:
+                    flat += [layer.keys, layer.values]
+                return (out.logits, *flat)
+
+        return Forward().eval()
+
+
+def _geometry(model: Any) -> tuple[int, int, int]:
+    cfg = model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    return layers, kv, getattr(cfg, "head_dim", None) or hidden // heads
+
+
+def export(model: Any, out: Path, *, with_past: bool) -> Path:
+    """``out``: the model's forward, Optimum's names; dynamic batch, sequence and past
+    lengths."""
+    import torch
+
+    layers, kv, head_dim = _geometry(model)
+    seq, past_len = (2, 3) if with_past else (3, 0)
+    ids = torch.arange(1, seq + 1).reshape(1, seq)
+    mask = torch.ones(1, past_len + seq, dtype=torch.int64)
+    pos = torch.arange(past_len, past_len + seq).reshape(1, seq)
+    past = [torch.randn(1, kv, past_len, head_dim) for _ in range(2 * layers)] if with_past \
+        else []
+    past_names = [f"past_key_values.{i}.{kv_}" for i in range(layers) for kv_ in ("key", "value")]
+    present = [f"present.{i}.{kv_}" for i in range(layers) for kv_ in ("key", "value")]
+    batch, s = torch.export.Dim("batch_size", max=8), torch.export.Dim("sequence_length",
+                                                                         max=512)
+    p = torch.export.Dim("past_sequence_length", max=512)
+    total = torch.export.Dim("total_sequence_length", max=1024)
+    shapes: list[Any] = [{0: batch, 1: s}, {0: batch, 1: total if with_past else s},
+                         {0: batch, 1: s}]
+    shapes.append(tuple({0: batch, 2: p} for _ in past))  # the *past tuple
+    torch.onnx.export(_Forward.module(model, layers, with_past), (ids, mask, pos, *past),
+                      str(out), dynamo=True, opset_version=OPSET, external_data=False,
+                      input_names=["input_ids", "attention_mask", "position_ids",
+                                   *(past_names if with_past else [])],
+                      output_names=["logits", *present], dynamic_shapes=tuple(shapes),
+                      verbose=False)
+    return out
+
+
+def merge(decoder: Path, with_past: Path, out: Path) -> Path:
+    """Optimum's ``merge_decoders`` in short: both graphs as the branches of one If on
+    ``use_cache_branch`` (then: with past), every input of either graph an input."""
+    import onnx
+    from onnx import helper
+
+    no_past, past = onnx.load(str(decoder)), onnx.load(str(with_past))
+    for m, tag in ((no_past, "no_past"), (past, "with_past")):  # initializers kept apart
+        renames = {i.name: f"{i.name}__{tag}" for i in m.graph.initializer}
+        for i in m.graph.initializer:
+            i.name = renames[i.name]
+        for node in m.graph.node:
+            node.input[:] = [renames.get(n, n) for n in node.input]
+    inputs = {i.name: i for i in [*no_past.graph.input, *past.graph.input]}
+    flag = helper.make_tensor_value_info("use_cache_branch", onnx.TensorProto.BOOL, [1])
+    branch = {tag: helper.make_graph(m.graph.node, tag, [], m.graph.output)
+              for m, tag in ((no_past, "no_past"), (past, "with_past"))}
+    node = helper.make_node("If", ["use_cache_branch"], [o.name for o in past.graph.output],
+                            name="optimum::if", then_branch=branch["with_past"],
+                            else_branch=branch["no_past"])
+    graph = helper.make_graph([node], "merged", [*inputs.values(), flag], past.graph.output,
+                              [*no_past.graph.initializer, *past.graph.initializer])
+    model = helper.make_model(graph, opset_imports=past.opset_import, ir_version=past.ir_version)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return out
