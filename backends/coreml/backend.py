@@ -219,6 +219,11 @@ class _Features:
 class MilSession(Session):
     runtime = "mil-reference"
     latency_unavailable = NO_LATENCY
+    profile_unavailable = (
+        "off macOS the .mlpackage runs in mtconvert's NumPy mil-reference interpreter, whose "
+        "per-operation times say nothing about a device; Core ML has no per-operation timer "
+        "(coremltools 9's MLComputePlan, macOS only, estimates each operation's share of the "
+        "work and its device, not its time)")
 
     def __init__(self, artifact: Artifact):
         from mtconvert.backends.coreml.interp import MilInterpreter, UnsupportedOps
