@@ -77,6 +77,9 @@ class TargetOptions:
     # a folder the backend may keep derived files in across runs (content-keyed); None when the
     # run keeps no cache (--no-cache): then nothing is kept
     cache_dir: Path | None = None
+    # --sparse: store a pruned source's zero weights sparsely where the target can
+    # (Backend.sparse_weights says how, Backend.no_sparse_weights why not)
+    sparse: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,10 @@ class Backend(ABC):
     sidecar_suffixes: ClassVar[tuple[str, ...]] = ()  # files that ship beside an artifact
     fixed_shapes: ClassVar[bool] = False  # artifacts run only at the shapes they were made for
     addressable_intermediates: ClassVar[bool] = False  # its Session implements intermediates()
+    # --sparse (TargetOptions.sparse): how this target stores a pruned source's zeros sparsely
+    # ("" when it cannot), else why it cannot; the report says which (mtconvert.sparsity)
+    sparse_weights: ClassVar[str] = ""
+    no_sparse_weights: ClassVar[str] = "this target has no sparse weight storage"
     # the backend's own options (TargetOptions.extra keys), shown by the CLI, API and config
     options: ClassVar[tuple[Option, ...]] = ()
 

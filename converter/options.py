@@ -54,6 +54,7 @@ class ConvertOptions:
     prompt_ids: tuple[int, ...] = ()  # token ids, exactly as given
     max_new_tokens: int = 16
     max_cache: int | None = None  # KV-cache slots; None: prompt + new tokens, rounded up
+    sparse: bool = False  # a pruned source's zeros stored sparsely where a target can
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -79,7 +80,8 @@ class ConvertOptions:
         return TargetOptions(precision=precision or self.precision, threads=self.threads,
                              timeout_s=self.timeout_s, calibration=self.calibration,
                              extra=dict(self.extra), route=route,
-                             cache_dir=(default_root() / "backends") if self.cache else None)
+                             cache_dir=(default_root() / "backends") if self.cache else None,
+                             sparse=self.sparse)
 
     def settings(self) -> dict[str, Any]:
         """What the report records of these options."""

@@ -54,6 +54,9 @@ CORE: tuple[Option, ...] = (
            metavar="8,64,128"),
     Option("batch_sizes", "ints", None, "Also validate at these batch sizes (dynamic axis 0).",
            metavar="1,4"),
+    Option("sparse", "bool", False, "Store a pruned source's zero weights sparsely where the "
+           "target can (Core ML sparse weights, TFLite sparse tensors); the report says per "
+           "target how they are stored, or why not."),
     Option("localize", "bool", False, "Name the first diverging operator even when numerics "
            "pass."),
     Option("profile", "bool", False, "Add each target's top operators by time to the report "
