@@ -74,6 +74,9 @@ class TargetOptions:
     calibration: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     route: str = ""  # which of the backend's routes() to take
+    # int8: the source's ONNX node names to keep in float (the float fallback, mtconvert.run.
+    # fallback); honoured where Backend.keeps_float says so, each kept node in Artifact.steps
+    keep_float: tuple[str, ...] = ()
     # a folder the backend may keep derived files in across runs (content-keyed); None when the
     # run keeps no cache (--no-cache): then nothing is kept
     cache_dir: Path | None = None
@@ -225,6 +228,8 @@ class Backend(ABC):
     sidecar_suffixes: ClassVar[tuple[str, ...]] = ()  # files that ship beside an artifact
     fixed_shapes: ClassVar[bool] = False  # artifacts run only at the shapes they were made for
     addressable_intermediates: ClassVar[bool] = False  # its Session implements intermediates()
+    # int8 artifacts can keep named source nodes in float (TargetOptions.keep_float)
+    keep_float_layers: ClassVar[bool] = False
     # --sparse (TargetOptions.sparse): how this target stores a pruned source's zeros sparsely
     # ("" when it cannot), else why it cannot; the report says which (mtconvert.sparsity)
     sparse_weights: ClassVar[str] = ""
@@ -263,6 +268,11 @@ class Backend(ABC):
         validates it there). Default: unless the backend is fixed-shape; a fixed-shape backend
         may say so of one artifact (an executorch .pte exported with torch.export Dims)."""
         return not type(self).fixed_shapes
+
+    def keeps_float(self, opts: TargetOptions) -> bool:
+        """Whether an artifact made with ``opts`` honours ``TargetOptions.keep_float``
+        (int8 of a backend with ``keep_float_layers``; a backend may narrow it to a scheme)."""
+        return type(self).keep_float_layers and opts.precision == "int8"
 
     def routes(self, source: PreparedSource) -> list[str]:
         """Alternative ways to convert ``source``, best first. The pipeline converts and

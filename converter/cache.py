@@ -190,6 +190,8 @@ class ConversionCache:
                  "name": src.name,
                  "extra": opts.extra, "route": opts.route, "shapes": {k: list(v) for k, v in src.input_shapes.items()},
                  "calibration": _sha_arrays(opts.calibration) if opts.precision == "int8" else None}
+        if opts.keep_float:  # the float fallback's nodes (absent otherwise: older keys hold)
+            parts["keep_float"] = sorted(opts.keep_float)
         if opts.sparse:  # --sparse (absent otherwise: older keys hold)
             parts["sparse"] = True
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

@@ -35,6 +35,8 @@ class ConvertOptions:
     cache: bool = True  # reuse conversions from the cache (see mtconvert.cache)
     trust_pickle: bool = False  # allow loading pickle payloads (they can run code)
     localize: bool = False  # first-divergence localization even when numerics pass
+    # a failing int8 artifact re-converted with its worst layers in float (mtconvert.run.fallback)
+    float_fallback: bool = True
     profile: bool = False  # each artifact's top operators by time, from its runtime's profiler
     seq_lens: tuple[int, ...] = ()  # dynamic-shape sweep: sequence lengths (axis 1)
     batch_sizes: tuple[int, ...] = ()  # dynamic-shape sweep: batch sizes (axis 0)

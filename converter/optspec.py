@@ -57,6 +57,9 @@ CORE: tuple[Option, ...] = (
     Option("sparse", "bool", False, "Store a pruned source's zero weights sparsely where the "
            "target can (Core ML sparse weights, TFLite sparse tensors); the report says per "
            "target how they are stored, or why not."),
+    Option("float_fallback", "bool", True, "int8: do not re-convert a failing artifact with "
+           "the layers adding the most quantization error kept in float.",
+           flag="--no-float-fallback", modes=("convert",)),
     Option("localize", "bool", False, "Name the first diverging operator even when numerics "
            "pass."),
     Option("profile", "bool", False, "Add each target's top operators by time to the report "
