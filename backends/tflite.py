@@ -297,8 +297,11 @@ def _layout_perm(tfl: list[int], onnx: list[int | None] | None) -> list[int] | N
 class TfliteSession(Session):
     """LiteRT's Interpreter with its default XNNPACK delegate; tensors addressed by index."""
 
-    profile_unavailable = ("ai-edge-litert's Python API has no op profiler (LiteRT's profiler "
-                           "is C/C++ only, and the wheel ships no benchmark_model tool)")
+    profile_unavailable = (
+        "ai-edge-litert's Python Interpreter has no op profiler (its wrapper exposes no "
+        "profiler hook; LiteRT's profiler is C++ only), neither wheel (ai-edge-litert, "
+        "tensorflow) ships benchmark_model, and no package registry has one for Linux "
+        "(litert-cli downloads it from storage.googleapis.com, out of reach here)")
 
     def __init__(self, artifact: Artifact, threads: int):
         special = [op for op in tflite_ops(artifact.primary) if ":" in op]
