@@ -6,9 +6,12 @@ Its zeros are *structured* when most of them (``STRUCTURED_MIN``) lie in whole z
 whole zero columns (a pruned neuron, channel or head), else *unstructured*. ``of_onnx`` reads a
 source ONNX's initializers; ``of_artifact`` reads a built artifact's constant tensors where the
 artifact can be read here (.tflite, Core ML program, ORT format through onnxruntime's own
-flatbuffer schema), an int8 tensor's zero being its int 0; ``judged`` puts both in ``TargetReport.sparsity``, with
-``kept`` when the artifact holds at least the source's zeros (``KEPT_SLACK`` below them).
-Never raises for an unreadable artifact: the entry says why.
+flatbuffer schema), an int8 tensor's zero being its int 0, a sparsely stored weight's zeros
+those of its mask; ``judged`` puts both in ``TargetReport.sparsity``, with ``kept`` when the
+artifact holds at least the source's zeros (``KEPT_SLACK`` below them), and ``storage``: how
+the artifact stores them ("sparse": ``sparse_tensors`` weights in a sparse format, else
+"dense" with ``storage_note`` saying why: the backend's ``--sparse`` step, or its
+``Backend.no_sparse_weights``). Never raises for an unreadable artifact: the entry says why.
 """
 from __future__ import annotations
 
@@ -67,9 +70,11 @@ def of_artifact(target: str, primary: Path) -> dict[str, Any]:
     if target not in readers:
         return {"unread": f"the {target} artifact's weights are not read here"}
     try:
-        return of_tensors(readers[target](primary)) or {}
+        tensors, stored_sparse = readers[target](primary)
     except Exception as exc:  # noqa: BLE001 - a fact we could not read, said so
         return {"error": f"{type(exc).__name__}: {exc}"}
+    return (of_tensors(tensors) or {}) | ({"sparse_tensors": stored_sparse} if stored_sparse
+                                          else {})
 
 
 def judged(report: Any, source: dict[str, Any] | None) -> Any:
@@ -85,13 +90,37 @@ def judged(report: Any, source: dict[str, Any] | None) -> Any:
         share = got.get("zero_share", 0.0)
         entry |= {"artifact_zero_share": share,
                   "kept": share >= source["zero_share"] - KEPT_SLACK}
-    return replace(report, sparsity=entry)
+    return replace(report, sparsity=entry | storage(report, got))
+
+
+def storage(report: Any, got: dict[str, Any]) -> dict[str, Any]:
+    """How the artifact stores the zeros: sparse (how many weights), or dense and why."""
+    if got.get("sparse_tensors"):
+        return {"storage": "sparse", "sparse_tensors": got["sparse_tensors"]}
+    steps = report.conversion.steps if report.conversion else ()
+    note = next((s.removeprefix("--sparse: ") for s in steps if s.startswith("--sparse: ")),
+                None)
+    if note is None:
+        how, why = _backend_sparse(report.name.split(":")[0])
+        note = f"--sparse would store them sparsely ({how})" if how else why
+    return {"storage": "dense", "storage_note": note}
+
+
+def _backend_sparse(target: str) -> tuple[str, str]:
+    """(Backend.sparse_weights, Backend.no_sparse_weights) of a registered target."""
+    from mtconvert.registry import default_registry
+
+    try:
+        cls = default_registry().get(target)
+    except Exception:  # noqa: BLE001 - a plugin that does not load: say so, do not fail
+        return "", f"the {target} backend did not load"
+    return cls.sparse_weights, cls.no_sparse_weights
 
 
 _ORT_TYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 10: np.float16}  # ONNX TensorProto types
 
 
-def _ort(path: Path) -> list[np.ndarray]:
+def _ort(path: Path) -> tuple[list[np.ndarray], int]:
     """An ORT-format model's initializers, through onnxruntime's own flatbuffer schema."""
     from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.InferenceSession import (
         InferenceSession)
@@ -105,21 +134,43 @@ def _ort(path: Path) -> list[np.ndarray]:
             continue
         out.append(np.frombuffer(t.RawDataAsNumpy().tobytes(), dtype).reshape(
             [int(d) for d in t.DimsAsNumpy()]))
-    return out
+    return out, 0  # sparse initializers are not written by the ORT-format tool
 
 
-def _tflite(path: Path) -> list[np.ndarray]:
+def _tflite(path: Path) -> tuple[list[np.ndarray], int]:
     from mtconvert.compressed_check import tflite_constants
 
-    return [value for _, value in tflite_constants(path)]
+    return [value for _, value in tflite_constants(path)], 0
 
 
-def _coreml(package: Path) -> list[np.ndarray]:
+# Core ML's sparse weight ops and the input holding the weight's zero pattern
+_COREML_MASKS = {"constexpr_sparse_to_dense": "mask",
+                 "constexpr_sparse_blockwise_shift_scale": "data_mask",
+                 "constexpr_lut_to_sparse": "indices_mask"}
+
+
+def _coreml(package: Path) -> tuple[list[np.ndarray], int]:
+    """The program's constants; a sparse weight as its mask (its zeros are the weight's zeros;
+    with joint compression the mask is on the int8 / palette op feeding the sparse one)."""
     from mtconvert.backends.coreml import program
 
-    out = []
+    out, stored_sparse = [], 0
     for op in program.load(package).ops:
-        values = [v for binds in op.inputs.values() for kind, v in binds if kind == "value"]
-        values += list(op.attributes.values())
-        out += [np.asarray(v) for v in values if isinstance(v, np.ndarray)]
-    return out
+        values = {k: v for k, binds in op.inputs.items() for kind, v in binds if kind == "value"}
+        values |= op.attributes  # iOS16's constexpr ops hold their data as attributes
+        mask = values.pop(_COREML_MASKS.get(op.type, ""), None)
+        if mask is not None:
+            stored_sparse += 1
+            out.append(_mask(np.asarray(mask), values.pop("shape", None)))
+            continue
+        out += [np.asarray(v) for v in values.values() if isinstance(v, np.ndarray)]
+    return out, stored_sparse
+
+
+def _mask(mask: np.ndarray, shape: Any) -> np.ndarray:
+    """iOS16's mask is a flat bit field over ``shape``; iOS18's has the weight's shape."""
+    if shape is None:
+        return mask
+    dims = [int(d) for d in np.asarray(shape).ravel()]
+    return np.unpackbits(mask.astype(np.uint8).ravel(), bitorder="little",
+                         count=int(np.prod(dims))).reshape(dims)

@@ -45,6 +45,8 @@ class CoremlBackend(Backend):
     run_requires = {"coremltools": "coremltools", "google.protobuf": "protobuf"}
     artifact_suffixes = (".mlpackage",)
     addressable_intermediates = True  # through the mil-reference interpreter
+    sparse_weights = ("weights with >= 10 % exact zeros as constexpr_sparse_to_dense (bit mask "
+                      "+ nonzero values); with int8 or palettization on iOS18/macOS15 only")
     options = (
         Option("coreml_target", "choice", None, "coreml: minimum deployment target (default "
                f"{DEFAULT_TARGET}).", choices=DEPLOYMENT_TARGETS),
@@ -74,6 +76,7 @@ class CoremlBackend(Backend):
                                                           opts.timeout_s, steps, self.name)
         suffix = "" if opts.precision == "fp32" else f".{opts.precision}"
         suffix += f".palettized{settings['palettize']}" if settings["palettize"] else ""
+        suffix += ".sparse" if opts.sparse else ""
         out = out_dir / f"{source.name}{suffix}.mlpackage"
         twin = work / f"{source.name}.fp32-twin.mlpackage"
         compressed = opts.precision != "fp32" or settings["palettize"]
@@ -84,7 +87,8 @@ class CoremlBackend(Backend):
                "output_names": [s.name for s in source.outputs], "precision": opts.precision,
                "fp32_twin": str(twin) if compressed else None,
                # a quantized source: its int8 weights stored as they are (own ints and scales)
-               "source_quantization": opts.extra.get("source_quantization")} | settings
+               "source_quantization": opts.extra.get("source_quantization"),
+               "sparse": opts.sparse} | settings
         result = self._run_child(job, work, log, opts.timeout_s)
         expect_files([out / "Manifest.json"], target=self.name, step="coremltools", log_path=log)
         steps += result["steps"]

@@ -78,23 +78,66 @@ def _to_mlprogram(ct: Any, program: Any, target: Any, compute: Any) -> Any:
 def _compress(ct: Any, model: Any, job: dict[str, Any], steps: list[str]) -> Any:
     from coremltools.optimize import coreml as cto
 
+    model, joint = _sparse(model, job, steps) if job.get("sparse") else (model, False)
     t0 = time.perf_counter()
     if job["precision"] == "int8" and job.get("source_quantization"):
         model = _keep_source_weights(model, job["source_quantization"], steps)
     elif job["precision"] == "int8":
         config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
             mode="linear_symmetric", dtype="int8"))
-        model = cto.linear_quantize_weights(model, config=config)
+        model = cto.linear_quantize_weights(model, config=config, joint_compression=joint)
         steps.append(f"coremltools.optimize: int8 linear (symmetric, per-channel) weight "
                      f"quantization [{time.perf_counter() - t0:.1f} s]")
     if job.get("palettize"):
         bits = int(job["palettize"])
         config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(
             mode="kmeans", nbits=bits))
-        model = cto.palettize_weights(model, config=config)
+        model = cto.palettize_weights(model, config=config, joint_compression=joint)
         steps.append(f"coremltools.optimize: {bits}-bit k-means palettization of the weights "
                      f"[{time.perf_counter() - t0:.1f} s]")
     return model
+
+
+SPARSE_MIN = 0.10  # a weight with this share of exact zeros is stored sparsely
+SPARSE_MIN_SIZE = 256  # smaller constants (biases, scales) stay dense
+JOINT_TARGETS = ("iOS18", "macOS15")  # sparse + int8 / palettized weights (joint compression)
+
+
+def _sparse(model: Any, job: dict[str, Any], steps: list[str]) -> tuple[Any, bool]:
+    """--sparse: each weight with at least SPARSE_MIN exact zeros stored as
+    ``constexpr_sparse_to_dense`` (a bit mask and the nonzero values). Threshold 0: coremltools
+    zeroes ``|w| <= threshold``, so only the source's own zeros, no new pruning. Returns the
+    model and whether a later int8 / palettization step must compress jointly (keep the mask)."""
+    from coremltools.optimize import coreml as cto
+
+    compressed = job["precision"] == "int8" or job.get("palettize")
+    if job.get("source_quantization"):
+        steps.append("--sparse: a quantized source's own int8 weights are kept as they are, "
+                     "not also stored sparsely: weights stored dense")
+        return model, False
+    if compressed and job["deployment_target"] not in JOINT_TARGETS:
+        steps.append("--sparse: sparse int8 or palettized weights need --coreml-target iOS18 "
+                     "or macOS15 (coremltools joint compression): weights stored dense")
+        return model, False
+    t0 = time.perf_counter()
+    config = cto.OptimizationConfig(global_config=cto.OpThresholdPrunerConfig(
+        threshold=0.0, minimum_sparsity_percentile=SPARSE_MIN, weight_threshold=SPARSE_MIN_SIZE))
+    pruned = cto.prune_weights(model, config=config)
+    count = _op_count(pruned, "constexpr_sparse_to_dense")
+    if not count:
+        steps.append(f"--sparse: no weight has {SPARSE_MIN:.0%} or more exact zeros: nothing "
+                     "to store sparsely, weights stored dense")
+        return model, False
+    steps.append(f"coremltools.optimize: {count} weights with >= {SPARSE_MIN:.0%} exact zeros "
+                 "stored sparsely (constexpr_sparse_to_dense: bit mask + nonzero values; "
+                 f"threshold 0, no new pruning) [{time.perf_counter() - t0:.1f} s]")
+    return pruned, bool(compressed)
+
+
+def _op_count(model: Any, op_type: str) -> int:
+    spec = model.get_spec()
+    return sum(op.type == op_type for fn in spec.mlProgram.functions.values()
+               for block in fn.block_specializations.values() for op in block.operations)
 
 
 def _keep_source_weights(model: Any, quant: dict[str, Any], steps: list[str]) -> Any:

@@ -166,10 +166,20 @@ def sparsity_line(s: dict[str, Any]) -> str:
 def target_sparsity_line(s: dict[str, Any]) -> str:
     """Whether a target's artifact kept the source's zeros (TargetReport.sparsity)."""
     got = s.get("artifact") or {}
+    stored = _storage(s)
     if "unread" in got or "error" in got:
-        return f"sparsity: not measured ({got.get('unread') or got.get('error')})"
+        return f"sparsity: not measured ({got.get('unread') or got.get('error')}){stored}"
     return (f"sparsity {'kept' if s['kept'] else 'LOST'}: {s['artifact_zero_share']:.1%} of "
-            f"the artifact's weights are zero (source {s['source_zero_share']:.1%})")
+            f"the artifact's weights are zero (source {s['source_zero_share']:.1%}){stored}")
+
+
+def _storage(s: dict[str, Any]) -> str:
+    """How the artifact stores the zeros (--sparse), as a clause of the sparsity line."""
+    if s.get("storage") == "sparse":
+        return f"; stored sparse ({s['sparse_tensors']} weights)"
+    if s.get("storage") == "dense":
+        return f"; stored dense: {s['storage_note']}"
+    return ""
 
 
 def quant_error_lines(q: dict[str, Any]) -> list[str]:
