@@ -43,6 +43,8 @@ class TfliteBackend(Backend):
     run_requires = {"ai_edge_litert": "ai-edge-litert"}
     artifact_suffixes = (".tflite",)
     addressable_intermediates = True
+    sparse_weights = ("weights with >= 30 % exact zeros in TFLite's sparse tensor format (the "
+                      "converter's EXPERIMENTAL_SPARSITY), densified once at load by DENSIFY ops")
     options = (
         Option("allow_flex", "bool", False, "tflite: accept Select-TF (Flex) ops instead of "
                "failing the target.", modes=("convert", "validate")),
@@ -94,6 +96,7 @@ class TfliteBackend(Backend):
                   f"[{result['tflite_converter_s']:.1f} s]"]
         steps += [f"int8 full-integer: {op} kept in float (its int8 kernel failed on a "
                   "calibration sample)" for op in result.get("float_ops", [])]
+        steps += sparse_steps(out) if opts.sparse else []
         io_map, io_steps = map_io(out, [s.name for s in source.inputs],
                                   [s.name for s in source.outputs], info["output_shapes"])
         meta = io_map | {"allow_flex": bool(opts.extra.get("allow_flex")),
@@ -136,7 +139,7 @@ class TfliteBackend(Backend):
                 "int8_scheme": scheme, "keep_layout_inputs": keep_layout,
                 "route": opts.route or DEFAULT_ROUTE, "pseudo_map": PSEUDO_OPS,
                 "calibration": str(opts.calibration) if opts.calibration else None,
-                "input_order": [s.name for s in source.inputs],
+                "input_order": [s.name for s in source.inputs], "sparse": opts.sparse,
                 # a quantized source: per-tensor weights stay per-tensor (the source's scales)
                 "per_tensor_weights": (opts.extra.get("source_quantization") or {}).get(
                     "granularity") == ["per-tensor"]}
@@ -195,6 +198,19 @@ class TfliteBackend(Backend):
         name = artifact.primary.name
         return {"kotlin": sn.kotlin_tflite(name, ins, outs),
                 "python": sn.python_tflite(name, ins, outs)}
+
+
+def sparse_steps(path: Path) -> list[str]:
+    """--sparse: what TFLite's converter stored sparsely (each sparse weight feeds a DENSIFY op;
+    its DenseToSparse pass keeps a weight under 30 % zeros dense)."""
+    n = tflite_ops(path).get("DENSIFY", 0)
+    if not n:
+        return ["--sparse: no weight with the 30 % exact zeros TFLite's converter needs to "
+                "encode it sparsely: nothing stored sparsely, weights stored dense"]
+    return [f"--sparse: {n} weights stored in TFLite's sparse format (EXPERIMENTAL_SPARSITY), "
+            "each densified once at load by a DENSIFY op; XNNPACK's sparse path takes NCHW "
+            "convolutions only, so FULLY_CONNECTED / BATCH_MATMUL run the densified weights: "
+            "a smaller file, not faster inference"]
 
 
 def shape_collisions(shapes: dict[str, list[int]], weight_dims: list[int]) -> list[int]:

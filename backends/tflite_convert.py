@@ -132,6 +132,9 @@ def _configure(converter: Any, tf: Any, job: dict[str, Any], dtypes: list[Any]) 
                                                                job["input_order"], dtypes)
             ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, *ops]
     converter.target_spec.supported_ops = ops
+    if job.get("sparse"):  # --sparse: pruned weights in TFLite's sparse tensor format
+        converter.optimizations = [*converter.optimizations,
+                                   tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
 
 
 def _representative(npz: str, names: list[str], dtypes: list[Any]) -> Any:

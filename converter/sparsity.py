@@ -95,11 +95,12 @@ def judged(report: Any, source: dict[str, Any] | None) -> Any:
 
 def storage(report: Any, got: dict[str, Any]) -> dict[str, Any]:
     """How the artifact stores the zeros: sparse (how many weights), or dense and why."""
-    if got.get("sparse_tensors"):
-        return {"storage": "sparse", "sparse_tensors": got["sparse_tensors"]}
     steps = report.conversion.steps if report.conversion else ()
     note = next((s.removeprefix("--sparse: ") for s in steps if s.startswith("--sparse: ")),
                 None)
+    if got.get("sparse_tensors"):
+        return {"storage": "sparse", "sparse_tensors": got["sparse_tensors"]} | (
+            {"storage_note": note} if note else {})
     if note is None:
         how, why = _backend_sparse(report.name.split(":")[0])
         note = f"--sparse would store them sparsely ({how})" if how else why
@@ -138,9 +139,32 @@ def _ort(path: Path) -> tuple[list[np.ndarray], int]:
 
 
 def _tflite(path: Path) -> tuple[list[np.ndarray], int]:
+    """The constants; a sparse one (--sparse: sparsity parameters) densified from its CSR."""
     from mtconvert.compressed_check import tflite_constants
 
-    return [value for _, value in tflite_constants(path)], 0
+    out, stored_sparse = [], 0
+    for details, value in tflite_constants(path):
+        params = details.get("sparsity_parameters")
+        if params:
+            stored_sparse += 1
+            value = _csr_dense(value, list(details["shape"]), params)
+        out.append(value)
+    return out, stored_sparse
+
+
+def _csr_dense(values: np.ndarray, shape: list[int], params: dict[str, Any]) -> np.ndarray:
+    """A 2-D TFLite sparse tensor in row order without blocks (dense rows, sparse columns: what
+    the converter writes for unstructured zeros); other layouts are not read here."""
+    meta = params["dim_metadata"]
+    if len(shape) != 2 or len(params["block_map"]) or list(params["traversal_order"]) != [0, 1] \
+            or [m["format"] for m in meta] != [0, 1]:
+        raise ValueError(f"sparse tensor layout {params['traversal_order']} / block map "
+                         f"{params['block_map']} is not read here")
+    segments, indices = (np.asarray(meta[1][k]) for k in ("array_segments", "array_indices"))
+    dense = np.zeros(shape, values.dtype)
+    rows = np.repeat(np.arange(shape[0]), np.diff(segments))
+    dense[rows, indices] = values
+    return dense
 
 
 # Core ML's sparse weight ops and the input holding the weight's zero pattern
