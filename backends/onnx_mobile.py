@@ -31,6 +31,8 @@ class OnnxMobileBackend(Backend):
     run_requires = {"onnxruntime": "onnxruntime"}
     sidecar_suffixes = (".config",)  # the operator list for a reduced ORT build
     artifact_suffixes = (".ort", ".onnx")
+    no_sparse_weights = ("ONNX Runtime converts sparse initializers to dense tensors when it "
+                         "loads a model (no sparse MatMul kernel on CPU): nothing to gain")
 
     def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
         config = path.with_suffix(".required_operators.config")

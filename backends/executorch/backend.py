@@ -43,6 +43,8 @@ class ExecutorchBackend(Backend):
     convert_requires = {"executorch": "executorch", "torch": "torch"}
     run_requires = {"executorch": "executorch", "torch": "torch"}
     artifact_suffixes = (".pte",)
+    no_sparse_weights = ("the XNNPACK delegate's graph schema in a .pte has no sparse tensor "
+                         "format, and XNNPACK's sparse path takes NCHW convolutions only")
     addressable_intermediates = False  # a delegated graph's tensors are not exposed: bisection
     # the same flag as tflite's (the first declaration of a name wins: the help names both)
     options = (
