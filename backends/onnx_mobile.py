@@ -31,8 +31,9 @@ class OnnxMobileBackend(Backend):
     run_requires = {"onnxruntime": "onnxruntime"}
     sidecar_suffixes = (".config",)  # the operator list for a reduced ORT build
     artifact_suffixes = (".ort", ".onnx")
-    no_sparse_weights = ("ONNX Runtime converts sparse initializers to dense tensors when it "
-                         "loads a model (no sparse MatMul kernel on CPU): nothing to gain")
+    no_sparse_weights = ("ONNX Runtime converts a model's sparse initializers to dense "
+                         "tensors when it loads it, and the graph's MatMul/Gemm kernels are "
+                         "dense: sparse storage is not offered")
 
     def adopt(self, path: Path, source: PreparedSource, opts: TargetOptions) -> Artifact:
         config = path.with_suffix(".required_operators.config")
