@@ -126,7 +126,8 @@ def export(model: Any, out: Path, *, with_past: bool) -> Path:
     total = torch.export.Dim("total_sequence_length", max=1024)
     shapes: list[Any] = [{0: batch, 1: s}, {0: batch, 1: total if with_past else s},
                          {0: batch, 1: s}]
-    shapes.append(tuple({0: batch, 2: p} for _ in past))  # the *past tuple
+    if past:
+        shapes.append(tuple({0: batch, 2: p} for _ in past))  # the *past tuple
     torch.onnx.export(_Forward.module(model, layers, with_past), (ids, mask, pos, *past),
                       str(out), dynamo=True, opset_version=OPSET, external_data=False,
                       input_names=["input_ids", "attention_mask", "position_ids",

@@ -1,0 +1,203 @@
+"""ONNX sets laid out as Optimum exports them (mtconvert.generation.optimum): made here from
+tiny seeded models by optimum_fixtures (Optimum itself cannot be installed beside
+transformers 5), the static step graph checked against the set's own decode in ONNX Runtime,
+bad input, and targets end to end, judged by the tokens they generate."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtconvert.generation import optimum
+from mtconvert.generation.optimum_fixtures import tiny_set
+from mtconvert.validators import gates
+from mtconvert.validators.tolerances import PROFILES
+
+MTCONVERT = str(Path(sys.executable).parent / "mtconvert")
+PROMPT = (5, 17, 42)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("optimum")
+    return {"gpt2": tiny_set("gpt2", root / "gpt2-optimum"),
+            "llama": tiny_set("llama", root / "llama-optimum"),
+            "gpt2-merged": tiny_set("gpt2", root / "gpt2-merged", layout="merged")}
+
+
+def _cli(*args):
+    return subprocess.run([MTCONVERT, *map(str, args)], capture_output=True, text=True,
+                          timeout=900, stdin=subprocess.DEVNULL)
+
+
+def test_sets_have_optimums_layout(sets):
+    """The exporter writes Optimum's file names and I/O names, and no weights file."""
+    import onnx
+
+    m = onnx.load(str(sets["gpt2"] / "model.onnx"), load_external_data=False)
+    ins, outs = [i.name for i in m.graph.input], [o.name for o in m.graph.output]
+    assert ins == ["input_ids", "attention_mask", "position_ids",
+                   *(f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value"))]
+    assert outs == ["logits", *(f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value"))]
+    merged = onnx.load(str(sets["gpt2-merged"] / "decoder_model_merged.onnx"))
+    assert [n.op_type for n in merged.graph.node] == ["If"]
+    assert merged.graph.input[-1].name == "use_cache_branch"
+    assert sorted(p.name for p in sets["gpt2-merged"].iterdir()) == [
+        "config.json", "decoder_model_merged.onnx", "generation_config.json"]
+    assert all(optimum.is_optimum_set(s) for s in sets.values())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt2-merged"])
+def test_static_step_graph_reproduces_the_sets_own_decode(kind, sets, tmp_path):
+    """The surgery's graph, stepped with the host loop's padded cache, gives the logits of the
+    set's own graphs run with their growing cache (fp32 profile; measured ~1e-5 of logits
+    ~20), and free-running it generates the same tokens."""
+    from mtconvert.generation.loop import decode
+
+    s = optimum.open_set(sets[kind], None)
+    geo = optimum.static_step(s, 16, tmp_path / "step.onnx")
+    ref = optimum.greedy(s, geo, PROMPT, 8)
+    assert ref.logits.shape == (len(PROMPT) + 7, geo.vocab)
+    assert len(set(ref.tokens)) > 2  # sharpened weights: greedy does not repeat one token
+    forced = optimum.forced_logits(tmp_path / "step.onnx", geo, ref)
+    verdict = gates.judge({"logits": ref.logits}, {"logits": forced},
+                          lambda _n: PROFILES["fp32"])
+    assert verdict.passed, verdict.outputs
+    sess = optimum._Graph(tmp_path / "step.onnx", 1).sess
+    names = [o.name for o in sess.get_outputs()]
+    free = decode(lambda f: dict(zip(names, sess.run(None, f))), geo, PROMPT, 8)
+    assert tuple(free.tokens) == ref.tokens
+    assert names == geo.output_names() and [i.name for i in sess.get_inputs()] == \
+        geo.input_names()
+
+
+def test_a_broken_surgery_is_caught(sets, tmp_path):
+    """The check the run relies on sees a step graph whose mask does not mask: the empty
+    slots' keys set to garbage change the logits beyond the fp32 profile."""
+    from mtconvert.generation.loop import decode
+
+    s = optimum.open_set(sets["llama"], None)
+    geo = optimum.static_step(s, 16, tmp_path / "step.onnx")
+    ref = optimum.greedy(s, geo, PROMPT, 6)
+    sess = optimum._Graph(tmp_path / "step.onnx", 1).sess
+    names = [o.name for o in sess.get_outputs()]
+
+    def unmasked(feeds):
+        feeds = dict(feeds, attention_mask=np.ones_like(feeds["attention_mask"]))
+        return dict(zip(names, sess.run(None, feeds)))
+
+    got = decode(unmasked, geo, ref.prompt, len(ref.tokens), forced=ref.tokens)
+    assert not gates.judge({"logits": ref.logits}, {"logits": got.logits},
+                           lambda _n: PROFILES["fp32"]).passed
+
+
+def _graph(path, inputs, outputs):
+    """A one-node ONNX file with these I/O names (what detection and refusal read)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, None, 8]) for n in inputs]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, None, 8])
+            for n in outputs]
+    nodes = [helper.make_node("Identity", [inputs[0]], [o]) for o in outputs]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", ins, outs)), str(path))
+
+
+def _variants(tmp, sets):
+    src = sets["gpt2"]
+    out = {}
+    for name in ("nopast", "seq2seq", "renamed"):
+        out[name] = tmp / name
+        out[name].mkdir()
+        shutil.copy(src / "config.json", out[name] / "config.json")
+    _graph(out["nopast"] / "decoder_model.onnx", ["input_ids"], ["logits"])
+    for f in ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"):
+        _graph(out["seq2seq"] / f, ["input_ids"], ["logits"])
+    import onnx
+
+    m = onnx.load(str(src / "model.onnx"))
+    old, new = "past_key_values.1.value", "cache.1.value"
+    for i in m.graph.input:
+        i.name = new if i.name == old else i.name
+    for n in m.graph.node:
+        n.input[:] = [new if x == old else x for x in n.input]
+    onnx.save(m, str(out["renamed"] / "model.onnx"))
+    return out
+
+
+@pytest.mark.parametrize("case,args,needle", [
+    ("nopast", [], "no decoder-with-past graph"),
+    ("seq2seq", [], "encoder-decoder ONNX set is not supported"),
+    ("renamed", [], "not Optimum's decoder I/O layout (unknown: cache.1.value"),
+    ("gpt2", ["--prompt-ids", "1,2,3,4,5", "--max-cache", "4"], "longer than --max-cache 4"),
+    ("gpt2", ["--task", "text2text-generation"], "encoder-decoder ONNX set is not supported"),
+])
+def test_bad_input_exits_2_with_one_line(case, args, needle, tmp_path, sets):
+    folder = sets["gpt2"] if case == "gpt2" else _variants(tmp_path, sets)[case]
+    out = tmp_path / "out"
+    proc = _cli(folder, "--to", "onnx-mobile", "--out", out, *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mtconvert: error:") and needle in lines[0], \
+        lines
+    assert not out.exists()
+
+
+def _convert(folder, targets, tmp_path):
+    report_path = tmp_path / "report.json"
+    proc = _cli(folder, "--to", targets, "--prompt-ids", ",".join(map(str, PROMPT)),
+                "--max-new-tokens", "8", "--out", tmp_path / "out", "--report-json",
+                report_path, "-q", "--iterations", "3", "--warmup", "1", "--jobs", "1")
+    assert report_path.is_file(), proc.stderr[-3000:]
+    return proc, json.loads(report_path.read_text())
+
+
+def _generated_the_reference(target):
+    gen = target["generation"]
+    first = gen["first_mismatch_step"]
+    agreed = gen["target_tokens"] if first is None else gen["target_tokens"][:first]
+    return (gen["passed"] and agreed == gen["reference_tokens"][:len(agreed)]
+            and (first is None or gen["first_mismatch_is_tie"]))
+
+
+@pytest.mark.slow
+def test_gpt2_set_to_onnx_mobile_and_executorch(sets, tmp_path):
+    """The representative end-to-end case: the set's static step graph through ORT mobile and
+    one static-shape target, each generating the set's own greedy tokens with its KV cache."""
+    proc, report = _convert(sets["gpt2"], "onnx-mobile,executorch", tmp_path)
+    assert report["source"]["format"] == "optimum-onnx"
+    settings = report["settings"]["generation"]
+    assert settings["reference"].startswith("onnxruntime (the set's own graphs")
+    assert settings["step_graph_max_abs_error"] <= PROFILES["fp32"].atol
+    assert settings["source_graphs"] == ["model.onnx"] and settings["max_cache"] == 16
+    by_name = {t["name"]: t for t in report["targets"]}
+    ort = by_name["onnx-mobile"]
+    assert ort["status"] == "passed" and ort["generation"]["tokens_agree"] == 1.0, ort["reason"]
+    assert (tmp_path / "out" / "gpt2-optimum-step.ort").is_file()
+    et = by_name["executorch"]
+    if et["status"] == "skipped":
+        pytest.skip(f"executorch: {et['reason']}")
+    assert et["status"] == "passed" and _generated_the_reference(et), et["reason"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.sweep
+@pytest.mark.parametrize("kind,targets", [
+    ("llama", "onnx-mobile,executorch"), ("gpt2-merged", "onnx-mobile"),
+    ("gpt2", "tflite,ncnn,coreml")])
+def test_every_target_and_family(kind, targets, sets, tmp_path):
+    """Every family and layout, every target: a target that generates must generate the
+    reference's tokens; one that cannot convert this graph says why (tflite, ncnn: see the
+    README's known limits) and the run exits 3, never 0."""
+    proc, report = _convert(sets[kind], targets, tmp_path)
+    for t in report["targets"]:
+        if t["status"] == "passed":
+            assert _generated_the_reference(t), t
+        else:
+            assert t["status"] in ("error", "skipped") and t["reason"], t
+    statuses = {t["status"] for t in report["targets"]}
+    assert proc.returncode == (0 if statuses <= {"passed", "skipped"} else 3), statuses
