@@ -174,6 +174,12 @@ class NcnnBackend(Backend):
             n = patch_tanh_gelu(param)
             steps.append(f"GELU: {n} layer(s) set to the tanh form (0=1): pnnx fuses the source's "
                          "tanh-GELU pattern into ncnn's erf GELU")
+        from mtconvert.backends.ncnn_speed import fuse_attention  # attention -> ncnn SDPA
+
+        io = self._io_meta(source, info)
+        sdpa = fuse_attention(param, source.onnx_path, shapes, io["inputs"], io["outputs"],
+                              log=log, timeout=opts.timeout_s)
+        steps += [sdpa] if sdpa else []
         return param, binf, steps
 
     @staticmethod
