@@ -214,13 +214,37 @@ def static_step(s: OptimumSet, max_cache: int, out: Path) -> Geometry:
                                                    "step::end", "step::axis"], [name],
                                          name=f"step::{name}"))
             outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, kv, 1, hd]))
-    graph = helper.make_graph([*pre, *g.node, *post], "decode_step", ins, outs,
+    graph = helper.make_graph([*pre, *_cache_concats(g.node, set(shapes)), *post],
+                              "decode_step", ins, outs,
                               [*g.initializer, last, end, axis])
     step = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     step.producer_name = "mtconvert (Optimum set, static step)"
     onnx.checker.check_model(step)
     onnx.save(step, str(out))
     return geo
+
+
+def _cache_concats(nodes: Any, inputs: set[str]) -> list[Any]:
+    """Each cache update, Concat(past input, this step's K/V) on the position axis, written
+    as the same Concat between two Transposes (positions last, then back): exact, and a graph
+    input is then never concatenated as it is with a computed tensor (onnx2tf gives the two
+    different layouts and fails; mtconvert.generation.step avoids the same trap)."""
+    from onnx import helper
+
+    out = []
+    for n in nodes:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), None)
+        if n.op_type != "Concat" or n.input[0] not in inputs or axis not in (2, -2):
+            out.append(n)
+            continue
+        swapped = [f"{x}__t{n.name}" for x in n.input]
+        out += [helper.make_node("Transpose", [x], [t], perm=[0, 1, 3, 2], name=f"{t}::swap")
+                for x, t in zip(n.input, swapped, strict=True)]
+        out.append(helper.make_node("Concat", swapped, [f"{n.output[0]}__t"], axis=3,
+                                    name=n.name))
+        out.append(helper.make_node("Transpose", [f"{n.output[0]}__t"], [n.output[0]],
+                                    perm=[0, 1, 3, 2], name=f"{n.name}::back"))
+    return out
 
 
 def _all_nodes(graph: Any) -> list[Any]:
