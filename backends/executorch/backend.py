@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
 from mtconvert.backends import torch_inputs
-from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
-                                     TargetOptions, TensorSpec, format_shapes, match_names)
+from mtconvert.backends.base import (Artifact, Backend, Finding, OpTime, PreparedSource,
+                                     Session, TargetOptions, TensorSpec, format_shapes,
+                                     match_names)
 from mtconvert.backends.options import Option
 from mtconvert.backends.process import expect_files, run_job
 from mtconvert.errors import ConversionError, ModelLoadError, RuntimeFailure
@@ -294,17 +295,31 @@ class PteSession(Session):
                         for i, n in enumerate(names_out)]
         self.runtime = f"executorch {deps.versions(['executorch']).get('executorch', '')}".strip()
         self._name, self._dims = artifact.primary.name, artifact.meta.get("dims") or {}
+        self._path = artifact.primary
+        self._backends = list((artifact.meta.get("program") or {}).get("delegates") or {})
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import numpy as np
         import torch
 
-        self._check_dims(feeds)
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[s.name], dtype=dtype))
-                for s, dtype in zip(self.inputs, self._dtypes, strict=True)]
-        outs = self._method.execute(args)
+        outs = self._method.execute(self._args(feeds))
         return {s.name: o.detach().numpy() if isinstance(o, torch.Tensor) else np.asarray(o)
                 for s, o in zip(self.outputs, outs, strict=True)}
+
+    def profile(self, feeds: dict[str, np.ndarray], runs: int) -> list[OpTime]:
+        """ExecuTorch's event tracer (ETDump) on a second load of the .pte: kernel calls, and
+        XNNPACK's operators inside each delegate call (mtconvert.backends.profiling.executorch)."""
+        from mtconvert.backends.profiling import executorch as etdump
+
+        return etdump.profile(self._path, self._args(feeds), runs, self._backends)
+
+    def _args(self, feeds: dict[str, np.ndarray]) -> list[Any]:
+        import numpy as np
+        import torch
+
+        self._check_dims(feeds)
+        return [torch.from_numpy(np.ascontiguousarray(feeds[s.name], dtype=dtype))
+                for s, dtype in zip(self.inputs, self._dtypes, strict=True)]
 
     def _check_dims(self, feeds: dict[str, np.ndarray]) -> None:
         """A size outside a Dim's range is refused by name (the runtime would only say
