@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
+from mtconvert.backends import ncnn_int8
 from mtconvert.backends.base import (Artifact, Backend, Finding, OpTime, PreparedSource,
                                      Session, TargetOptions, TensorSpec, format_shapes,
                                      match_names)
@@ -74,15 +75,19 @@ class NcnnBackend(Backend):
                 f"{i['blob']}={n}" for i, n in zip(ins, names, strict=True)))
         fixed = {n: i["shape"] for i, n in zip(ins, names, strict=True) if i["shape"]}
         undeclared = [n for n in names if n not in fixed]
+        int8 = sum(1 for kind, _, _, _, raw in _layers(path) if ncnn_int8.is_int8(kind, raw))
+        if int8:
+            steps.append(f"{int8} int8 layer(s): run with use_int8_inference on, fp16 off")
         return Artifact(target=self.name, primary=path, files=(path, binf),
-                        precision=opts.precision, steps=tuple(steps),
+                        precision="int8" if int8 else opts.precision, steps=tuple(steps),
                         tool_versions=deps.versions(["ncnn"]),
                         meta={"inputs": [[i["blob"], n, "int32" if i["int"] else "float32"]
                                          for i, n in zip(ins, names, strict=True)],
                               "outputs": [[b, n, [None] * len(ranks[n])]
                                           for b, n in zip(outs, out_names, strict=True)],
                               "undeclared_shapes": undeclared,
-                              "mode": "phone-fp16" if opts.precision == "fp16" else "exact"},
+                              "mode": "int8" if int8 else "phone-fp16"
+                              if opts.precision == "fp16" else "exact"},
                         input_shapes={k: tuple(v) for k, v in fixed.items()})
 
     def routes(self, source: PreparedSource) -> list[str]:
@@ -108,13 +113,18 @@ class NcnnBackend(Backend):
                          "(ncnn models take one item)")
         fp16 = opts.precision == "fp16"
         param, binf, pnnx_steps = self._pnnx(model, source, info, work, log, opts, fp16=fp16)
-        suffix = ".fp16" if fp16 else ""
+        int8 = self._int8(param, binf, opts, pnnx_steps) if opts.precision == "int8" else None
+        suffix = ".fp16" if fp16 else ".int8" if int8 else ""
         out_param = out_dir / f"{source.name}{suffix}.ncnn.param"
         out_bin = out_dir / f"{source.name}{suffix}.ncnn.bin"
         shutil.move(param, out_param)
         shutil.move(binf, out_bin)
-        meta = self._io_meta(source, info) | {"mode": "phone-fp16" if fp16 else "exact"}
+        meta = self._io_meta(source, info) | {
+            "mode": "phone-fp16" if fp16 else "int8" if int8 else "exact"}
         twin = None
+        if int8:  # the same float .param/.bin before the int8 rewrite
+            twin = Artifact(target=self.name, primary=int8[0], files=int8,
+                            meta=meta | {"mode": "exact"})
         if fp16:  # the exact fp32 twin of the same route: the yardstick for what fp16 costs
             tp, tb, _ = self._pnnx(model, source, info, work, log, opts, fp16=False)
             twin = Artifact(target=self.name, primary=tp, files=(tp, tb),
@@ -125,8 +135,9 @@ class NcnnBackend(Backend):
             shutil.copytree(work, kept)
             files += (kept,)
             pnnx_steps.append(f"kept the intermediate files in {kept.name}/")
+        precision = "fp32" if opts.precision == "int8" and not int8 else opts.precision
         return Artifact(target=self.name, primary=out_param, files=files,
-                        precision=opts.precision, steps=tuple(steps + pnnx_steps), log_path=log,
+                        precision=precision, steps=tuple(steps + pnnx_steps), log_path=log,
                         tool_versions=deps.versions(TOOLS), meta=meta, fp32_twin=twin)
 
     def _route_input(self, route: str, source: PreparedSource, prepared: Path,
@@ -182,6 +193,38 @@ class NcnnBackend(Backend):
         steps += [sdpa] if sdpa else []
         return param, binf, steps
 
+    def _int8(self, param: Path, binf: Path, opts: TargetOptions,
+              steps: list[str]) -> tuple[Path, Path] | None:
+        """ncnn int8 layers from a quantized source's record (``ncnn_int8``); the float
+        files are kept beside as the fp32 twin. None (the model stays fp32, said in the
+        steps) when no layer could be made int8."""
+        import json
+
+        quant = opts.extra.get("source_quantization")
+        if not quant:
+            raise ConversionError("int8 needs a quantized source here (QDQ or dynamic ONNX): "
+                                  "ncnn int8 from a float model is not implemented",
+                                  target=self.name, step="int8")
+        twin = (param.with_name("twin.ncnn.param"), binf.with_name("twin.ncnn.bin"))
+        shutil.copy(param, twin[0])
+        shutil.copy(binf, twin[1])
+        res = ncnn_int8.rewrite(param, binf, _layers(param),
+                                json.loads(Path(quant["record"]).read_text()))
+        steps += res.steps
+        steps.append(f"int8: {len(res.int8)} layer(s) hold the source's int8 weights and "
+                     f"scales ({', '.join(res.int8) or 'none'})")
+        if res.kept_float:
+            steps.append("int8: stayed fp32: " + "; ".join(res.kept_float))
+        if not res.int8:
+            steps.append("int8: no layer could be made int8: the model stays fp32 with the "
+                         "source's weights dequantized")
+            return None
+        steps.append("int8: ncnn runs with use_int8_inference on and fp16 off: int8 Gemm "
+                     "layers quantize their input per row at run time (absmax), int8 "
+                     "InnerProduct layers with the source's activation scale; every other "
+                     "layer (attention MatMul, Softmax, LayerNorm, GELU...) computes in fp32")
+        return twin
+
     @staticmethod
     def _io_meta(source: PreparedSource, info: dict[str, Any]) -> dict[str, Any]:
         return {"inputs": [[f"in{i}", s.name, info["input_dtypes"][s.name]]
@@ -228,7 +271,7 @@ class NcnnBackend(Backend):
         outs = [sn.Port(blob, name, one(name, shape), "float32", i)
                 for i, (blob, name, shape) in enumerate(artifact.meta["outputs"])]
         param, binf = artifact.primary.name, artifact.primary.with_suffix(".bin").name
-        exact = artifact.meta.get("mode", "exact") == "exact"
+        exact = artifact.meta.get("mode", "exact") in ("exact", "int8")
         return {"cpp": sn.cpp_ncnn(param, binf, ins, outs, exact),
                 "python": sn.python_ncnn(param, binf, ins, outs, exact)}
 
@@ -273,6 +316,12 @@ def unknown_layers(param: Path) -> list[str]:
     import ncnn
 
     return sorted({t for t in param_layer_types(param) if ncnn.layer_to_index(t) < 0})
+
+
+def param_layers(param: Path) -> list[tuple[str, str, list[str], list[str], list[str]]]:
+    """(type, name, bottoms, tops, params) per layer line of a .param (a ValueError for a file
+    that is not one)."""
+    return _layers(param)
 
 
 def _layers(param: Path) -> list[tuple[str, str, list[str], list[str], list[str]]]:
@@ -358,11 +407,13 @@ class NcnnSession(Session):
         self._ncnn = ncnn
         net = ncnn.Net()
         net.opt.num_threads = threads
-        exact = artifact.meta.get("mode", "exact") == "exact"
-        if exact:
+        mode = artifact.meta.get("mode", "exact")
+        if mode in ("exact", "int8"):
             net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False
             net.opt.use_fp16_packed = net.opt.use_bf16_storage = False
-        self.runtime = f"ncnn ({'exact fp32' if exact else 'fp16 storage+arithmetic'})"
+        net.opt.use_int8_inference = True  # ncnn's default, said: int8 layers run int8 kernels
+        self.runtime = "ncnn (" + {"exact": "exact fp32", "int8": "int8 layers, fp32 elsewhere"
+                                   }.get(mode, "fp16 storage+arithmetic") + ")"
         binf = artifact.primary.with_suffix(".bin")
         if net.load_param(str(artifact.primary)) != 0 or net.load_model(str(binf)) != 0:
             raise RuntimeFailure("ncnn could not load the model", target="ncnn", step="open")

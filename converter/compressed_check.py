@@ -1,8 +1,9 @@
 """What stayed compressed in a target's artifact of a quantized source: its int8 weight tensors
 read from the artifact itself (the Core ML program's constexpr dequantize ops, the .tflite's
-int8 tensors) and how many hold exactly the source's int values and scales (the record written
-by ``backends.lowering.dequantize``). Facts for the report's ``compressed.kept``; never raises
-for an unreadable artifact (the entry says why instead).
+int8 tensors, ncnn's int8 layers' weights in the .bin) and how many hold exactly the source's
+int values and scales (the record written by ``backends.lowering.dequantize``). Facts for the
+report's ``compressed.kept``; never raises for an unreadable artifact (the entry says why
+instead).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def kept(target: str, primary: Path, record_path: str | None) -> dict[str, Any] 
             tensors = _coreml(primary)
         elif target == "tflite":
             tensors = _tflite(primary)
+        elif target == "ncnn":
+            tensors = _ncnn(primary)
         else:
             return None
     except Exception as exc:  # noqa: BLE001 - a fact we could not read, said so
@@ -42,8 +45,11 @@ def _matches(ints: np.ndarray, scale: np.ndarray | None, records: dict[str, Any]
     for r in records.values():
         src = np.asarray(r["ints"], np.int64).reshape(r["shape"])
         rs = np.asarray(r["scale"], np.float64)
+        # a uint8 source weight stored as int8 by a symmetric target: the same ints minus 128
+        shifted = (src, src - 128) if r["dtype"] == "uint8" else (src,)
         for cand in (ints, ints.T) if ints.ndim == 2 else (ints,):
-            if cand.shape != src.shape or not np.array_equal(cand.astype(np.int64), src):
+            if cand.shape != src.shape or not any(np.array_equal(cand.astype(np.int64), s)
+                                                   for s in shifted):
                 continue
             if scale is None:
                 return True
@@ -68,6 +74,12 @@ def _coreml(package: Path) -> list[tuple[np.ndarray, np.ndarray]]:
             if data is not None and np.asarray(data).dtype in (np.int8, np.uint8):
                 out.append((np.asarray(data), np.asarray(a.get("scale"))))
     return out
+
+
+def _ncnn(param: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    from mtconvert.backends import ncnn, ncnn_int8
+
+    return ncnn_int8.int8_tensors(param, ncnn.param_layers(param))
 
 
 def _tflite(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -22,6 +22,9 @@ PROFILE = "int8-source"  # validators.tolerances: a quantized source's yardstick
 # targets whose runtime consumes quantized ONNX ops as they are (ORT fuses QDQ into integer
 # kernels); every other target converts the dequantized graph and re-compresses its weights
 NATIVE_TARGETS = frozenset({"onnx-mobile"})
+# targets whose int8 form takes a quantized source's own ints and scales only (no int8 of a
+# float model there): ncnn's int8 layers (backends.ncnn_int8)
+SOURCE_INT8_TARGETS = frozenset({"ncnn"})
 
 
 def _is_qoperator(op: str) -> bool:
@@ -127,7 +130,8 @@ def plan_for(src: Any, target: str, precisions: tuple[str, ...],
     if target in NATIVE_TARGETS:
         return plan | {"lower": False, "record": None,
                        "route": "the quantized graph as it is (the runtime's integer kernels)"}
-    if "int8" in precisions and precision in ("fp32", "int8"):
+    if ("int8" in precisions or target in SOURCE_INT8_TARGETS) and precision in ("fp32",
+                                                                                "int8"):
         return plan | {"lower": True, "precision": "int8",
                        "route": "dequantized graph, weights re-compressed to the target's int8"}
     why = (f"--precision {precision} asked" if "int8" in precisions
@@ -203,6 +207,8 @@ def summary(report: Any, target: str, plan: dict[str, Any] | None) -> Any:
     size = sum(a.bytes for a in report.artifacts)
     ratio = size / plan["source_bytes"] if plan["source_bytes"] and size else None
     fallback = plan.get("fallback")
+    if not fallback and plan.get("precision") == "int8" and report.precision == "fp32":
+        fallback = "the target kept fp32 with the source's weights dequantized (its steps say why)"
     primary = next((a.path for a in report.artifacts if a.role == "artifact"), None)
     kept = None
     if primary and plan.get("record"):

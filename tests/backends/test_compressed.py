@@ -93,10 +93,7 @@ def test_quantized_source_converts_and_stays_compressed(converted, target: str) 
     assert c["source"]["scheme"] == QUANTIZED[name]
     assert c["source_bytes"] == (FIXTURES / f"{name}.onnx").stat().st_size
     assert c["bytes"] == sum(a.bytes for a in t.artifacts)
-    if target == "ncnn":  # the stated fallback: fp32 with dequantized weights
-        assert c["fallback"] and c["size_limit"] is None and t.precision == "fp32"
-    else:
-        assert c["fallback"] is None and c["size_ratio"] <= quantized.RATIO_LIMIT
+    assert c["fallback"] is None and c["size_ratio"] <= quantized.RATIO_LIMIT
     kept = c["kept"]
     if target == "coreml":  # constexpr int8 weights, each holding a source weight's ints+scales
         assert kept["int8_tensors"] == kept["same_ints_and_scales"] > 0
@@ -104,6 +101,8 @@ def test_quantized_source_converts_and_stays_compressed(converted, target: str) 
     if target == "tflite":  # weight-only/dynamic-range int8 holding the source's ints, no Flex
         assert kept["same_ints_and_scales"] > 0
         assert not any("FLEX" in f["message"] for f in t.findings)
+    if target == "ncnn":  # int8 layers holding the source's ints and scales (ncnn_int8)
+        assert t.precision == "int8" and kept["int8_tensors"] == kept["same_ints_and_scales"] > 0
     if target == "onnx-mobile":
         assert t.precision == "fp32" and c["kept"] is None
 
@@ -124,8 +123,10 @@ def test_each_target_gets_its_plan(tmp_path: Path) -> None:
     assert native["lower"] is False and native["source"]["scheme"] == "qdq"
     tfl = quantized.plan_for(src, "tflite", ("fp32", "fp16", "int8"), "fp32")
     assert tfl["lower"] and tfl["precision"] == "int8" and not tfl.get("fallback")
-    ncnn = quantized.plan_for(src, "ncnn", ("fp32", "fp16"), "fp32")
-    assert ncnn["lower"] and ncnn["precision"] == "fp32" and "fp32" in ncnn["fallback"]
+    ncnn = quantized.plan_for(src, "ncnn", ("fp32", "fp16"), "fp32")  # int8 of sources only
+    assert ncnn["lower"] and ncnn["precision"] == "int8" and not ncnn.get("fallback")
+    none = quantized.plan_for(src, "tflite", ("fp32", "fp16"), "fp32")  # a target without int8
+    assert none["precision"] == "fp32" and "fp32" in none["fallback"]
 
 
 def test_the_description_made_at_load_is_used_not_the_graph_again(tmp_path: Path) -> None:
@@ -153,8 +154,8 @@ def test_a_target_larger_than_the_limit_fails_unless_a_fallback_is_stated(
     failed = quantized.summary(big, "tflite", plan)
     assert failed.status == "failed" and "1.50x" in failed.reason
     assert failed.compressed["size_ratio"] == pytest.approx(1.5, abs=1e-3)
-    stated = quantized.plan_for(src, "ncnn", ("fp32",), "fp32") | {"record": None}
-    kept = quantized.summary(big, "ncnn", stated)
+    stated = quantized.plan_for(src, "tflite", ("fp32",), "fp32") | {"record": None}
+    kept = quantized.summary(big, "tflite", stated)
     assert kept.status == "passed" and kept.compressed["fallback"]
 
 
@@ -237,8 +238,9 @@ def test_validate_mode_judges_built_artifacts_as_a_conversion_does(converted) ->
         c = t.compressed
         assert c["route"] == "built elsewhere (validate)" and c["kept"] is None
         assert c["bytes"] == sum(a.bytes for a in report.targets[target].artifacts)
-    assert checked.targets["tflite"].compressed["size_ratio"] <= quantized.RATIO_LIMIT
-    assert checked.targets["ncnn"].compressed["size_limit"] is None
+    for target in ("tflite", "ncnn"):  # ncnn: its int8 layers found in the .param
+        assert checked.targets[target].compressed["size_ratio"] <= quantized.RATIO_LIMIT
+    assert checked.targets["ncnn"].precision == "int8"
 
 
 def test_chained_pairs_and_shared_zero_points_are_rewritten() -> None:

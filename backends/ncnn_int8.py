@@ -1,0 +1,378 @@
+"""ncnn int8 layers holding a quantized source's own ints and scales (issue 20).
+
+pnnx writes the float .param/.bin of the dequantized graph (``backends.lowering.dequantize``);
+this rewrites the weight layers whose float weights are exactly a source int8 weight (matched
+by value against the weights' record, never by name) into ncnn's int8 form, as ncnn's own
+``ncnn2int8`` tool writes it (src/modelbin.cpp, src/layer/{gemm,innerproduct,embed}.cpp):
+
+- the weight blob: tag 0x000D4B38, then the int8 values (padded to 4 bytes);
+- ncnn's scales are ONNX's reciprocals (``q = x * scale``), symmetric (zero point 0);
+- ``Gemm`` with a constant B (pnnx's Linear on a [seq, hidden] blob): ``18=2``, one scale for
+  B (per-tensor weights only); ncnn quantizes the A input per row at run time (absmax), so no
+  activation scale is needed, for a dynamic source as for a QDQ one;
+- ``InnerProduct``: ``8=2``, a scale per output channel (per-tensor or per-output-channel
+  weights), then the input (bottom blob) scale: the source's activation QuantizeLinear scale
+  (QDQ). ncnn's int8 is symmetric: an asymmetric source activation (a non-zero zero point)
+  gets the symmetric scale covering the source's whole representable range,
+  ``127 / max(|(qmin - zp) s|, |(qmax - zp) s|)`` (a step at most 2x the source's; the run's
+  int8-source profile judges it). A dynamic source has no activation scale: the layer stays
+  fp32 with its weights dequantized, named in the steps;
+- ``Embed``: ``18=2``, one scale (per-tensor); weights whose ints minus zero point fit int8.
+
+A weight whose ints, minus their zero point, do not fit int8, or whose scales ncnn's layer
+cannot hold (per-channel on a Gemm), stays fp32, named in the steps. The .bin is walked layer
+by layer (``LAYOUT``: the blobs each layer type loads); a layer type of unknown layout leaves
+the model fp32, said so.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+INT8_TAG = struct.pack("<I", 0x000D4B38)
+FLOAT_FLAG = b"\0\0\0\0"
+QUANTIZE_TERM = "2"  # what ncnn2int8 writes into int8_scale_term / quantize_term
+# (type, name, bottoms, tops, params) per .param layer line, as backends.ncnn reads them
+Layer = tuple[str, str, list[str], list[str], list[str]]
+# layer types that load nothing from the .bin
+WEIGHTLESS = frozenset({
+    "Input", "Split", "Concat", "Slice", "BinaryOp", "UnaryOp", "Reshape", "Permute", "Flatten",
+    "Crop", "Softmax", "GELU", "TanH", "Sigmoid", "ReLU", "Swish", "Erf", "MatMul", "Squeeze",
+    "ExpandDims", "Eltwise", "Noop", "Clip", "Reduction", "Dropout", "Interp", "Pooling",
+    "Padding", "Tile", "Cast", "Mish", "HardSigmoid", "HardSwish", "ELU", "Exp", "Log",
+    "Power", "SDPA", "Shrink", "Gather", "CumulativeSum", "CopyTo", "Fold", "Unfold",
+    "PixelShuffle", "Reorg", "ShuffleChannel", "Dequantize", "Quantize", "Requantize", "Threshold",
+    "AbsVal", "BNLL", "Bias", "Spectrogram"})
+GEMM_C = {0: lambda m, n: 1, 1: lambda m, n: m, 2: lambda m, n: m, 3: lambda m, n: m * n,
+          4: lambda m, n: n}
+
+
+@dataclass
+class Blob:
+    role: str      # "weight", "bias", "C", "A", "gamma", "beta", "data"
+    count: int     # float32 values
+    flagged: bool  # ModelBin type 0: a 4-byte flag first
+    offset: int = 0
+
+    @property
+    def size(self) -> int:
+        return 4 * self.count + (4 if self.flagged else 0)
+
+
+@dataclass
+class Result:
+    int8: list[str] = field(default_factory=list)        # "name (Type)" made int8
+    kept_float: list[str] = field(default_factory=list)  # "name (Type): why"
+    steps: list[str] = field(default_factory=list)
+
+
+def params(raw: list[str]) -> dict[str, str]:
+    return dict(p.split("=", 1) for p in raw if "=" in p)
+
+
+def _i(p: dict[str, str], key: str, default: int = 0) -> int:
+    return int(float(p.get(key, default)))
+
+
+def blobs(kind: str, p: dict[str, str]) -> list[Blob] | None:
+    """The blobs a layer of this type loads from the .bin, in order (float32 .bin as pnnx
+    writes it); None for a layer type whose layout is not known here."""
+    if kind in WEIGHTLESS:
+        return []
+    if kind == "InnerProduct":
+        return [Blob("weight", _i(p, "2"), True)] + \
+            ([Blob("bias", _i(p, "0"), False)] if _i(p, "1") else [])
+    if kind == "Embed":
+        return [Blob("weight", _i(p, "3"), True)] + \
+            ([Blob("bias", _i(p, "0"), False)] if _i(p, "2") else [])
+    if kind == "Gemm":
+        m, n, k = _i(p, "7"), _i(p, "8"), _i(p, "9")
+        out = [Blob("A", m * k, True)] if _i(p, "4") else []
+        out += [Blob("weight", n * k, True)] if _i(p, "5") else []
+        bct = _i(p, "10")
+        if _i(p, "6") and bct != -1:
+            out.append(Blob("C", GEMM_C[bct](m, n), True))
+        return out
+    if kind == "MemoryData":
+        dims = [_i(p, key) for key in ("0", "1", "11", "2") if _i(p, key)]
+        return [Blob("data", int(np.prod(dims)) if dims else 1, _i(p, "21", 1) == 0)]
+    if kind == "LayerNorm":
+        return [Blob("gamma", _i(p, "0"), False), Blob("beta", _i(p, "0"), False)] \
+            if _i(p, "2", 1) else []
+    return None
+
+
+def layout(layers: list[Layer], bin_size: int) -> list[list[Blob]] | str:
+    """Each layer's blobs with their offsets, or why the .bin cannot be walked."""
+    out, offset = [], 0
+    for kind, name, _, _, raw in layers:
+        found = blobs(kind, params(raw))
+        if found is None:
+            return f"layer type {kind} ({name}): its .bin layout is not known to mtconvert"
+        for b in found:
+            b.offset, offset = offset, offset + b.size
+        out.append(found)
+    if offset != bin_size:
+        return f"the .bin holds {bin_size} bytes, the layers' layout {offset}"
+    return out
+
+
+def _floats(data: bytes, blob: Blob) -> np.ndarray | None:
+    start = blob.offset + (4 if blob.flagged else 0)
+    if blob.flagged and data[blob.offset:start] != FLOAT_FLAG:
+        return None  # not plain fp32 (fp16 or already int8)
+    return np.frombuffer(data, np.float32, blob.count, start)
+
+
+def _match(w: np.ndarray, shape: tuple[int, int], records: list[dict[str, Any]]
+           ) -> tuple[dict[str, Any], bool] | None:
+    """The record whose float values are ``w`` (viewed as ``shape``), and whether the layer
+    holds them transposed."""
+    from mtconvert.backends.lowering.dequantize import values
+
+    w2 = w.reshape(shape)
+    for r in records:
+        v = values(r)
+        if v.ndim != 2:
+            continue
+        if v.T.shape == shape and np.array_equal(v.T, w2):
+            return r, True
+        if v.shape == shape and np.array_equal(v, w2):
+            return r, False
+    return None
+
+
+def _symmetric(r: dict[str, Any], transposed: bool) -> np.ndarray | None:
+    """The record's ints minus their zero point, in the layer's layout, if they fit int8."""
+    ints = np.asarray(r["ints"], np.int64).reshape(r["shape"])
+    if r["zero_point"]:
+        zero = np.asarray(r["zero_point"], np.int64)
+        if zero.size > 1:
+            shape = [1] * ints.ndim
+            shape[r["axis"] % ints.ndim] = zero.size
+            zero = zero.reshape(shape)
+        ints = ints - zero
+    if ints.min() < -128 or ints.max() > 127:
+        return None
+    return (ints.T if transposed else ints).astype(np.int8)
+
+
+def _output_scales(r: dict[str, Any], transposed: bool, n_out: int) -> np.ndarray | None:
+    """ONNX weight scales per output channel of an [n_out, k] layer weight, or None."""
+    scale = np.asarray(r["scale"], np.float32)
+    if scale.size == 1:
+        return np.full(n_out, scale[0], np.float32)
+    out_axis = 1 if transposed else 0  # the record's axis that is the layer's output
+    if scale.size == n_out and r["axis"] is not None and r["axis"] % 2 == out_axis:
+        return scale
+    return None
+
+
+def input_scale(q: dict[str, Any]) -> float:
+    """ncnn's symmetric bottom-blob scale for a source activation quantization
+    ({scale, zero_point, dtype}): exact when the zero point is 0 (int8), else the symmetric
+    range that covers the source's whole representable range."""
+    lo, hi = (0, 255) if q["dtype"] == "uint8" else (-128, 127)
+    if q["zero_point"] == 0 and q["dtype"] == "int8":
+        return 1.0 / q["scale"]
+    reach = max(abs(lo - q["zero_point"]), abs(hi - q["zero_point"])) * q["scale"]
+    return 127.0 / reach
+
+
+def _pack(ints: np.ndarray) -> bytes:
+    raw = ints.astype(np.int8).tobytes()
+    return INT8_TAG + raw + b"\0" * (-len(raw) % 4)
+
+
+@dataclass
+class Plan:
+    weight: bytes                     # the int8 weight blob
+    tail: bytes                       # the scales, after the layer's other blobs
+    changes: dict[str, str]           # .param keys set
+    bias_add: np.ndarray | None = None  # added to the layer's bias (created if absent)
+    record: dict[str, Any] = field(default_factory=dict)
+    kind: str | None = None           # the layer becomes this type (Gemm -> InnerProduct)
+    params: list[str] | None = None   # with these parameters
+
+
+def _plan(kind: str, p: dict[str, str], w: np.ndarray,
+          by_size: dict[int, list[dict[str, Any]]]) -> Plan | str:
+    """How one weight layer becomes int8, or why it stays fp32."""
+    if kind == "Gemm":
+        n, k = _i(p, "8"), _i(p, "9")
+        shape = (n, k) if _i(p, "3") else (k, n)
+        n_out = n
+    elif kind == "InnerProduct":
+        n_out = _i(p, "0")
+        shape = (n_out, w.size // max(n_out, 1))
+    else:  # Embed
+        n_out = _i(p, "0")
+        shape = (_i(p, "1"), n_out)
+    hit = _match(w, shape, by_size.get(w.size, []))
+    if hit is None:
+        return "its float weights are no source int8 weight"
+    r, transposed = hit
+    ints = _symmetric(r, transposed)
+    if ints is None and kind == "Embed" and r["dtype"] == "uint8" and len(r["zero_point"]) == 1:
+        return _shifted_table(r, n_out)
+    if ints is None:
+        return "the source's ints minus their zero point do not fit int8"
+    scale = np.asarray(r["scale"], np.float32)
+    per_channel = not np.all(scale == scale.flat[0])
+    if kind == "InnerProduct" or kind == "Gemm" and per_channel:
+        return _inner_product(kind, p, r, ints, transposed, n_out)
+    return Plan(_pack(ints), np.float32(1.0 / scale.flat[0]).tobytes(), {"18": QUANTIZE_TERM},
+                record=r)
+
+
+def _inner_product(kind: str, p: dict[str, str], r: dict[str, Any], ints: np.ndarray,
+                   transposed: bool, n_out: int) -> Plan | str:
+    """An InnerProduct's int8 form: a scale per output channel and the input's scale. A Gemm
+    with per-channel weights (Gemm holds one weight scale) becomes the InnerProduct it
+    computes when it is a plain ``A Bᵀ + bias`` on its one input."""
+    scales = _output_scales(r, transposed, n_out)
+    if scales is None:
+        return "per-channel scales along its input axis"
+    if not r.get("input"):
+        return "no activation scale in the source (dynamic quantization) for its input"
+    tail = (1.0 / scales).astype(np.float32).tobytes() + \
+        np.float32(input_scale(r["input"])).tobytes()
+    if kind == "InnerProduct":
+        return Plan(_pack(ints), tail, {"8": QUANTIZE_TERM}, record=r)
+    plain = {"0": 1.0, "1": 1.0, "2": 0, "3": 1, "4": 0, "5": 1, "11": 0, "12": 0, "13": 0,
+             "14": 0}  # alpha, beta, transA, transB, constantA/B, output options
+    bct = _i(p, "10") if _i(p, "6") else -1
+    if any(float(p.get(k, 1.0 if k in ("0", "1") else 0)) != v for k, v in plain.items()) or \
+            bct not in (-1, 4):
+        return "per-channel scales (Gemm holds one weight scale; not a plain A Bᵀ + bias)"
+    k = _i(p, "9")
+    return Plan(_pack(ints), tail, {}, record=r, kind="InnerProduct",
+                params=[f"0={n_out}", f"1={int(bct == 4)}", f"2={n_out * k}",
+                        f"8={QUANTIZE_TERM}"])
+
+
+def _shifted_table(r: dict[str, Any], n_out: int) -> Plan:
+    """A uint8 table with a zero point (ORT's quantize_dynamic embeddings): ncnn's int8 Embed
+    is symmetric, so it stores the source's ints minus 128 (the same ints, as int8) and adds
+    (128 - zero point) * scale through the layer's bias: (u - 128) s + (128 - zp) s."""
+    ints = (np.asarray(r["ints"], np.int64).reshape(r["shape"]) - 128).astype(np.int8)
+    scale = np.float32(r["scale"][0])
+    shift = np.full(n_out, np.float32(128 - r["zero_point"][0]) * scale, np.float32)
+    return Plan(_pack(ints), np.float32(1.0 / scale).tobytes(), {"2": "1", "18": QUANTIZE_TERM},
+                bias_add=shift, record=r)
+
+
+def rewrite(param: Path, binf: Path, layers: list[Layer],
+            records: dict[str, dict[str, Any]]) -> Result:
+    """Rewrite ``param``/``binf`` in place; the result names what became int8 and what stayed
+    fp32 and why. Nothing is written when no layer becomes int8."""
+    res = Result()
+    data = binf.read_bytes()
+    walked = layout(layers, len(data))
+    if isinstance(walked, str):
+        res.steps.append(f"int8: {walked}: the model stays fp32")
+        return res
+    by_size: dict[int, list[dict[str, Any]]] = {}
+    for r in records.values():
+        by_size.setdefault(int(np.prod(r["shape"])), []).append(r)
+    out, lines = bytearray(), param.read_text().splitlines()
+    used: list[int] = []
+    asymmetric = 0
+    for i, ((kind, name, bottoms, tops, raw), found) in enumerate(zip(layers, walked)):
+        plan = _layer_plan(kind, params(raw), found, data, by_size)
+        if isinstance(plan, str):
+            if plan:
+                res.kept_float.append(f"{name} ({kind}): {plan}")
+            out += b"".join(data[b.offset:b.offset + b.size] for b in found)
+            continue
+        for b in found:
+            if b.role == "weight":
+                out += plan.weight
+            elif b.role == "bias" and plan.bias_add is not None:
+                out += (_floats(data, b) + plan.bias_add).astype(np.float32).tobytes()
+            elif b.role == "C" and plan.kind == "InnerProduct":  # its bias, without the flag
+                out += _floats(data, b).tobytes()
+            else:
+                out += data[b.offset:b.offset + b.size]
+        if plan.bias_add is not None and not any(b.role == "bias" for b in found):
+            out += plan.bias_add.tobytes()
+        out += plan.tail
+        lines[2 + i] = " ".join([plan.kind or kind, name, str(len(bottoms)), str(len(tops)),
+                                 *bottoms, *tops, *(plan.params or _set(raw, plan.changes))])
+        res.int8.append(f"{name} ({kind}" + (f" -> {plan.kind})" if plan.kind else ")"))
+        q = plan.record.get("input") if (plan.kind or kind) == "InnerProduct" else None
+        asymmetric += bool(q and (q["zero_point"] or q["dtype"] != "int8"))
+        used.append(id(plan.record))
+    folded = len(records) - len(set(used)) - sum(
+        1 for k in res.kept_float if "no source int8 weight" not in k)
+    if folded > 0:
+        res.kept_float.append(f"{folded} source int8 weight(s) are no ncnn layer's weight (the "
+                              "converter folded them into float constants, e.g. MemoryData)")
+    if asymmetric:
+        res.steps.append(f"int8: {asymmetric} InnerProduct input(s) quantized asymmetrically in "
+                         "the source (zero point != 0): ncnn's symmetric scale covers the source's "
+                         "whole range (a step up to 2x the source's)")
+    if res.int8:
+        binf.write_bytes(bytes(out))
+        param.write_text("\n".join(lines) + "\n")
+    return res
+
+
+def _layer_plan(kind: str, p: dict[str, str], found: list[Blob], data: bytes,
+                by_size: dict[int, list[dict[str, Any]]]) -> Plan | str:
+    """"" for a layer with no weight to quantize."""
+    weight = next((b for b in found if b.role == "weight"), None)
+    if kind not in ("Gemm", "InnerProduct", "Embed") or weight is None or \
+            (kind == "Gemm" and _i(p, "4")):
+        return ""
+    w = _floats(data, weight)
+    if w is None:
+        return "its weights are not stored as fp32"
+    return _plan(kind, p, w, by_size)
+
+
+def _set(raw: list[str], changes: dict[str, str]) -> list[str]:
+    kept = [x for x in raw if x.split("=", 1)[0] not in changes]
+    return kept + [f"{k}={v}" for k, v in changes.items()]
+
+
+def is_int8(kind: str, raw: list[str]) -> bool:
+    """Does this .param layer hold int8 weights (ncnn2int8's and this module's form)?"""
+    p = params(raw)
+    return kind in ("Gemm", "Embed") and p.get("18") == QUANTIZE_TERM or \
+        kind == "InnerProduct" and p.get("8") == QUANTIZE_TERM
+
+
+def int8_tensors(param: Path, layers: list[Layer]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The int8 weights of an ncnn model read back from its .bin: (ints in the layer's layout,
+    ONNX-convention scales: the reciprocals of ncnn's), for ``compressed.kept``."""
+    data = param.with_suffix(".bin").read_bytes()
+    out = []
+    offset = 0
+    for kind, _, _, _, raw in layers:
+        p = params(raw)
+        found = blobs(kind, p)
+        if found is None:
+            raise ValueError(f"layer type {kind}: .bin layout unknown")
+        quantized = is_int8(kind, raw)
+        for b in found:
+            b.offset = offset
+            if quantized and b.role == "weight":
+                ints = np.frombuffer(data, np.int8, b.count, offset + 4).copy()
+                offset += 4 + b.count + (-b.count % 4)
+            else:
+                offset += b.size
+        if quantized:
+            n = _i(p, "0") if kind == "InnerProduct" else 1
+            scales = np.frombuffer(data, np.float32, n, offset)
+            offset += 4 * n + (4 if kind == "InnerProduct" else 0)
+            n_out = _i(p, "0") if kind != "Gemm" else _i(p, "8")
+            shape = (n_out, -1) if kind != "Embed" else (_i(p, "1"), n_out)
+            if kind == "Gemm" and not _i(p, "3"):
+                shape = (-1, n_out)
+            out.append((ints.reshape(shape), (1.0 / scales).astype(np.float32)))
+    return out

@@ -1,0 +1,211 @@
+"""ncnn int8 layers holding a quantized source's own ints and scales (backends/ncnn_int8.py),
+with the real pnnx and ncnn: a hand-made InnerProduct run by ncnn's int8 kernel, the QDQ
+fixture (per-tensor, asymmetric activations), a per-channel QDQ source (Gemm -> InnerProduct)
+and the dynamic fixture (no activation scales)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtconvert import quantized
+from mtconvert.backends import ncnn_int8
+from mtconvert.backends.lowering.dequantize import record, values
+from mtconvert.backends.ncnn import NcnnBackend, param_layer_types, param_layers
+from tests.models import quick_convert
+
+pytestmark = pytest.mark.skipif(not NcnnBackend.availability().can_convert,
+                                reason="pnnx/ncnn not installed")
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+SHAPES = {"input_ids": "1x16"}
+K, N, ROWS = 8, 3, 4
+
+
+def _tiny_fc(tmp_path: Path, rec: dict, bias: np.ndarray) -> tuple[Path, Path]:
+    """A float .param/.bin: one InnerProduct [ROWS, K] -> [ROWS, N] whose weight is the
+    record's dequantized values (ncnn holds it [N, K]), as pnnx writes it."""
+    param, binf = tmp_path / "fc.param", tmp_path / "fc.bin"
+    param.write_text(f"7767517\n2 2\nInput in0 0 1 in0 0={K} 1={ROWS}\n"
+                     f"InnerProduct fc 1 1 in0 out0 0={N} 1=1 2={N * K}\n")
+    binf.write_bytes(b"\0\0\0\0" + values(rec).T.astype(np.float32).tobytes()
+                     + bias.astype(np.float32).tobytes())
+    return param, binf
+
+
+def _run(param: Path, x: np.ndarray) -> np.ndarray:
+    import ncnn
+
+    net = ncnn.Net()
+    net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False
+    net.opt.use_fp16_packed = net.opt.use_bf16_storage = False
+    net.opt.use_int8_inference = True
+    assert net.load_param(str(param)) == 0 and net.load_model(str(param.with_suffix(".bin"))) == 0
+    ex = net.create_extractor()
+    ex.input("in0", ncnn.Mat(np.ascontiguousarray(x, np.float32)).clone())
+    ret, out = ex.extract("out0")
+    assert ret == 0
+    return np.array(out.numpy()).copy()
+
+
+@pytest.fixture(scope="module")
+def fc_case():
+    rng = np.random.default_rng(0)
+    ints = rng.integers(-127, 128, (K, N)).astype(np.int8)  # ONNX MatMul layout [K, N]
+    rec = record(ints, np.float32(0.02), np.zeros((), np.int8), None)
+    rec["input"] = {"scale": 0.05, "zero_point": 0, "dtype": "int8"}
+    return rec, rng.normal(0, 0.1, N).astype(np.float32), rng.uniform(-3, 3, (ROWS, K))
+
+
+def test_an_inner_product_runs_ncnns_int8_kernel_with_the_sources_ints(fc_case, tmp_path):
+    rec, bias, x = fc_case
+    param, binf = _tiny_fc(tmp_path, rec, bias)
+    float_out = _run(param, x)
+    res = ncnn_int8.rewrite(param, binf, param_layers(param), {"w": rec})
+    assert res.int8 == ["fc (InnerProduct)"] and not res.kept_float
+    # the .bin read back: the int8 tag, the source's ints (as [N, K]) and ONNX's scale
+    (ints, scales), = ncnn_int8.int8_tensors(param, param_layers(param))
+    assert np.array_equal(ints, np.asarray(rec["ints"]).reshape(K, N).T)
+    assert np.allclose(scales, 0.02, rtol=1e-6, atol=0)
+    # what ncnn's int8 kernel computes: x quantized with the source's scale (ncnn's
+    # round-half-away, clamp to +-127), an integer product, one descale, the bias
+    xq = np.clip(np.trunc(x / 0.05 + np.copysign(0.5, x)), -127, 127)
+    want = (xq @ np.asarray(rec["ints"]).reshape(K, N)) * np.float32(0.05 * 0.02) + bias
+    got = _run(param, x)
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, float_out, rtol=0, atol=1e-4)  # not the float product
+
+
+def test_without_an_activation_scale_the_layer_stays_fp32_and_says_why(fc_case, tmp_path):
+    rec, bias, _ = fc_case
+    dynamic = {k: v for k, v in rec.items() if k != "input"}
+    param, binf = _tiny_fc(tmp_path, dynamic, bias)
+    before = binf.read_bytes()
+    res = ncnn_int8.rewrite(param, binf, param_layers(param), {"w": dynamic})
+    assert not res.int8 and binf.read_bytes() == before
+    assert res.kept_float == ["fc (InnerProduct): no activation scale in the source (dynamic "
+                              "quantization) for its input"]
+
+
+def test_a_layer_of_unknown_layout_leaves_the_model_fp32(fc_case, tmp_path):
+    rec, bias, _ = fc_case
+    param, binf = _tiny_fc(tmp_path, rec, bias)
+    param.write_text(param.read_text().replace("InnerProduct fc", "Convolution3D fc"))
+    res = ncnn_int8.rewrite(param, binf, param_layers(param), {"w": rec})
+    assert not res.int8
+    assert res.steps == ["int8: layer type Convolution3D (fc): its .bin layout is not known to "
+                         "mtconvert: the model stays fp32"]
+
+
+def test_asymmetric_activations_get_the_symmetric_cover_of_their_range():
+    assert ncnn_int8.input_scale({"scale": 0.05, "zero_point": 0, "dtype": "int8"}) == 20.0
+    # int8, zero point -121: the source reaches (-128+121)*s .. (127+121)*s
+    scale = ncnn_int8.input_scale({"scale": 0.01, "zero_point": -121, "dtype": "int8"})
+    assert scale == pytest.approx(127 / (248 * 0.01))
+    # uint8 without a zero point (ONNX's default): 0 .. 255*s
+    assert ncnn_int8.input_scale({"scale": 0.01, "zero_point": 0, "dtype": "uint8"}) == \
+        pytest.approx(127 / 2.55)
+
+
+@pytest.fixture(scope="module")
+def qdq(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("qdq")
+    return quick_convert("ncnn", FIXTURES / "bert_int8_qdq.onnx", out,
+                         input_shapes=SHAPES).targets["ncnn"]
+
+
+def _records(t) -> dict:
+    """The weights' record the conversion wrote (under the run's work folder, gone after the
+    run): rebuilt from the source, as the conversion made it."""
+    import onnx
+
+    from mtconvert.backends.lowering.dequantize import dequantize
+
+    return dequantize(onnx.load(str(FIXTURES / f"{t}.onnx"))).weights
+
+
+@pytest.mark.slow
+def test_qdq_fixture_becomes_int8_layers_holding_the_sources_ints(qdq):
+    assert qdq.status == "passed", qdq.reason
+    assert qdq.precision == "int8" and qdq.numerics.runtime.startswith("ncnn (int8")
+    from mtconvert.validators.tolerances import PROFILES
+
+    assert qdq.numerics.outputs["logits"]["tolerance"]["min_cosine"] == \
+        PROFILES[quantized.PROFILE].min_cosine  # judged by the int8-source profile
+    assert qdq.numerics.vs_fp32  # and its change against the float layers (the fp32 twin)
+    c = qdq.compressed
+    assert c["fallback"] is None and c["size_ratio"] <= quantized.RATIO_LIMIT
+    param = Path(next(a.path for a in qdq.artifacts if a.role == "artifact"))
+    tensors = ncnn_int8.int8_tensors(param, param_layers(param))
+    recs = [np.asarray(r["ints"]).reshape(r["shape"]) for r in _records("bert_int8_qdq").values()]
+    # every int8 layer's ints are a source weight's, exactly (ncnn holds [out, in])
+    assert len(tensors) == len(recs) == c["kept"]["same_ints_and_scales"]
+    for ints, _ in tensors:
+        assert any(np.array_equal(ints, r.T) or np.array_equal(ints, r) for r in recs)
+    types = param_layer_types(param)
+    assert types.count("Gemm") + types.count("InnerProduct") == len(tensors)
+
+
+@pytest.mark.slow
+def test_qdq_steps_name_int8_and_float_layers(qdq):
+    steps = "\n".join(qdq.conversion.steps)
+    assert "int8: 14 layer(s) hold the source's int8 weights" in steps
+    assert "(Embed): its float weights are no source int8 weight" in steps  # float in source
+    assert "quantized asymmetrically in the source" in steps  # the pooler's, classifier's input
+
+
+@pytest.fixture(scope="module")
+def per_channel(tmp_path_factory: pytest.TempPathFactory):
+    """bert_encoder through ORT's quantize_static, QDQ, per-channel weights (int8, asymmetric
+    activations), as benchmarks/bench_compressed.py quantizes."""
+    import sys
+
+    import onnx
+
+    from mtconvert.backends.lowering import check
+
+    sys.path.insert(0, str(FIXTURES.parent / "benchmarks"))
+    from bench_compressed import _quantize
+
+    out = tmp_path_factory.mktemp("per_channel")
+    src = FIXTURES / "bert_encoder.onnx"
+    model = onnx.load(str(src))
+    feeds = check.make_feeds(model, {"input_ids": [2, 16], "attention_mask": [2, 16]},
+                             check.embedding_sizes(model))
+    _quantize(src, out / "bert_qdq_pc.onnx", "qdq-per-channel", feeds)
+    return quick_convert("ncnn", out / "bert_qdq_pc.onnx", out / "ncnn",
+                         input_shapes=SHAPES).targets["ncnn"]
+
+
+@pytest.mark.slow
+def test_per_channel_weights_turn_gemm_into_int8_inner_products(per_channel):
+    t = per_channel
+    assert t.status == "passed", t.reason
+    assert t.precision == "int8" and t.compressed["fallback"] is None
+    assert t.compressed["size_ratio"] <= quantized.RATIO_LIMIT
+    kept = t.compressed["kept"]
+    assert kept["int8_tensors"] == kept["same_ints_and_scales"] == 14
+    param = Path(next(a.path for a in t.artifacts if a.role == "artifact"))
+    assert "Gemm" not in param_layer_types(param)
+    assert "(Gemm -> InnerProduct)" in "\n".join(t.conversion.steps)
+
+
+@pytest.mark.slow
+@pytest.mark.sweep  # test_compressed converts this fixture in make test; this names its layers
+def test_dynamic_fixture_int8_where_ncnn_needs_no_activation_scale(tmp_path):
+    t = quick_convert("ncnn", FIXTURES / "bert_int8_dynamic.onnx", tmp_path,
+                      input_shapes=SHAPES).targets["ncnn"]
+    assert t.status == "passed", t.reason
+    assert t.precision == "int8" and t.compressed["size_ratio"] <= quantized.RATIO_LIMIT
+    steps = "\n".join(t.conversion.steps)
+    assert "embed_17 (Embed)" in steps.split("stayed fp32")[0]  # uint8 table, shifted
+    assert steps.count("no activation scale in the source (dynamic quantization)") == 2  # IPs
+    kept = t.compressed["kept"]
+    assert kept["int8_tensors"] == kept["same_ints_and_scales"] > 0
+
+
+def test_a_float_source_at_int8_is_skipped_with_the_reason(tmp_path):
+    from tests.models import tiny_encoder
+
+    src = tiny_encoder(tmp_path / "tiny.onnx")
+    t = quick_convert("ncnn", src, tmp_path / "out", precision="int8").targets["ncnn"]
+    assert t.status == "skipped" and "int8" in t.reason and "\n" not in t.reason
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.param"))
