@@ -27,6 +27,7 @@ class OnnxMobileBackend(Backend):
     extra = "all"
     description = "ONNX Runtime Mobile (.ort)"
     precisions = ("fp32", "int8")
+    keep_float_layers = True  # quantize_dynamic's nodes_to_exclude
     convert_requires = {"onnx": "onnx", "onnxsim": "onnxsim", "onnxruntime": "onnxruntime"}
     run_requires = {"onnxruntime": "onnxruntime"}
     sidecar_suffixes = (".config",)  # the operator list for a reduced ORT build
@@ -86,9 +87,11 @@ class OnnxMobileBackend(Backend):
             steps.append(f"int8: source is already quantized ({', '.join(info['quantized_ops'])});"
                          " not quantized again")
             return dst, steps
-        q = run_onnx_tool("quantize-dynamic", simplified, dst, step="quantize", **kw)
+        q = run_onnx_tool("quantize-dynamic", simplified, dst, list(opts.keep_float),
+                          step="quantize", **kw)
         steps.append("int8: onnxruntime.quantization.quantize_dynamic (weights QInt8, "
                      f"activations quantized at run time) [{q['seconds']:.1f} s]")
+        steps += kept_float_steps(q["kept"], q["missing"])
         return dst, steps
 
     def lint(self, artifact: Artifact) -> list[Finding]:
@@ -109,6 +112,15 @@ class OnnxMobileBackend(Backend):
         name, ins, outs = artifact.primary.name, sn.ports(inputs), sn.ports(outputs)
         return {"kotlin": sn.kotlin_onnxruntime(name, ins, outs),
                 "python": sn.python_onnxruntime(name, ins, outs)}
+
+
+def kept_float_steps(kept: list[str], missing: list[str]) -> list[str]:
+    """One step per node kept in float (TargetOptions.keep_float), and the names not found."""
+    steps = [f"int8 float fallback: {n} kept in float" for n in kept]
+    if missing:
+        steps.append(f"int8 float fallback: not in the converted graph, not kept: "
+                     f"{', '.join(missing)}")
+    return steps
 
 
 def ep_partitioning(onnx_path: Path) -> list[Finding]:

@@ -60,11 +60,17 @@ def fix_shapes(src: str, dst: str, shapes: dict[str, list[int]]) -> dict:
                    "nodes_before": len(model.graph.node), "nodes_after": len(simplified.graph.node)}
 
 
-def quantize_dynamic(src: str, dst: str) -> dict:
+def quantize_dynamic(src: str, dst: str, keep_float: list[str] | None = None) -> dict:
+    """Weights QInt8; the nodes named in ``keep_float`` stay float (``nodes_to_exclude``).
+    Returns which of them the graph has (``kept``) and which it has not (``missing``)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic as qd
 
-    qd(src, dst, weight_type=QuantType.QInt8)
-    return {"weight_type": "QInt8"}
+    names = {n.name for n in onnx.load(src, load_external_data=False).graph.node}
+    kept = [n for n in keep_float or () if n in names]
+    qd(src, dst, weight_type=QuantType.QInt8, nodes_to_exclude=kept)
+    return {"weight_type": "QInt8", "kept": kept,
+            "missing": [n for n in keep_float or () if n not in names]}
 
 
 def _describe(model) -> dict:  # noqa: ANN001 - onnx.ModelProto

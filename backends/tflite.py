@@ -45,6 +45,7 @@ class TfliteBackend(Backend):
     addressable_intermediates = True
     sparse_weights = ("weights with >= 30 % exact zeros in TFLite's sparse tensor format (the "
                       "converter's EXPERIMENTAL_SPARSITY), densified once at load by DENSIFY ops")
+    keep_float_layers = True  # full-integer only: see keeps_float
     options = (
         Option("allow_flex", "bool", False, "tflite: accept Select-TF (Flex) ops instead of "
                "failing the target.", modes=("convert", "validate")),
@@ -97,6 +98,7 @@ class TfliteBackend(Backend):
         steps += [f"int8 full-integer: {op} kept in float (its int8 kernel failed on a "
                   "calibration sample)" for op in result.get("float_ops", [])]
         steps += sparse_steps(out) if opts.sparse else []
+        steps += kept_float_steps(result.get("kept_float") or {}, opts.keep_float)
         io_map, io_steps = map_io(out, [s.name for s in source.inputs],
                                   [s.name for s in source.outputs], info["output_shapes"])
         meta = io_map | {"allow_flex": bool(opts.extra.get("allow_flex")),
@@ -111,6 +113,12 @@ class TfliteBackend(Backend):
         return Artifact(target=self.name, primary=out, files=(out,), precision=opts.precision,
                         steps=tuple(steps + io_steps), tool_versions=deps.versions(TOOLS),
                         log_path=log, meta=meta, fp32_twin=twin)
+
+    def keeps_float(self, opts: TargetOptions) -> bool:
+        """Full-integer int8 only: TFLite's node denylist (QuantizationDebugger's
+        denylisted_nodes) applies to the calibrated model's quantizer; the Python API has no
+        node denylist for dynamic-range quantization."""
+        return super().keeps_float(opts) and opts.extra.get("int8_scheme") == "full"
 
     def routes(self, source: PreparedSource) -> list[str]:
         """onnx2tf as it is; then, when axis sizes could mislead onnx2tf's layout guessing (an
@@ -140,6 +148,7 @@ class TfliteBackend(Backend):
                 "route": opts.route or DEFAULT_ROUTE, "pseudo_map": PSEUDO_OPS,
                 "calibration": str(opts.calibration) if opts.calibration else None,
                 "input_order": [s.name for s in source.inputs], "sparse": opts.sparse,
+                "keep_float": list(opts.keep_float) if self.keeps_float(opts) else [],
                 # a quantized source: per-tensor weights stay per-tensor (the source's scales)
                 "per_tensor_weights": (opts.extra.get("source_quantization") or {}).get(
                     "granularity") == ["per-tensor"]}
@@ -198,6 +207,22 @@ class TfliteBackend(Backend):
         name = artifact.primary.name
         return {"kotlin": sn.kotlin_tflite(name, ins, outs),
                 "python": sn.python_tflite(name, ins, outs)}
+
+
+def kept_float_steps(kept: dict[str, Any], asked: tuple[str, ...]) -> list[str]:
+    """TargetOptions.keep_float: each source node kept in float with its TFLite tensor; the
+    ones not found, or not honoured (dynamic-range int8)."""
+    if asked and not kept:
+        return ["int8 float fallback: keep_float not honoured (only full-integer int8 has a "
+                f"node denylist); not kept: {', '.join(asked)}"]
+    still = set(kept.get("still_int8", ()))
+    steps = [f"int8 float fallback: {node} kept in float (tflite {', '.join(names)})"
+             + (" - but the quantizer left it int8" if still & set(names) else "")
+             for node, names in kept.get("kept", {}).items()]
+    if kept.get("missing"):
+        steps.append("int8 float fallback: no TFLite tensor matched, not kept: "
+                     + ", ".join(kept["missing"]))
+    return steps
 
 
 def sparse_steps(path: Path) -> list[str]:

@@ -62,8 +62,9 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("fp32_twin"):  # the same Keras model at fp32: the yardstick for the precision loss
         Path(job["fp32_twin"]).write_bytes(make_converter(job | {"precision": "fp32"}).convert())
 
+    kept: dict[str, Any] = {}
     if job["precision"] == "int8" and job.get("int8_scheme") == "full":
-        blob, float_ops = _full_integer(make_converter, tf, job, dtypes)
+        blob, float_ops, kept = _full_integer(make_converter, tf, job, dtypes)
     else:
         blob, float_ops = make_converter().convert(), []
     Path(job["out"]).write_bytes(blob)
@@ -71,29 +72,145 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
             "prepare_s": round(t_pre - t0, 2), "prepare_steps": prepared["steps"],
             "pseudo_ops": pseudo,
             "tflite_converter_s": round(time.perf_counter() - t1, 2), "bytes": len(blob),
-            "float_ops": float_ops}
+            "float_ops": float_ops, "kept_float": kept}
 
 
 MAX_FLOAT_OPS = 4
 
 
-def _full_integer(make_converter: Any, tf: Any, job: dict[str, Any],
-                  dtypes: list[Any]) -> tuple[bytes, list[str]]:
+def _full_integer(make_converter: Any, tf: Any, job: dict[str, Any], dtypes: list[Any]
+                  ) -> tuple[bytes, list[str], dict[str, Any]]:
     """Full-integer conversion, smoke-run on one calibration sample. When an op's int8 kernel
     fails (e.g. DIV whose divisor quantizes to its zero point), convert again with that op type
-    kept in float (TFLite's QuantizationDebugger denylist), up to MAX_FLOAT_OPS op types."""
+    kept in float (TFLite's QuantizationDebugger denylist), up to MAX_FLOAT_OPS op types.
+    The source nodes in ``job["keep_float"]`` stay float (the debugger's node denylist, by
+    their TFLite tensors: ``_float_tensors``); returns what was kept (``kept_float``)."""
     denied: list[str] = []
-    blob = make_converter().convert()
+    kept = _float_tensors(make_converter, job, dtypes) if job.get("keep_float") else {}
+    nodes = sorted({n for names in kept.get("kept", {}).values() for n in names})
+    blob = _quantized(tf, make_converter, job, dtypes, denied, nodes) if nodes \
+        else make_converter().convert()
     while (failing := _failing_op(blob, job, dtypes)) is not None:
         if failing in denied or len(denied) >= MAX_FLOAT_OPS:
             raise RuntimeError(f"int8 kernel of {failing} fails even with {denied} in float")
         denied.append(failing)
-        debugger = tf.lite.experimental.QuantizationDebugger(
-            converter=make_converter(),
-            debug_dataset=_representative(job["calibration"], job["input_order"], dtypes),
-            debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=denied))
-        blob = debugger.get_nondebug_quantized_model()
-    return blob, denied
+        blob = _quantized(tf, make_converter, job, dtypes, denied, nodes)
+    if nodes:
+        kept["still_int8"] = _int8_outputs(blob, nodes)
+    return blob, denied, kept
+
+
+def _quantized(tf: Any, make_converter: Any, job: dict[str, Any], dtypes: list[Any],
+               ops: list[str], nodes: list[str]) -> bytes:
+    """Full-integer with op types (``ops``) and op output tensors (``nodes``) kept in float."""
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=make_converter(),
+        debug_dataset=_representative(job["calibration"], job["input_order"], dtypes),
+        debug_options=tf.lite.experimental.QuantizationDebugOptions(
+            denylisted_ops=ops or None, denylisted_nodes=nodes or None))
+    return debugger.get_nondebug_quantized_model()
+
+
+def _float_tensors(make_converter: Any, job: dict[str, Any], dtypes: list[Any]
+                   ) -> dict[str, Any]:
+    """The TFLite tensors of the ONNX nodes in ``job["keep_float"]``: onnx2tf names TF ops
+    ``tf.linalg.matmul_3``, not after the ONNX node, so each node's output (ONNX Runtime on the
+    fixed graph) is matched by value to the calibrated float model's tensors (LiteRT, builtin
+    kernels, first calibration sample): the first op whose output equals it (relative error
+    < MATCH_RTOL, any axis order). ``{"kept": {node: [tensor]}, "missing": [node]}``."""
+    converter = make_converter()
+    converter._experimental_calibrate_only = True  # float model + ranges: the quantizer's input
+    calibrated = converter.convert()
+    sample = next(_representative(job["calibration"], job["input_order"], dtypes)())
+    onnx_out = _onnx_outputs(job["onnx"], job["keep_float"], dict(zip(job["input_order"], sample)))
+    tensors = _tflite_tensors(calibrated, sample)
+    kept: dict[str, list[str]] = {}
+    for node, value in onnx_out.items():
+        name = _match(value, tensors)
+        if name is not None:
+            kept[node] = [name]
+    return {"kept": kept, "missing": [n for n in job["keep_float"] if n not in kept]}
+
+
+MATCH_RTOL = 1e-3
+
+
+def _onnx_outputs(path: str, nodes: list[str], feeds: dict[str, Any]) -> dict[str, Any]:
+    """Each named node's first output on ``feeds`` (ONNX Runtime, graph as written)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(path)
+    outs = {n.name: n.output[0] for n in model.graph.node if n.name in set(nodes)}
+    known = {o.name for o in model.graph.output}
+    for out in outs.values():
+        if out not in known:
+            model.graph.output.append(onnx.ValueInfoProto(name=out))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    types = {i.name: i.type for i in sess.get_inputs()}
+    fed = {k: v.astype("int64" if "int64" in types[k] else v.dtype) for k, v in feeds.items()
+           if k in types}
+    values = dict(zip(list(outs.values()), sess.run(list(outs.values()), fed), strict=True))
+    return {n: values[o] for n, o in outs.items()}
+
+
+def _tflite_tensors(blob: bytes, sample: list[Any]) -> list[tuple[str, Any]]:
+    """(name, value) of every float op output of a float .tflite, in op order."""
+    import warnings
+
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        interp = Interpreter(model_content=blob, experimental_preserve_all_tensors=True,
+                             experimental_op_resolver_type=(
+                                 OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+    interp.allocate_tensors()
+    for detail, value in zip(interp.get_input_details(), sample, strict=False):
+        interp.set_tensor(detail["index"], value.astype(detail["dtype"]))
+    interp.invoke()
+    names = {t["index"]: t["name"] for t in interp.get_tensor_details()}
+    found = []
+    for op in interp._get_ops_details():
+        for index in op["outputs"]:
+            value = interp.get_tensor(index) if index >= 0 else None
+            if value is not None and value.dtype.kind == "f":
+                found.append((names[index], value.copy()))
+    return found
+
+
+def _match(value: Any, tensors: list[tuple[str, Any]]) -> str | None:
+    """The first tensor holding ``value`` (same size, any axis order, relative error below
+    MATCH_RTOL), or None."""
+    import itertools
+
+    import numpy as np
+
+    ref = value.astype(np.float64)
+    norm = float(np.linalg.norm(ref)) or 1.0
+    for name, cand in tensors:
+        if cand.size != ref.size:
+            continue
+        c = cand.reshape([d for d in cand.shape if d != 1] or [1])
+        r = ref.reshape([d for d in ref.shape if d != 1] or [1])
+        views = [np.transpose(r, p) for p in itertools.permutations(range(r.ndim))
+                 if tuple(r.shape[i] for i in p) == c.shape] if r.ndim <= 5 else []
+        if any(float(np.linalg.norm(v - c)) / norm < MATCH_RTOL for v in views):
+            return name
+    return None
+
+
+def _int8_outputs(blob: bytes, names: list[str]) -> list[str]:
+    """Which of the tensors ``names`` the quantized model still computes in int8."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=blob)
+    wanted = set(names)
+    return sorted(t["name"] for t in interp.get_tensor_details()
+                  if t["name"] in wanted and t["dtype"].__name__ == "int8")
 
 
 def _failing_op(blob: bytes, job: dict[str, Any], dtypes: list[Any]) -> str | None:

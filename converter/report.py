@@ -130,6 +130,10 @@ class TargetReport:
     # a pruned source: {source_zero_share, artifact: {...}, artifact_zero_share, kept}
     # (see mtconvert.sparsity)
     sparsity: dict[str, Any] | None = None
+    # a failing int8 artifact converted again with layers kept in float (mtconvert.run.fallback):
+    # {applied, reason} when it could not run; else {applied, passed, kept: [node], weight_layers,
+    # rounds: [{kept, status, numerics_passed, worst}], first: the first artifact's worst}
+    float_fallback: dict[str, Any] | None = None
 
     def ratio_to_reference(self, ref_p50_ms: float | None) -> tuple[float, bool] | None:
         """(target p50 / reference p50, whether the machine was too noisy to tell): from the
@@ -174,7 +178,8 @@ class TargetReport:
                    latency_vs_reference=d.get("latency_vs_reference"),
                    baseline=d.get("baseline"), accuracy=d.get("accuracy"),
                    profile=d.get("profile"),
-                   generation=d.get("generation"), sparsity=d.get("sparsity"))
+                   generation=d.get("generation"), sparsity=d.get("sparsity"),
+                   float_fallback=d.get("float_fallback"))
 
 
 @dataclass(frozen=True)

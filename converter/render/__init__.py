@@ -183,6 +183,19 @@ def _storage(s: dict[str, Any]) -> str:
     return ""
 
 
+def float_fallback_line(f: dict[str, Any]) -> str:
+    """The int8 float fallback (TargetReport.float_fallback) in one line."""
+    if not f.get("applied"):
+        return f"int8 float fallback: not run ({f.get('reason')})"
+    kept, n = f.get("kept") or [], f.get("weight_layers")
+    last = (f.get("rounds") or [{}])[-1].get("worst") or {}
+    how = (f"cosine {last['cosine']:.6f}" if isinstance(last.get("cosine"), float) else
+           (f.get("rounds") or [{}])[-1].get("reason") or "")
+    verdict = "passes" if f.get("passed") else "still fails"
+    return (f"int8 with {len(kept)} of {n} weight layers kept in float {verdict} ({how}, "
+            f"{len(f.get('rounds') or ())} round(s)): {', '.join(kept) or 'none'}")
+
+
 def quant_error_lines(q: dict[str, Any]) -> list[str]:
     """A failing int8 artifact's worst layers (diagnostics.quantization_error), one line each."""
     if "unavailable" in q:

@@ -247,6 +247,10 @@ def _details(t: TargetReport, console: Console) -> None:
 
         for i, line in enumerate(quant_error_lines(t.diagnostics["quantization_error"])):
             console.print(("  " if i == 0 else "    ") + escape(line))
+    if t.float_fallback:
+        from mtconvert.render import float_fallback_line
+
+        console.print(f"  {escape(float_fallback_line(t.float_fallback))}")
     nonfinite = (t.diagnostics or {}).get("first_nonfinite_op")
     if nonfinite:
         console.print(f"  first op producing {'inf' if nonfinite['inf'] else 'NaN'}: "

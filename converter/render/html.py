@@ -153,6 +153,10 @@ def _target(i: int, t: TargetReport, report: Report, plots: _Plots) -> str:
         lines = quant_error_lines(t.diagnostics["quantization_error"])
         parts.append(f"<h3>Quantization error per layer</h3><p>{_e(lines[0])}</p><ul>"
                      + "".join(f"<li>{_e(x)}</li>" for x in lines[1:]) + "</ul>")
+    if t.float_fallback:
+        from mtconvert.render import float_fallback_line
+
+        parts.append(f"<p>{_e(float_fallback_line(t.float_fallback))}</p>")
     if t.conversion:
         parts.append(_conversion(t))
     if t.findings:

@@ -155,6 +155,10 @@ def _why(t: TargetReport) -> list[str]:
 
         lines = quant_error_lines(t.diagnostics["quantization_error"])
         items += [f"  - {_esc(lines[0])}", *(f"    - {_esc(x)}" for x in lines[1:])]
+    if t.float_fallback:
+        from mtconvert.render import float_fallback_line
+
+        items.append(f"  - {_esc(float_fallback_line(t.float_fallback))}")
     gen = t.generation or {}
     if gen.get("first_mismatch_step") is not None:
         k = gen["first_mismatch_step"]

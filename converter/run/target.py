@@ -15,6 +15,7 @@ from mtconvert.errors import (BackendUnavailableError, ConversionError, MtConver
 from mtconvert.options import ConvertOptions
 from mtconvert.registry import Registry
 from mtconvert.report import Conversion, TargetReport
+from mtconvert.run import fallback
 from mtconvert.run.check import check_artifact
 from mtconvert.run.context import RunContext
 from mtconvert.timing import Clock
@@ -59,10 +60,13 @@ def _backend(registry: Registry, name: str) -> Backend:
 
 
 def _convert(ctx: RunContext, backend: Backend, staging: Path, route: str = "",
-             plan: dict | None = None) -> tuple[Artifact, Conversion]:
+             plan: dict | None = None, keep_float: tuple[str, ...] = ()
+             ) -> tuple[Artifact, Conversion]:
     """A quantized source (``plan``) reaches the backend as the plan says (dequantized and
-    re-compressed, or as it is) and is judged by the int8-source profile."""
-    src, topts = quantized.lowered(ctx.src, backend.name, ctx.opts.target_options(route), plan)
+    re-compressed, or as it is) and is judged by the int8-source profile. ``keep_float``: the
+    float fallback's source nodes (mtconvert.run.fallback)."""
+    topts = replace(ctx.opts.target_options(route), keep_float=keep_float)
+    src, topts = quantized.lowered(ctx.src, backend.name, topts, plan)
     artifact, conversion = _convert_source(ctx, backend, staging, src, topts, route)
     if plan is None:
         return artifact, conversion
@@ -95,8 +99,32 @@ def _convert_and_validate(ctx: RunContext, backend: Backend, staging: Path,
         clock.lap("convert_s")
         artifact = stg.commit(artifact, staging, out_dir)
         report = check_artifact(ctx, backend, artifact, conversion, clock)
-        return _bundled(ctx, artifact, report, out_dir)
+        outcome = _float_fallback(ctx, backend, report, staging, routes[0], plan)
+        if outcome.chosen is not None:  # the fallback's artifact replaces the failing one
+            for p in (*artifact.files, artifact.log_path):
+                if p is not None and p.is_file():
+                    p.unlink()
+            new, _, area = outcome.chosen
+            new = stg.commit(new, area, out_dir)
+            report = replace(outcome.report, artifacts=stg.file_entries(new),
+                             log=str(new.log_path) if new.log_path else None)
+            return _bundled(ctx, new, report, out_dir)
+        return _bundled(ctx, artifact, outcome.report, out_dir)
     return _first_passing_route(ctx, backend, routes, staging, out_dir, plan)
+
+
+def _float_fallback(ctx: RunContext, backend: Backend, report: TargetReport, staging: Path,
+                    route: str, plan: dict | None) -> fallback.Outcome:
+    """A failing int8 artifact converted again with its worst layers in float
+    (mtconvert.run.fallback), each round in its own staging area."""
+    def convert(keep: tuple[str, ...]) -> tuple[Artifact, Conversion, Path]:
+        area = staging / f"float-fallback-{len(keep)}"
+        area.mkdir()
+        artifact, conversion = _convert(ctx, backend, area, route, plan, keep)
+        return artifact, conversion, area
+
+    return fallback.attempt(ctx, backend, report, plan, convert,
+                            lambda a, c: check_artifact(ctx, backend, a, c))
 
 
 def _first_passing_route(ctx: RunContext, backend: Backend, routes: list[str], staging: Path,
@@ -126,6 +154,10 @@ def _first_passing_route(ctx: RunContext, backend: Backend, routes: list[str], s
     if first is None:
         raise ConversionError("; ".join(rejected), target=backend.name)
     report, artifact, conversion, area, route = first
+    outcome = _float_fallback(ctx, backend, report, staging, route, plan)
+    report = outcome.report
+    if outcome.chosen is not None:
+        artifact, conversion, area = outcome.chosen
     others = [r for r in rejected if not r.startswith(f"route {route} ")]
     return _commit_route(ctx, report, artifact, conversion, area, out_dir, route, others)
 
