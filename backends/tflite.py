@@ -399,11 +399,24 @@ class TfliteSession(Session):
                                      OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
         interp.allocate_tensors()
         self._invoke(interp, feeds)
-        names = {t["index"]: t["name"] for t in interp.get_tensor_details()}
+        details = {t["index"]: t for t in interp.get_tensor_details()}
         found = []
         for op in interp._get_ops_details():
             for index in op["outputs"]:
                 value = interp.get_tensor(index) if index >= 0 else None
+                if value is not None and value.dtype.kind != "f":  # int8: its real values
+                    value = _dequantized(value, details[index]["quantization"])
                 if value is not None and value.dtype.kind == "f":
-                    found.append((names[index], op["op_name"], value.copy()))
+                    found.append((details[index]["name"], op["op_name"], value.copy()))
         return found
+
+
+def _dequantized(value: np.ndarray, quantization: tuple[float, int]) -> np.ndarray | None:
+    """A quantized tensor's real values, (q - zero point) x scale; None for an integer
+    tensor that holds no quantized reals (ids, shapes: scale 0)."""
+    import numpy as np
+
+    scale, zero_point = quantization
+    if not scale or value.dtype.kind not in "iu":
+        return None
+    return ((value.astype(np.float32) - zero_point) * scale).astype(np.float32)

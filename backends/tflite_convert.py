@@ -122,14 +122,44 @@ def _float_tensors(make_converter: Any, job: dict[str, Any], dtypes: list[Any]
     converter._experimental_calibrate_only = True  # float model + ranges: the quantizer's input
     calibrated = converter.convert()
     sample = next(_representative(job["calibration"], job["input_order"], dtypes)())
-    onnx_out = _onnx_outputs(job["onnx"], job["keep_float"], dict(zip(job["input_order"], sample)))
+    chains = _with_activations(job["onnx"], job["keep_float"])
+    onnx_out = _onnx_outputs(job["onnx"], sorted({n for c in chains.values() for n in c}),
+                             dict(zip(job["input_order"], sample)))
     tensors = _tflite_tensors(calibrated, sample)
     kept: dict[str, list[str]] = {}
-    for node, value in onnx_out.items():
-        name = _match(value, tensors)
-        if name is not None:
-            kept[node] = [name]
+    for node, chain in chains.items():
+        names = [m for m in (_match(onnx_out[n], tensors) for n in chain if n in onnx_out) if m]
+        if names:
+            kept[node] = list(dict.fromkeys(names))
     return {"kept": kept, "missing": [n for n in job["keep_float"] if n not in kept]}
+
+
+# what a layer's float output goes through before the next layer, kept in float with it (its
+# int8 kernel would quantize the layer's float output again); as mtconvert.quant_error.FUSED
+ACTIVATIONS = frozenset({"Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "Add",
+                         "Gelu"})
+
+
+def _with_activations(path: str, nodes: list[str]) -> dict[str, list[str]]:
+    """Each named node with the chain of activations (ACTIVATIONS) its output alone feeds."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    by_name = {n.name: n for n in graph.node}
+    chains = {}
+    for name in nodes:
+        node, chain = by_name.get(name), []
+        while node is not None:
+            chain.append(node.name)
+            after = readers.get(node.output[0], [])
+            node = after[0] if len(after) == 1 and after[0].op_type in ACTIVATIONS else None
+        if chain:
+            chains[name] = chain
+    return chains
 
 
 MATCH_RTOL = 1e-3
