@@ -316,6 +316,91 @@ def split_to_slices(model: Any) -> int:
     return count
 
 
+MAX_FLAT_INDICES = 1 << 22  # int32 indices a GatherElements rewrite may add (16 MB)
+
+
+def gather_elements_to_gather(model: Any) -> int:
+    """Replace every GatherElements whose indices are an initializer (and whose data shape is
+    known) by a Gather over the flattened data at constant flat indices: the same values, and
+    onnx2tf's GatherElements (whose strict-mode check builds a Keras model with the constant
+    indices as an output, which Keras refuses) is not used. Returns the count replaced."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    inferred = _inferred(model).graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else 0
+                       for d in v.type.tensor_type.shape.dim]
+              for v in (*inferred.input, *inferred.value_info, *inferred.output)}
+    shapes |= {i.name: list(i.dims) for i in graph.initializer}
+    taken, nodes, count, absorbed = _names(model), [], 0, set()
+    for node in graph.node:
+        done = bool(node.output) and node.output[0] in absorbed
+        flat = None if done else _flat_indices(node, inits, shapes)
+        if flat is None:
+            if not done:
+                nodes.append(node)
+            continue
+        count += 1
+        base, outputs = node.name or node.output[0], list(node.output)
+        if (after := _only_transpose_of(graph, outputs[0])) is not None:  # into the indices
+            perm = next((list(helper.get_attribute_value(a)) for a in after.attribute
+                         if a.name == "perm"), list(range(flat.ndim))[::-1])
+            flat, outputs = flat.transpose(perm), list(after.output)
+            absorbed.add(after.output[0])
+        shape_name, idx_name, data_flat, out_shape, picked = (
+            _fresh(taken, f"{base}_{k}")
+            for k in ("flat_shape", "flat_indices", "flat", "out_shape", "picked"))
+        for name, value in ((shape_name, np.array([-1], np.int64)), (idx_name, flat.ravel()),
+                            (out_shape, np.array(flat.shape, np.int64))):
+            graph.initializer.append(numpy_helper.from_array(value, name))
+        # 1-D in, 1-D out, one Reshape back: no tensor of equal axes whose layout onnx2tf
+        # could take for channels-last (a [h, n, n] Gather output came out transposed)
+        nodes.append(helper.make_node("Reshape", [node.input[0], shape_name], [data_flat],
+                                      name=_fresh(taken, f"{base}_flatten")))
+        nodes.append(helper.make_node("Gather", [data_flat, idx_name], [picked],
+                                      name=_fresh(taken, f"{base}_gather"), axis=0))
+        nodes.append(helper.make_node("Reshape", [picked, out_shape], outputs,
+                                      name=_fresh(taken, f"{base}_unflatten")))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _prune_initializers(model)
+    return count
+
+
+def _only_transpose_of(graph: Any, name: str) -> Any:
+    """The Transpose that is the only reader of ``name`` (not a graph output), or None."""
+    readers = [n for n in graph.node if name in n.input]
+    if len(readers) != 1 or readers[0].op_type != "Transpose" \
+            or name in {o.name for o in graph.output}:
+        return None
+    return readers[0]
+
+
+def _flat_indices(node: Any, inits: dict[str, Any], shapes: dict[str, list[int]]) -> Any:
+    """A GatherElements' indices into its flattened data (int32), or None when it does not
+    apply: another op, run-time indices, unknown data shape, or too many indices."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    if node.op_type != "GatherElements" or node.domain not in ("", "ai.onnx") \
+            or node.input[1] not in inits:
+        return None
+    dims = shapes.get(node.input[0]) or []
+    idx = numpy_helper.to_array(inits[node.input[1]]).astype(np.int64)
+    if not dims or 0 in dims or len(dims) != idx.ndim or idx.size > MAX_FLAT_INDICES \
+            or int(np.prod(dims)) >= 2 ** 31:
+        return None
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    axis += idx.ndim if axis < 0 else 0
+    idx = np.where(idx < 0, idx + dims[axis], idx)
+    strides = np.cumprod([1, *dims[::-1]])[-2::-1]
+    grid = np.indices(idx.shape, sparse=True)
+    flat = sum((idx if k == axis else grid[k]) * int(strides[k]) for k in range(idx.ndim))
+    return np.asarray(flat, np.int32)
+
+
 def downgrade_opset(model: Any, target: int = TARGET_OPSET) -> tuple[Any, list[str]]:
     """The model at ``target`` opset (default domain), and what was done. Raises when ONNX has
     no way down (an op new in 18-21 other than Gelu)."""
@@ -505,6 +590,7 @@ def prepare(src: str, dst: str) -> dict[str, Any]:
         if done:
             model, steps = _checked(original, lowered, "; ".join(done), steps)
     model, steps = _fused(model, steps)
+    model, steps = _gathers_flattened(model, steps)
     if any(n.op_type == "Gelu" for n in model.graph.node):
         model = _as_sng4onnx_would(model)
     onnx.save(model, dst)
@@ -540,6 +626,23 @@ def _fused(model: Any, steps: list[str]) -> tuple[Any, list[str]]:
     return _checked(model, fused, f"GELU formula fused into one Gelu node ({count} nodes; "
                     "onnx2tf writes tf.nn.gelu: LiteRT's builtin GELU, not the Erf emulation)",
                     steps)
+
+
+def _gathers_flattened(model: Any, steps: list[str]) -> tuple[Any, list[str]]:
+    """``model`` with its constant-index GatherElements as flat Gathers
+    (gather_elements_to_gather) when ONNX Runtime agrees."""
+    import onnx
+
+    flat = onnx.ModelProto()
+    flat.CopyFrom(model)
+    try:
+        count = gather_elements_to_gather(flat)
+    except Exception as exc:  # noqa: BLE001 - a graph the rewrite cannot read: left as it is
+        return model, [*steps, f"GatherElements not rewritten: {_first_line(exc)}"]
+    if not count:
+        return model, steps
+    return _checked(model, flat, f"{count} GatherElements at constant indices as Gather over "
+                    "the flattened data", steps)
 
 
 def _checked(before: Any, after: Any, what: str, steps: list[str]) -> tuple[Any, list[str]]:

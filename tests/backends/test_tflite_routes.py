@@ -274,3 +274,42 @@ def test_equal_sizes_are_repaired_by_the_pinned_route(fixtures_dir, tmp_path):
     assert steps[0].startswith("route onnx2tf rejected: failed: numerics: logits")
     assert "route onnx2tf-pinned-layout: chosen (passed)" in steps
     assert (tmp_path / "bert_distilled.tflite").is_file()
+
+
+def _gather_elements(axis, transpose_after):
+    rng = np.random.default_rng(0)
+    idx = rng.integers(-5, 5, size=(2, 4, 5)).astype(np.int64)  # negative ones too
+    nodes = [helper.make_node("Mul", ["x", "x"], ["sq"]),
+             helper.make_node("GatherElements", ["sq", "idx"], ["g"], axis=axis)]
+    out_shape = [2, 4, 5]
+    if transpose_after:
+        nodes.append(helper.make_node("Transpose", ["g"], ["y"], perm=[0, 2, 1]))
+        out_shape = [2, 5, 4]
+    else:
+        nodes.append(helper.make_node("Identity", ["g"], ["y"]))
+    return _model(nodes, [_vi("x", [2, 4, 5])], [_vi("y", out_shape)],
+                  [numpy_helper.from_array(idx if axis == 2 else idx % 4, "idx")], opset=17)
+
+
+@pytest.mark.parametrize("axis,transpose_after", [(2, False), (1, False), (-1, True)])
+def test_gather_elements_at_constant_indices_become_a_flat_gather(axis, transpose_after):
+    model = _gather_elements(axis, transpose_after)
+    x = np.random.default_rng(1).standard_normal((2, 4, 5)).astype(np.float32)
+    before = _run(model, {"x": x})[0]
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    assert routes.gather_elements_to_gather(rewritten) == 1
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert "GatherElements" not in ops and "Gather" in ops
+    assert "Transpose" not in ops  # a Transpose after it goes into the indices
+    gather = next(n for n in rewritten.graph.node if n.op_type == "Gather")
+    indices = next(i for i in rewritten.graph.initializer if i.name == gather.input[1])
+    assert len(indices.dims) == 1  # 1-D: no tensor of equal axes for onnx2tf's layout guess
+    np.testing.assert_array_equal(_run(rewritten, {"x": x})[0], before)
+
+
+def test_gather_elements_at_run_time_indices_stay():
+    model = _model([helper.make_node("GatherElements", ["x", "i"], ["y"], axis=1)],
+                   [_vi("x", [2, 3]), _vi("i", [2, 3], TensorProto.INT64)], [_vi("y", [2, 3])],
+                   opset=17)
+    assert routes.gather_elements_to_gather(model) == 0
