@@ -134,7 +134,22 @@ def export(model: Any, out: Path, *, with_past: bool) -> Path:
                                    *(past_names if with_past else [])],
                       output_names=["logits", *present], dynamic_shapes=tuple(shapes),
                       verbose=False)
+    _optimum_order(out)
     return out
+
+
+def _optimum_order(path: Path) -> None:
+    """Inputs in Optimum's order: input_ids, attention_mask, the past, then position_ids
+    (TextDecoderWithPositionIdsOnnxConfig adds it last)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    ins = list(model.graph.input)
+    ordered = [i for i in ins if i.name != "position_ids"] + [i for i in ins
+                                                              if i.name == "position_ids"]
+    del model.graph.input[:]
+    model.graph.input.extend(ordered)
+    onnx.save(model, str(path))
 
 
 def merge(decoder: Path, with_past: Path, out: Path) -> Path:
