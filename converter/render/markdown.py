@@ -51,6 +51,7 @@ def to_markdown(report: Report) -> str:
     lines += _profiles(report)
     lines += _vs_float(targets)
     lines += _sparsity(targets)
+    lines += _float_fallbacks(targets)
     for t in targets:
         lines += _snippets(t)
     return "\n".join(lines).rstrip() + "\n"
@@ -141,6 +142,15 @@ def _sparsity(targets: list[TargetReport]) -> list[str]:
     return ["", "**Sparsity**", "", *rows] if rows else []
 
 
+def _float_fallbacks(targets: list[TargetReport]) -> list[str]:
+    """int8 targets converted again with layers kept in float (or why not)."""
+    from mtconvert.render import float_fallback_line
+
+    rows = [f"- **{_esc(t.name)} {t.precision}**: {_esc(float_fallback_line(t.float_fallback))}"
+            for t in targets if t.float_fallback]
+    return ["", "**int8 float fallback**", "", *rows] if rows else []
+
+
 def _why(t: TargetReport) -> list[str]:
     reason = (t.reason or t.status).strip()
     if len(reason) > _REASON_CHARS:
@@ -155,10 +165,6 @@ def _why(t: TargetReport) -> list[str]:
 
         lines = quant_error_lines(t.diagnostics["quantization_error"])
         items += [f"  - {_esc(lines[0])}", *(f"    - {_esc(x)}" for x in lines[1:])]
-    if t.float_fallback:
-        from mtconvert.render import float_fallback_line
-
-        items.append(f"  - {_esc(float_fallback_line(t.float_fallback))}")
     gen = t.generation or {}
     if gen.get("first_mismatch_step") is not None:
         k = gen["first_mismatch_step"]
