@@ -128,7 +128,8 @@ def _weights(path: Path, trust_pickle: bool) -> tuple[Path, ...]:
                                      "--trust-pickle if you trust its origin")
             return _with_shards(path, name)
     raise ModelLoadError(f"{path} has no weights (model.safetensors, or pytorch_model.bin with "
-                         "--trust-pickle)")
+                         "--trust-pickle) and no ONNX graphs as Optimum exports them "
+                         "(model.onnx, decoder_with_past_model.onnx, decoder_model_merged.onnx)")
 
 
 def _with_shards(path: Path, name: str) -> tuple[Path, ...]:
