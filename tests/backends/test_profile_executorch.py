@@ -63,7 +63,7 @@ def profiled(tmp_path_factory):
     model = tiny_encoder(tmp / "tiny.onnx")
     env = dict(os.environ, MTCONVERT_CACHE_DIR=str(tmp / "cache"))
     proc = subprocess.run([MTCONVERT, str(model), "--to", "executorch,coreml", "--profile",
-                           "--out", str(tmp / "out"), "--json", "--iterations", "20",
+                           "--out", str(tmp / "out"), "--json", "--iterations", "5",
                            "--warmup", "2", "--threads", "1"],
                           capture_output=True, text=True, env=env, timeout=900, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-2000:]
