@@ -356,6 +356,7 @@ class TfliteSession(Session):
         from ai_edge_litert.interpreter import Interpreter
 
         self._path, self._threads = str(artifact.primary), threads
+        self._int8 = artifact.precision == "int8"
         self._interp = Interpreter(model_path=self._path, num_threads=threads)
         self._interp.allocate_tensors()
         delegated = any(d.get("op_name") == "DELEGATE" for d in self._interp._get_ops_details())
@@ -391,12 +392,16 @@ class TfliteSession(Session):
 
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-        with warnings.catch_warnings():  # "intended for debugging purposes only": it is
-            warnings.simplefilter("ignore")
-            interp = Interpreter(model_path=self._path, num_threads=self._threads,
-                                 experimental_preserve_all_tensors=True,
-                                 experimental_op_resolver_type=(
-                                     OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+        if self._int8:  # builtin int8 kernels can abort (below); XNNPACK, every tensor an output
+            interp = Interpreter(model_content=_all_outputs(Path(self._path).read_bytes()),
+                                 num_threads=self._threads)
+        else:
+            with warnings.catch_warnings():  # "intended for debugging purposes only": it is
+                warnings.simplefilter("ignore")
+                interp = Interpreter(model_path=self._path, num_threads=self._threads,
+                                     experimental_preserve_all_tensors=True,
+                                     experimental_op_resolver_type=(
+                                         OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
         interp.allocate_tensors()
         self._invoke(interp, feeds)
         details = {t["index"]: t for t in interp.get_tensor_details()}
@@ -409,6 +414,23 @@ class TfliteSession(Session):
                 if value is not None and value.dtype.kind == "f":
                     found.append((details[index]["name"], op["op_name"], value.copy()))
         return found
+
+
+def _all_outputs(blob: bytes) -> bytes:
+    """The .tflite with every op output also a subgraph output, so the delegate that runs it
+    (XNNPACK) hands out every tensor. The builtin kernels cannot stand in for int8: LiteRT's
+    builtin int8 ADD aborts the process in Prepare when its rescale multiplier is >= 1 (seen:
+    the BERT fixture's attention-mask Add, quantized with scale 1.3e36), which XNNPACK runs."""
+    import flatbuffers
+
+    model = _schema().ModelT.InitFromPackedBuf(bytearray(blob), 0)
+    graph = model.subgraphs[0]
+    outs = list(graph.outputs)
+    outs += [o for op in graph.operators for o in op.outputs if o >= 0 and o not in set(outs)]
+    graph.outputs = outs
+    builder = flatbuffers.Builder(len(blob) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def _dequantized(value: np.ndarray, quantization: tuple[float, int]) -> np.ndarray | None:
