@@ -152,6 +152,17 @@ def _optimum_order(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def merged_copy(src: Path, out: Path) -> Path:
+    """A merged set from a ``model.onnx`` set without exporting again (tests): both branches
+    of the If are that with-past graph (run with an empty past, it is the no-past pass), so the
+    layout and the ``use_cache_branch`` switch are Optimum's, the else branch is not."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    return merge(src / "model.onnx", src / "model.onnx", out / "decoder_model_merged.onnx")
+
+
 def merge(decoder: Path, with_past: Path, out: Path) -> Path:
     """Optimum's ``merge_decoders`` in short: both graphs as the branches of one If on
     ``use_cache_branch`` (then: with past), every input of either graph an input."""

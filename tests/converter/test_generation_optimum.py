@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mtconvert.generation import optimum
-from mtconvert.generation.optimum_fixtures import tiny_set
+from mtconvert.generation.optimum_fixtures import merged_copy, tiny_set
 from mtconvert.validators import gates
 from mtconvert.validators.tolerances import PROFILES
 
@@ -23,9 +23,9 @@ PROMPT = (5, 17, 42)
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("optimum")
-    return {"gpt2": tiny_set("gpt2", root / "gpt2-optimum"),
-            "llama": tiny_set("llama", root / "llama-optimum"),
-            "gpt2-merged": tiny_set("gpt2", root / "gpt2-merged", layout="merged")}
+    gpt2 = tiny_set("gpt2", root / "gpt2-optimum")
+    return {"gpt2": gpt2, "llama": tiny_set("llama", root / "llama-optimum"),
+            "gpt2-merged": merged_copy(gpt2, root / "gpt2-merged").parent}
 
 
 def _cli(*args):
@@ -73,6 +73,21 @@ def test_static_step_graph_reproduces_the_sets_own_decode(kind, sets, tmp_path):
     assert tuple(free.tokens) == ref.tokens
     assert names == geo.output_names() and [i.name for i in sess.get_inputs()] == \
         geo.input_names()
+
+
+@pytest.mark.sweep
+@pytest.mark.parametrize("layout", ["split", "merged"])
+def test_exported_legacy_layouts_reproduce_the_sets_own_decode(layout, tmp_path):
+    """Optimum's legacy trio exported for real (decoder_model.onnx runs the prompt; a merged
+    file whose else branch is the no-past graph): the static step graph still matches."""
+    s = optimum.open_set(tiny_set("gpt2", tmp_path / layout, layout=layout), None)
+    assert s.prefill.name == ("decoder_model.onnx" if layout == "split"
+                              else "decoder_model_merged.onnx")
+    geo = optimum.static_step(s, 16, tmp_path / "step.onnx")
+    ref = optimum.greedy(s, geo, PROMPT, 8)
+    forced = optimum.forced_logits(tmp_path / "step.onnx", geo, ref)
+    assert gates.judge({"logits": ref.logits}, {"logits": forced},
+                       lambda _n: PROFILES["fp32"]).passed
 
 
 def test_a_broken_surgery_is_caught(sets, tmp_path):
@@ -147,11 +162,11 @@ def test_bad_input_exits_2_with_one_line(case, args, needle, tmp_path, sets):
     assert not out.exists()
 
 
-def _convert(folder, targets, tmp_path):
+def _convert(folder, targets, tmp_path, *extra):
     report_path = tmp_path / "report.json"
     proc = _cli(folder, "--to", targets, "--prompt-ids", ",".join(map(str, PROMPT)),
                 "--max-new-tokens", "8", "--out", tmp_path / "out", "--report-json",
-                report_path, "-q", "--iterations", "3", "--warmup", "1", "--jobs", "1")
+                report_path, "-q", "--iterations", "3", "--warmup", "1", "--jobs", "1", *extra)
     assert report_path.is_file(), proc.stderr[-3000:]
     return proc, json.loads(report_path.read_text())
 
@@ -172,7 +187,8 @@ def test_gpt2_set_to_onnx_mobile_and_tflite(sets, tmp_path):
 
     if not default_registry().get("tflite").availability().can_convert:
         pytest.skip("tflite is not installed here")
-    proc, report = _convert(sets["gpt2"], "onnx-mobile,tflite", tmp_path)
+    proc, report = _convert(sets["gpt2"], "onnx-mobile,tflite", tmp_path, "--bundle",
+                            tmp_path / "gold")
     assert report["source"]["format"] == "optimum-onnx"
     settings = report["settings"]["generation"]
     assert settings["reference"].startswith("onnxruntime (the set's own graphs")
@@ -187,6 +203,13 @@ def test_gpt2_set_to_onnx_mobile_and_tflite(sets, tmp_path):
     assert (tmp_path / "out" / "gpt2-optimum-step.ort").is_file()
     assert (tmp_path / "out" / "gpt2-optimum-step.tflite").is_file()
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the golden bundle carries the set's reference: verify steps the artifact without the set
+    verified = _cli("verify", tmp_path / "gold" / "onnx-mobile", "--report-json",
+                    tmp_path / "verify.json", "-q")
+    assert verified.returncode == 0, verified.stderr[-3000:]
+    again = json.loads((tmp_path / "verify.json").read_text())["targets"][0]["generation"]
+    assert again["reference_tokens"] == by_name["onnx-mobile"]["generation"]["reference_tokens"]
+    assert again["tokens_agree"] == 1.0
 
 
 @pytest.mark.slow
