@@ -113,7 +113,8 @@ class NcnnBackend(Backend):
                          "(ncnn models take one item)")
         fp16 = opts.precision == "fp16"
         param, binf, pnnx_steps = self._pnnx(model, source, info, work, log, opts, fp16=fp16)
-        int8 = self._int8(param, binf, opts, pnnx_steps) if opts.precision == "int8" else None
+        int8 = self._int8(param, binf, opts, pnnx_steps, self._io_meta(source, info)["inputs"],
+                          _batch_one(source)[0], log) if opts.precision == "int8" else None
         suffix = ".fp16" if fp16 else ".int8" if int8 else ""
         out_param = out_dir / f"{source.name}{suffix}.ncnn.param"
         out_bin = out_dir / f"{source.name}{suffix}.ncnn.bin"
@@ -193,8 +194,9 @@ class NcnnBackend(Backend):
         steps += [sdpa] if sdpa else []
         return param, binf, steps
 
-    def _int8(self, param: Path, binf: Path, opts: TargetOptions,
-              steps: list[str]) -> tuple[Path, Path] | None:
+    def _int8(self, param: Path, binf: Path, opts: TargetOptions, steps: list[str],
+              inputs: list[list[str]], shapes: dict[str, list[int]],
+              log: Path) -> tuple[Path, Path] | None:
         """ncnn int8 layers from a quantized source's record (``ncnn_int8``); the float
         files are kept beside as the fp32 twin. None (the model stays fp32, said in the
         steps) when no layer could be made int8."""
@@ -208,8 +210,10 @@ class NcnnBackend(Backend):
         twin = (param.with_name("twin.ncnn.param"), binf.with_name("twin.ncnn.bin"))
         shutil.copy(param, twin[0])
         shutil.copy(binf, twin[1])
-        res = ncnn_int8.rewrite(param, binf, _layers(param),
-                                json.loads(Path(quant["record"]).read_text()))
+        records = json.loads(Path(quant["record"]).read_text())
+        absmax = self._calibrate(param, binf, opts, steps, inputs, shapes, log) \
+            if any(not r.get("input") for r in records.values()) else None
+        res = ncnn_int8.rewrite(param, binf, _layers(param), records, absmax)
         steps += res.steps
         steps.append(f"int8: {len(res.int8)} layer(s) hold the source's int8 weights and "
                      f"scales ({', '.join(res.int8) or 'none'})")
@@ -221,9 +225,37 @@ class NcnnBackend(Backend):
             return None
         steps.append("int8: ncnn runs with use_int8_inference on and fp16 off: int8 Gemm "
                      "layers quantize their input per row at run time (absmax), int8 "
-                     "InnerProduct layers with the source's activation scale; every other "
-                     "layer (attention MatMul, Softmax, LayerNorm, GELU...) computes in fp32")
+                     "InnerProduct layers with the source's (or calibrated) input scale; every "
+                     "other layer (attention MatMul, Softmax, LayerNorm, GELU...) computes in "
+                     "fp32")
         return twin
+
+    def _calibrate(self, param: Path, binf: Path, opts: TargetOptions, steps: list[str],
+                   inputs: list[list[str]], shapes: dict[str, list[int]],
+                   log: Path) -> dict[str, float] | None:
+        """With --calibration: each InnerProduct's input absmax, from the fp32 model run on
+        the calibration items in a child; None (said) without it or when it fails."""
+        from mtconvert.backends.process import run_job
+
+        if opts.calibration is None:
+            steps.append("int8: no --calibration: a layer the source gives no activation scale "
+                         "(dynamic quantization) and ncnn needs one for stays fp32")
+            return None
+        blobs = sorted({b[0] for kind, _, b, _, _ in _layers(param)
+                        if kind in ("InnerProduct", "Gemm") and b})
+        job = {"param": str(param), "bin": str(binf), "calibration": str(opts.calibration),
+               "inputs": inputs, "shapes": shapes, "blobs": blobs}
+        try:
+            out = run_job("mtconvert.backends.ncnn_int8", job, param.with_name("calib.json"),
+                          target=self.name, step="int8-calibration", log_path=log,
+                          timeout_s=opts.timeout_s)
+        except ConversionError as exc:
+            steps.append(f"int8: calibration failed ({exc}): layers without a source "
+                         "activation scale stay fp32")
+            return None
+        steps.append(f"int8: input scales of the layers the source gives none: 127 / absmax "
+                     f"over {out['samples']} calibration item(s) ({opts.calibration.name})")
+        return out["absmax"]
 
     @staticmethod
     def _io_meta(source: PreparedSource, info: dict[str, Any]) -> dict[str, Any]:

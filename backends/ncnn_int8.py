@@ -200,7 +200,7 @@ class Plan:
 
 
 def _plan(kind: str, p: dict[str, str], w: np.ndarray,
-          by_size: dict[int, list[dict[str, Any]]]) -> Plan | str:
+          by_size: dict[int, list[dict[str, Any]]], absmax: float | None = None) -> Plan | str:
     """How one weight layer becomes int8, or why it stays fp32."""
     if kind == "Gemm":
         n, k = _i(p, "8"), _i(p, "9")
@@ -224,23 +224,24 @@ def _plan(kind: str, p: dict[str, str], w: np.ndarray,
     scale = np.asarray(r["scale"], np.float32)
     per_channel = not np.all(scale == scale.flat[0])
     if kind == "InnerProduct" or kind == "Gemm" and per_channel:
-        return _inner_product(kind, p, r, ints, transposed, n_out)
+        return _inner_product(kind, p, r, ints, transposed, n_out, absmax)
     return Plan(_pack(ints), np.float32(1.0 / scale.flat[0]).tobytes(), {"18": QUANTIZE_TERM},
                 record=r)
 
 
 def _inner_product(kind: str, p: dict[str, str], r: dict[str, Any], ints: np.ndarray,
-                   transposed: bool, n_out: int) -> Plan | str:
+                   transposed: bool, n_out: int, absmax: float | None = None) -> Plan | str:
     """An InnerProduct's int8 form: a scale per output channel and the input's scale. A Gemm
     with per-channel weights (Gemm holds one weight scale) becomes the InnerProduct it
     computes when it is a plain ``A Bᵀ + bias`` on its one input."""
     scales = _output_scales(r, transposed, n_out)
     if scales is None:
         return "per-channel scales along its input axis"
-    if not r.get("input"):
-        return "no activation scale in the source (dynamic quantization) for its input"
-    tail = (1.0 / scales).astype(np.float32).tobytes() + \
-        np.float32(input_scale(r["input"])).tobytes()
+    if not r.get("input") and not absmax:
+        return "no activation scale in the source (dynamic quantization) for its input" + \
+            ("" if absmax is None else " and its calibration input was all zeros")
+    x_scale = input_scale(r["input"]) if r.get("input") else 127.0 / absmax
+    tail = (1.0 / scales).astype(np.float32).tobytes() + np.float32(x_scale).tobytes()
     if kind == "InnerProduct":
         return Plan(_pack(ints), tail, {"8": QUANTIZE_TERM}, record=r)
     plain = {"0": 1.0, "1": 1.0, "2": 0, "3": 1, "4": 0, "5": 1, "11": 0, "12": 0, "13": 0,
@@ -266,10 +267,12 @@ def _shifted_table(r: dict[str, Any], n_out: int) -> Plan:
                 bias_add=shift, record=r)
 
 
-def rewrite(param: Path, binf: Path, layers: list[Layer],
-            records: dict[str, dict[str, Any]]) -> Result:
+def rewrite(param: Path, binf: Path, layers: list[Layer], records: dict[str, dict[str, Any]],
+            input_absmax: dict[str, float] | None = None) -> Result:
     """Rewrite ``param``/``binf`` in place; the result names what became int8 and what stayed
-    fp32 and why. Nothing is written when no layer becomes int8."""
+    fp32 and why. Nothing is written when no layer becomes int8. ``input_absmax``: blob ->
+    largest |value| over calibration data (``calibrate``), the input scale (127 / absmax,
+    ncnn2table's absmax method) of an InnerProduct the source gives none."""
     res = Result()
     data = binf.read_bytes()
     walked = layout(layers, len(data))
@@ -283,7 +286,8 @@ def rewrite(param: Path, binf: Path, layers: list[Layer],
     used: list[int] = []
     asymmetric = 0
     for i, ((kind, name, bottoms, tops, raw), found) in enumerate(zip(layers, walked)):
-        plan = _layer_plan(kind, params(raw), found, data, by_size)
+        absmax = (input_absmax or {}).get(bottoms[0]) if bottoms else None
+        plan = _layer_plan(kind, params(raw), found, data, by_size, absmax)
         if isinstance(plan, str):
             if plan:
                 res.kept_float.append(f"{name} ({kind}): {plan}")
@@ -323,7 +327,7 @@ def rewrite(param: Path, binf: Path, layers: list[Layer],
 
 
 def _layer_plan(kind: str, p: dict[str, str], found: list[Blob], data: bytes,
-                by_size: dict[int, list[dict[str, Any]]]) -> Plan | str:
+                by_size: dict[int, list[dict[str, Any]]], absmax: float | None) -> Plan | str:
     """"" for a layer with no weight to quantize."""
     weight = next((b for b in found if b.role == "weight"), None)
     if kind not in ("Gemm", "InnerProduct", "Embed") or weight is None or \
@@ -332,7 +336,7 @@ def _layer_plan(kind: str, p: dict[str, str], found: list[Blob], data: bytes,
     w = _floats(data, weight)
     if w is None:
         return "its weights are not stored as fp32"
-    return _plan(kind, p, w, by_size)
+    return _plan(kind, p, w, by_size, absmax)
 
 
 def _set(raw: list[str], changes: dict[str, str]) -> list[str]:
@@ -376,3 +380,39 @@ def int8_tensors(param: Path, layers: list[Layer]) -> list[tuple[np.ndarray, np.
                 shape = (-1, n_out)
             out.append((ints.reshape(shape), (1.0 / scales).astype(np.float32)))
     return out
+
+
+def calibrate(job: dict[str, Any]) -> dict[str, Any]:
+    """Child side (``python -m mtconvert.backends.ncnn_int8 JOB``; ncnn may crash): the
+    largest |value| of each of ``job["blobs"]`` when the fp32 model runs the calibration items
+    (``job["calibration"]``: .npz keyed by the source's input names, items along the first axis
+    after reshaping to the converted shape ``job["shapes"]``)."""
+    import ncnn
+
+    net = ncnn.Net()
+    net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False
+    net.opt.use_fp16_packed = net.opt.use_bf16_storage = False
+    if net.load_param(job["param"]) != 0 or net.load_model(job["bin"]) != 0:
+        raise RuntimeError("ncnn could not load the model")
+    data = np.load(job["calibration"])
+    items = {name: np.asarray(data[name]).reshape(-1, *job["shapes"][name])
+             for _, name, _ in job["inputs"]}
+    count = min(len(v) for v in items.values())
+    absmax = dict.fromkeys(job["blobs"], 0.0)
+    for i in range(count):
+        ex = net.create_extractor()
+        for blob, name, dtype in job["inputs"]:
+            value = np.ascontiguousarray(items[name][i], np.int32 if dtype.startswith("int")
+                                         else np.float32)
+            ex.input(blob, ncnn.Mat(value, batch_index=0).clone())
+        for blob in job["blobs"]:
+            ret, mat = ex.extract(blob)
+            if ret == 0:
+                absmax[blob] = max(absmax[blob], float(np.abs(np.array(mat.numpy())).max()))
+    return {"absmax": absmax, "samples": count}
+
+
+if __name__ == "__main__":
+    from mtconvert.backends.process import child_main
+
+    child_main(calibrate)

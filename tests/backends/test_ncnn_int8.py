@@ -85,6 +85,26 @@ def test_without_an_activation_scale_the_layer_stays_fp32_and_says_why(fc_case, 
                               "quantization) for its input"]
 
 
+def test_calibration_gives_a_dynamic_sources_layer_its_input_scale(fc_case, tmp_path):
+    """ncnn2table's absmax: the fp32 model run on the calibration items (the child's handler,
+    called here in-process), the input scale 127 / absmax."""
+    rec, bias, x = fc_case
+    dynamic = {k: v for k, v in rec.items() if k != "input"}
+    param, binf = _tiny_fc(tmp_path, dynamic, bias)
+    items = np.stack([x, 0.5 * x])  # two calibration items of the [ROWS, K] input (batch 1)
+    np.savez(tmp_path / "calib.npz", x=items)
+    out = ncnn_int8.calibrate({"param": str(param), "bin": str(binf),
+                               "calibration": str(tmp_path / "calib.npz"),
+                               "inputs": [["in0", "x", "float32"]], "shapes": {"x": [1, ROWS, K]},
+                               "blobs": ["in0"]})
+    assert out["samples"] == 2
+    assert out["absmax"]["in0"] == pytest.approx(float(np.abs(x).max()), rel=1e-6)
+    res = ncnn_int8.rewrite(param, binf, param_layers(param), {"w": dynamic}, out["absmax"])
+    assert res.int8 == ["fc (InnerProduct)"]
+    data = binf.read_bytes()  # the layer's last float: its input scale
+    assert np.frombuffer(data[-4:], np.float32)[0] == pytest.approx(127 / np.abs(x).max())
+
+
 def test_a_layer_of_unknown_layout_leaves_the_model_fp32(fc_case, tmp_path):
     rec, bias, _ = fc_case
     param, binf = _tiny_fc(tmp_path, rec, bias)
@@ -186,6 +206,19 @@ def test_per_channel_weights_turn_gemm_into_int8_inner_products(per_channel):
     param = Path(next(a.path for a in t.artifacts if a.role == "artifact"))
     assert "Gemm" not in param_layer_types(param)
     assert "(Gemm -> InnerProduct)" in "\n".join(t.conversion.steps)
+
+
+@pytest.mark.slow
+@pytest.mark.sweep  # an end-to-end repeat of the calibration test above
+def test_dynamic_fixture_with_calibration_makes_every_weight_layer_int8(tmp_path):
+    t = quick_convert("ncnn", FIXTURES / "bert_int8_dynamic.onnx", tmp_path,
+                      input_shapes=SHAPES,
+                      calibration=FIXTURES / "bert_int8_dynamic.inputs.npz").targets["ncnn"]
+    assert t.status == "passed", t.reason
+    steps = "\n".join(t.conversion.steps)
+    assert "127 / absmax over 2 calibration item(s)" in steps
+    assert "no activation scale" not in steps
+    assert t.compressed["kept"]["same_ints_and_scales"] == 15  # 12 Gemm, Embed, 2 InnerProduct
 
 
 @pytest.mark.slow
