@@ -183,6 +183,9 @@ def _coreml(package: Path) -> tuple[list[np.ndarray], int]:
         values = {k: v for k, binds in op.inputs.items() for kind, v in binds if kind == "value"}
         values |= op.attributes  # iOS16's constexpr ops hold their data as attributes
         mask = values.pop(_COREML_MASKS.get(op.type, ""), None)
+        if mask is not None and op.type == "constexpr_sparse_to_dense" and \
+                "nonzero_data" not in values:
+            continue  # joint compression: the mask is counted on the op feeding this one
         if mask is not None:
             stored_sparse += 1
             out.append(_mask(np.asarray(mask), values.pop("shape", None)))

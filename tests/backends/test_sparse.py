@@ -123,3 +123,21 @@ def test_sparse_enters_the_conversion_cache_key(tmp_path):
     cache = ConversionCache(tmp_path / "cache")
     dense, sparse = (cache.key(CoremlBackend, src, TargetOptions(sparse=s)) for s in (False, True))
     assert dense != sparse
+
+
+@needs_coreml
+@pytest.mark.slow
+@pytest.mark.sweep  # the coreml sparse check again at int8 (joint compression): make test-all
+def test_coreml_int8_sparse_on_ios18_is_joint_compressed(tmp_path):
+    from mtconvert.backends.coreml.program import load
+
+    run = quick_convert("coreml", FIXTURES / "bert_pruned.onnx", tmp_path, sparse=True,
+                        precision="int8", coreml_target="iOS18")
+    t = run.targets["coreml"]
+    assert t.status == "passed", t.reason
+    types = [op.type for op in load(Path(t.artifacts[0].path)).ops]
+    assert types.count("constexpr_sparse_blockwise_shift_scale") == \
+        run.source.sparsity["pruned_tensors"]
+    # each weight counted once (its mask sits on the int8 op feeding constexpr_sparse_to_dense)
+    assert t.sparsity["storage"] == "sparse" and t.sparsity["kept"]
+    assert t.sparsity["sparse_tensors"] == types.count("constexpr_sparse_to_dense")
