@@ -142,7 +142,11 @@ def layout(model: Any, name: str, vocab: int) -> tuple[int, int, int, int]:
                          "head_dim] with fixed heads and head size")
     logits = next(o for o in graph.output if o.name == "logits")
     vdims = [d.dim_value for d in logits.type.tensor_type.shape.dim]
-    return layers, dims[1], dims[3], (vdims[-1] if vdims and vdims[-1] else vocab)
+    vocab = vdims[-1] if vdims and vdims[-1] else vocab
+    if not vocab:
+        raise UsageError(f"{name}: the vocabulary size is neither fixed in logits' shape nor "
+                         "given by config.json's vocab_size")
+    return layers, dims[1], dims[3], vocab
 
 
 def fold_merged(model: Any) -> Any:
@@ -214,7 +218,7 @@ def static_step(s: OptimumSet, max_cache: int, out: Path) -> Geometry:
                                                    "step::end", "step::axis"], [name],
                                          name=f"step::{name}"))
             outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, kv, 1, hd]))
-    graph = helper.make_graph([*pre, *_cache_concats(g.node, set(shapes)), *post],
+    graph = helper.make_graph([*pre, *_cache_concats(g.node, set(geo.input_names()[3:])), *post],
                               "decode_step", ins, outs,
                               [*g.initializer, last, end, axis])
     step = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
