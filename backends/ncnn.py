@@ -43,7 +43,7 @@ class NcnnBackend(Backend):
     aliases = ()
     extra = "ncnn"
     description = "Tencent ncnn (.param + .bin) via pnnx"
-    precisions = ("fp32", "fp16")
+    precisions = ("fp32", "fp16", "int8")
     fixed_shapes = True
     convert_requires = {"pnnx": "pnnx", "ncnn": "ncnn", "onnxsim": "onnxsim"}
     run_requires = {"ncnn": "ncnn"}
@@ -203,20 +203,21 @@ class NcnnBackend(Backend):
         import json
 
         quant = opts.extra.get("source_quantization")
-        if not quant:
-            raise ConversionError("int8 needs a quantized source here (QDQ or dynamic ONNX): "
-                                  "ncnn int8 from a float model is not implemented",
-                                  target=self.name, step="int8")
+        if not quant and opts.calibration is None:  # as tflite's full-integer int8
+            raise ConversionError("int8 of a float model needs calibration data",
+                                  target=self.name, step="calibration")
         twin = (param.with_name("twin.ncnn.param"), binf.with_name("twin.ncnn.bin"))
         shutil.copy(param, twin[0])
         shutil.copy(binf, twin[1])
-        records = json.loads(Path(quant["record"]).read_text())
+        records = json.loads(Path(quant["record"]).read_text()) if quant else None
         absmax = self._calibrate(param, binf, opts, steps, inputs, shapes, log) \
-            if any(not r.get("input") for r in records.values()) else None
+            if records is None or any(not r.get("input") for r in records.values()) else None
         res = ncnn_int8.rewrite(param, binf, _layers(param), records, absmax)
         steps += res.steps
-        steps.append(f"int8: {len(res.int8)} layer(s) hold the source's int8 weights and "
-                     f"scales ({', '.join(res.int8) or 'none'})")
+        what = "hold the source's int8 weights and scales" if quant else \
+            "quantized from the model's float weights (symmetric absmax / 127: per output " \
+            "channel in InnerProduct, per tensor in Gemm and Embed, ncnn2int8's way)"
+        steps.append(f"int8: {len(res.int8)} layer(s) {what} ({', '.join(res.int8) or 'none'})")
         if res.kept_float:
             steps.append("int8: stayed fp32: " + "; ".join(res.kept_float))
         if not res.int8:

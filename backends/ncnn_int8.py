@@ -200,8 +200,10 @@ class Plan:
 
 
 def _plan(kind: str, p: dict[str, str], w: np.ndarray,
-          by_size: dict[int, list[dict[str, Any]]], absmax: float | None = None) -> Plan | str:
-    """How one weight layer becomes int8, or why it stays fp32."""
+          by_size: dict[int, list[dict[str, Any]]] | None,
+          absmax: float | None = None) -> Plan | str:
+    """How one weight layer becomes int8, or why it stays fp32. ``by_size`` None: a float
+    source's own weights, quantized here (``_own_record``)."""
     if kind == "Gemm":
         n, k = _i(p, "8"), _i(p, "9")
         shape = (n, k) if _i(p, "3") else (k, n)
@@ -212,7 +214,8 @@ def _plan(kind: str, p: dict[str, str], w: np.ndarray,
     else:  # Embed
         n_out = _i(p, "0")
         shape = (_i(p, "1"), n_out)
-    hit = _match(w, shape, by_size.get(w.size, []))
+    hit = _match(w, shape, by_size.get(w.size, [])) if by_size is not None else \
+        (_own_record(kind, w.reshape(shape)), False)
     if hit is None:
         return "its float weights are no source int8 weight"
     r, transposed = hit
@@ -229,6 +232,19 @@ def _plan(kind: str, p: dict[str, str], w: np.ndarray,
                 record=r)
 
 
+def _own_record(kind: str, w: np.ndarray) -> dict[str, Any]:
+    """A float weight (in the layer's layout) quantized the way ncnn2int8 does: symmetric,
+    absmax / 127 per output channel for an InnerProduct, per tensor for the layers that hold
+    one scale (Gemm, Embed)."""
+    from mtconvert.backends.lowering.dequantize import record
+
+    absmax = np.abs(w).max(axis=1) if kind == "InnerProduct" else np.abs(w).max(keepdims=True)
+    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+    ints = np.clip(np.round(w / (scale[:, None] if scale.size > 1 else scale)), -127, 127)
+    return record(ints.astype(np.int8), scale, None, 0 if scale.size > 1 else None) | \
+        {"own": True}
+
+
 def _inner_product(kind: str, p: dict[str, str], r: dict[str, Any], ints: np.ndarray,
                    transposed: bool, n_out: int, absmax: float | None = None) -> Plan | str:
     """An InnerProduct's int8 form: a scale per output channel and the input's scale. A Gemm
@@ -238,8 +254,10 @@ def _inner_product(kind: str, p: dict[str, str], r: dict[str, Any], ints: np.nda
     if scales is None:
         return "per-channel scales along its input axis"
     if not r.get("input") and not absmax:
-        return "no activation scale in the source (dynamic quantization) for its input" + \
-            ("" if absmax is None else " and its calibration input was all zeros")
+        why = "no calibration" if r.get("own") else \
+            "no activation scale in the source (dynamic quantization)"
+        return f"{why} for its input" + ("" if absmax is None else
+                                         " and its calibration input was all zeros")
     x_scale = input_scale(r["input"]) if r.get("input") else 127.0 / absmax
     tail = (1.0 / scales).astype(np.float32).tobytes() + np.float32(x_scale).tobytes()
     if kind == "InnerProduct":
@@ -267,20 +285,22 @@ def _shifted_table(r: dict[str, Any], n_out: int) -> Plan:
                 bias_add=shift, record=r)
 
 
-def rewrite(param: Path, binf: Path, layers: list[Layer], records: dict[str, dict[str, Any]],
+def rewrite(param: Path, binf: Path, layers: list[Layer],
+            records: dict[str, dict[str, Any]] | None,
             input_absmax: dict[str, float] | None = None) -> Result:
     """Rewrite ``param``/``binf`` in place; the result names what became int8 and what stayed
     fp32 and why. Nothing is written when no layer becomes int8. ``input_absmax``: blob ->
     largest |value| over calibration data (``calibrate``), the input scale (127 / absmax,
-    ncnn2table's absmax method) of an InnerProduct the source gives none."""
+    ncnn2table's absmax method) of an InnerProduct the source gives none. ``records`` None:
+    a float source, its own weights quantized (``_own_record``)."""
     res = Result()
     data = binf.read_bytes()
     walked = layout(layers, len(data))
     if isinstance(walked, str):
         res.steps.append(f"int8: {walked}: the model stays fp32")
         return res
-    by_size: dict[int, list[dict[str, Any]]] = {}
-    for r in records.values():
+    by_size: dict[int, list[dict[str, Any]]] | None = None if records is None else {}
+    for r in (records or {}).values():
         by_size.setdefault(int(np.prod(r["shape"])), []).append(r)
     out, lines = bytearray(), param.read_text().splitlines()
     used: list[int] = []
@@ -311,7 +331,7 @@ def rewrite(param: Path, binf: Path, layers: list[Layer], records: dict[str, dic
         q = plan.record.get("input") if (plan.kind or kind) == "InnerProduct" else None
         asymmetric += bool(q and (q["zero_point"] or q["dtype"] != "int8"))
         used.append(id(plan.record))
-    folded = len(records) - len(set(used)) - sum(
+    folded = len(records or {}) - len(set(used)) - sum(
         1 for k in res.kept_float if "no source int8 weight" not in k)
     if folded > 0:
         res.kept_float.append(f"{folded} source int8 weight(s) are no ncnn layer's weight (the "
@@ -327,7 +347,8 @@ def rewrite(param: Path, binf: Path, layers: list[Layer], records: dict[str, dic
 
 
 def _layer_plan(kind: str, p: dict[str, str], found: list[Blob], data: bytes,
-                by_size: dict[int, list[dict[str, Any]]], absmax: float | None) -> Plan | str:
+                by_size: dict[int, list[dict[str, Any]]] | None,
+                absmax: float | None) -> Plan | str:
     """"" for a layer with no weight to quantize."""
     weight = next((b for b in found if b.role == "weight"), None)
     if kind not in ("Gemm", "InnerProduct", "Embed") or weight is None or \
@@ -401,6 +422,7 @@ def calibrate(job: dict[str, Any]) -> dict[str, Any]:
     absmax = dict.fromkeys(job["blobs"], 0.0)
     for i in range(count):
         ex = net.create_extractor()
+        ex.set_light_mode(False)  # keep every blob: light mode frees a consumed one
         for blob, name, dtype in job["inputs"]:
             value = np.ascontiguousarray(items[name][i], np.int32 if dtype.startswith("int")
                                          else np.float32)

@@ -22,9 +22,6 @@ PROFILE = "int8-source"  # validators.tolerances: a quantized source's yardstick
 # targets whose runtime consumes quantized ONNX ops as they are (ORT fuses QDQ into integer
 # kernels); every other target converts the dequantized graph and re-compresses its weights
 NATIVE_TARGETS = frozenset({"onnx-mobile"})
-# targets whose int8 form takes a quantized source's own ints and scales only (no int8 of a
-# float model there): ncnn's int8 layers (backends.ncnn_int8)
-SOURCE_INT8_TARGETS = frozenset({"ncnn"})
 
 
 def _is_qoperator(op: str) -> bool:
@@ -130,8 +127,7 @@ def plan_for(src: Any, target: str, precisions: tuple[str, ...],
     if target in NATIVE_TARGETS:
         return plan | {"lower": False, "record": None,
                        "route": "the quantized graph as it is (the runtime's integer kernels)"}
-    if ("int8" in precisions or target in SOURCE_INT8_TARGETS) and precision in ("fp32",
-                                                                                "int8"):
+    if "int8" in precisions and precision in ("fp32", "int8"):
         return plan | {"lower": True, "precision": "int8",
                        "route": "dequantized graph, weights re-compressed to the target's int8"}
     why = (f"--precision {precision} asked" if "int8" in precisions

@@ -123,7 +123,7 @@ def test_each_target_gets_its_plan(tmp_path: Path) -> None:
     assert native["lower"] is False and native["source"]["scheme"] == "qdq"
     tfl = quantized.plan_for(src, "tflite", ("fp32", "fp16", "int8"), "fp32")
     assert tfl["lower"] and tfl["precision"] == "int8" and not tfl.get("fallback")
-    ncnn = quantized.plan_for(src, "ncnn", ("fp32", "fp16"), "fp32")  # int8 of sources only
+    ncnn = quantized.plan_for(src, "ncnn", ("fp32", "fp16", "int8"), "fp32")
     assert ncnn["lower"] and ncnn["precision"] == "int8" and not ncnn.get("fallback")
     none = quantized.plan_for(src, "tflite", ("fp32", "fp16"), "fp32")  # a target without int8
     assert none["precision"] == "fp32" and "fp32" in none["fallback"]
@@ -148,7 +148,7 @@ def test_a_target_larger_than_the_limit_fails_unless_a_fallback_is_stated(
 
     src = _src("bert_int8_qdq", tmp_path)
     source = (FIXTURES / "bert_int8_qdq.onnx").stat().st_size
-    big = TargetReport("tflite", "passed", artifacts=(
+    big = TargetReport("tflite", "passed", precision="int8", artifacts=(
         ArtifactFile(str(tmp_path / "m.bin"), int(source * 1.5)),))
     plan = quantized.plan_for(src, "tflite", ("fp32", "int8"), "fp32") | {"record": None}
     failed = quantized.summary(big, "tflite", plan)
@@ -157,6 +157,11 @@ def test_a_target_larger_than_the_limit_fails_unless_a_fallback_is_stated(
     stated = quantized.plan_for(src, "tflite", ("fp32",), "fp32") | {"record": None}
     kept = quantized.summary(big, "tflite", stated)
     assert kept.status == "passed" and kept.compressed["fallback"]
+    # planned int8, but the target kept fp32 (ncnn when no layer could be made int8): stated
+    from dataclasses import replace
+
+    kept_fp32 = quantized.summary(replace(big, precision="fp32"), "tflite", plan)
+    assert kept_fp32.status == "passed" and "kept fp32" in kept_fp32.compressed["fallback"]
 
 
 @pytest.fixture(scope="module")

@@ -235,10 +235,20 @@ def test_dynamic_fixture_int8_where_ncnn_needs_no_activation_scale(tmp_path):
     assert kept["int8_tensors"] == kept["same_ints_and_scales"] > 0
 
 
-def test_a_float_source_at_int8_is_skipped_with_the_reason(tmp_path):
+@pytest.mark.slow
+def test_a_float_source_at_int8_is_quantized_from_its_own_weights_and_calibration(tmp_path):
+    """--precision int8 of a float model: weights by absmax (ncnn2int8's way), InnerProduct
+    input scales from the calibration set convert mode builds (generated when not given)."""
     from tests.models import tiny_encoder
 
-    src = tiny_encoder(tmp_path / "tiny.onnx")
+    src = tiny_encoder(tmp_path / "tiny.onnx", hidden=32, classes=16)
     t = quick_convert("ncnn", src, tmp_path / "out", precision="int8").targets["ncnn"]
-    assert t.status == "skipped" and "int8" in t.reason and "\n" not in t.reason
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.param"))
+    assert t.status == "passed", t.reason
+    assert t.precision == "int8" and t.compressed is None
+    steps = "\n".join(t.conversion.steps)
+    assert "quantized from the model's float weights" in steps
+    assert "127 / absmax over" in steps and "stayed fp32" not in steps
+    param = Path(next(a.path for a in t.artifacts if a.role == "artifact"))
+    layers = param_layers(param)
+    assert sum(ncnn_int8.is_int8(k, raw) for k, _, _, _, raw in layers) == 3  # Embed, 2 FC
+    assert t.numerics.vs_fp32  # its change against the same model's fp32 layers
