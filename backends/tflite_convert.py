@@ -127,10 +127,12 @@ def _float_tensors(make_converter: Any, job: dict[str, Any], dtypes: list[Any]
                              dict(zip(job["input_order"], sample)))
     tensors = _tflite_tensors(calibrated, sample)
     kept: dict[str, list[str]] = {}
+    taken: set[str] = set()
     for node, chain in chains.items():
-        names = [m for m in (_match(onnx_out[n], tensors) for n in chain if n in onnx_out) if m]
-        if names:
-            kept[node] = list(dict.fromkeys(names))
+        for n in (n for n in chain if n in onnx_out):
+            if (name := _match(onnx_out[n], tensors, taken)) is not None:
+                taken.add(name)
+                kept.setdefault(node, []).append(name)
     return {"kept": kept, "missing": [n for n in job["keep_float"] if n not in kept]}
 
 
@@ -212,25 +214,33 @@ def _tflite_tensors(blob: bytes, sample: list[Any]) -> list[tuple[str, Any]]:
     return found
 
 
-def _match(value: Any, tensors: list[tuple[str, Any]]) -> str | None:
-    """The first tensor holding ``value`` (same size, any axis order, relative error below
-    MATCH_RTOL), or None."""
+def _match(value: Any, tensors: list[tuple[str, Any]], taken: set[str]) -> str | None:
+    """The tensor closest to ``value`` (same size, any axis order, relative error below
+    MATCH_RTOL; the first of equals), not already ``taken``, or None. Both sides are clipped to
+    +-CLIP first: an attention mask's -3.4e38 would otherwise make every masked tensor "equal"
+    (seen: layer 1's mask Add matched to layer 0's)."""
     import itertools
 
     import numpy as np
 
-    ref = value.astype(np.float64)
+    ref = np.clip(value.astype(np.float64), -CLIP, CLIP)
     norm = float(np.linalg.norm(ref)) or 1.0
+    best: tuple[float, str | None] = (MATCH_RTOL, None)
     for name, cand in tensors:
-        if cand.size != ref.size:
+        if cand.size != ref.size or name in taken:
             continue
-        c = cand.reshape([d for d in cand.shape if d != 1] or [1])
+        c = np.clip(cand.astype(np.float64), -CLIP, CLIP).reshape(
+            [d for d in cand.shape if d != 1] or [1])
         r = ref.reshape([d for d in ref.shape if d != 1] or [1])
         views = [np.transpose(r, p) for p in itertools.permutations(range(r.ndim))
                  if tuple(r.shape[i] for i in p) == c.shape] if r.ndim <= 5 else []
-        if any(float(np.linalg.norm(v - c)) / norm < MATCH_RTOL for v in views):
-            return name
-    return None
+        err = min((float(np.linalg.norm(v - c)) / norm for v in views), default=np.inf)
+        if err < best[0]:
+            best = (err, name)
+    return best[1]
+
+
+CLIP = 1e4
 
 
 def _int8_outputs(blob: bytes, names: list[str]) -> list[str]:
