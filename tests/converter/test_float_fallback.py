@@ -289,3 +289,22 @@ def test_tflite_full_integer_passes_with_the_kept_layers_named(outlier_runs):
     assert [a.path for a in fb.artifacts] == [str(tmp / "fallback" / "mlp.int8.tflite")]
     assert sorted(p.name for p in (tmp / "fallback").iterdir()) == ["mlp.int8.tflite",
                                                                     "mlp.tflite.log"]
+
+
+@pytest.mark.slow
+@pytest.mark.sweep
+def test_bert_full_integer_fails_with_the_kept_layers_named(fixtures_dir, tmp_path):
+    """The issue's case, as it stands: the BERT fixture's full-integer artifact (cosine 0.97)
+    is converted again with up to a quarter of its weight layers kept in float, by their
+    measured error, and still fails: the target fails with those layers named, and its one
+    artifact is the last round's. (The worst error is not in a weight layer: see the README.)"""
+    from mtconvert.backends.tflite import TfliteBackend
+
+    if not TfliteBackend.availability().can_convert:
+        pytest.skip("tflite toolchain not installed")
+    t = _tflite_int8(fixtures_dir / "bert_encoder.onnx", tmp_path)
+    f = t.float_fallback
+    assert f["applied"] and not f["passed"] and t.status == "failed"
+    assert len(f["rounds"]) == 3 and len(f["kept"]) == f["weight_layers"] // 4 == 4
+    assert all(node in t.reason for node in f["kept"])
+    assert [a.path for a in t.artifacts] == [str(tmp_path / "bert_encoder.int8.tflite")]
