@@ -93,6 +93,17 @@ def judged(report: Any, source: dict[str, Any] | None) -> Any:
     return replace(report, sparsity=entry | storage(report, got))
 
 
+def unpruned(report: Any) -> Any:
+    """--sparse on a source without pruned weights: the target report says there was nothing
+    to store sparsely (not a failure)."""
+    if report.sparsity is not None or not report.artifacts:
+        return report
+    return replace(report, sparsity={
+        "source_zero_share": 0.0, "storage": "dense",
+        "storage_note": f"nothing to store sparsely: no weight has {PRUNED_MIN:.0%} or more "
+                        "exact zeros"})
+
+
 def storage(report: Any, got: dict[str, Any]) -> dict[str, Any]:
     """How the artifact stores the zeros: sparse (how many weights), or dense and why."""
     steps = report.conversion.steps if report.conversion else ()

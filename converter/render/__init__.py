@@ -167,6 +167,8 @@ def target_sparsity_line(s: dict[str, Any]) -> str:
     """Whether a target's artifact kept the source's zeros (TargetReport.sparsity)."""
     got = s.get("artifact") or {}
     stored = _storage(s)
+    if "artifact" not in s:  # --sparse on a source without pruned weights (sparsity.unpruned)
+        return f"sparsity: {stored.removeprefix('; ')}"
     if "unread" in got or "error" in got:
         return f"sparsity: not measured ({got.get('unread') or got.get('error')}){stored}"
     return (f"sparsity {'kept' if s['kept'] else 'LOST'}: {s['artifact_zero_share']:.1%} of "

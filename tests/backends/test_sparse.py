@@ -141,3 +141,14 @@ def test_coreml_int8_sparse_on_ios18_is_joint_compressed(tmp_path):
     # each weight counted once (its mask sits on the int8 op feeding constexpr_sparse_to_dense)
     assert t.sparsity["storage"] == "sparse" and t.sparsity["kept"]
     assert t.sparsity["sparse_tensors"] == types.count("constexpr_sparse_to_dense")
+
+
+def test_an_unpruned_source_has_nothing_to_store_sparsely_in_the_report():
+    from mtconvert import sparsity
+    from mtconvert.render import target_sparsity_line
+    from mtconvert.report import ArtifactFile, TargetReport
+
+    t = sparsity.unpruned(TargetReport("ncnn", "passed", artifacts=(ArtifactFile("m", 1),)))
+    assert t.sparsity["storage"] == "dense"
+    assert target_sparsity_line(t.sparsity).startswith("sparsity: stored dense: nothing to store")
+    assert TargetReport.from_dict(t.to_dict()).sparsity == t.sparsity
