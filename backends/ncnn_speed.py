@@ -18,7 +18,6 @@ on the prepared ONNX as the original's are (``CHECK_ATOL``): else the step says 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -375,7 +374,8 @@ def sdpa_child(job: dict[str, Any]) -> dict[str, Any]:
         candidate.unlink(missing_ok=True)
         candidate.with_suffix(".bin").unlink(missing_ok=True)
     return {"applied": n, "step": (
-        f"sdpa: {n} attention(s) (MatMul, scale, mask, Softmax, MatMul) -> ncnn SDPA{left}; "
+        f"sdpa: {n} attention(s) (Q·Kᵀ MatMul, scale, mask if any, Softmax, ·V MatMul) -> "
+        f"ncnn SDPA{left}; "
         f"ncnn vs ONNX Runtime max abs {after:.2g} (unfused {before:.2g})")}
 
 
@@ -399,4 +399,3 @@ COMMANDS = {"sdpa": sdpa_child}
 
 if __name__ == "__main__":
     child_main(lambda job: COMMANDS[job["command"]](job))
-    sys.exit(0)

@@ -1,7 +1,6 @@
 """ncnn speed rewrites (ncnn_speed): attention fused into ncnn's SDPA layer, with real pnnx and
 ncnn; the fusion is kept only when ncnn still agrees with ONNX Runtime."""
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
