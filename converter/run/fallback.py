@@ -84,7 +84,10 @@ def attempt(ctx: RunContext, backend: Backend, report: TargetReport, plan: dict[
         if last.numerics is not None and last.numerics.passed:
             break
         rankings.insert(0, _ranked(last))
-    return Outcome(_final(report, last, q["weight_layers"], rounds, chosen is not None), chosen)
+    final = _final(report, last, q["weight_layers"], rounds, chosen is not None)
+    if chosen is not None:  # its conversion as the report says it (with the rounds' steps)
+        chosen = (chosen[0], final.conversion, chosen[2])
+    return Outcome(final, chosen)
 
 
 def _ranked(report: TargetReport) -> list[str]:

@@ -76,6 +76,7 @@ def test_fallback_grows_the_kept_set_until_numerics_pass(tmp_path):
     assert f["first"]["cosine"] == 0.3 and f["weight_layers"] == 8
     assert out.chosen is not None and out.chosen[0].primary.name == "m2.bin"
     assert "float fallback round 2: 2 kept, passed" in out.report.conversion.steps
+    assert out.chosen[1] == out.report.conversion  # committed with the rounds' steps
 
 
 def test_fallback_that_never_passes_fails_with_the_kept_layers_named(tmp_path):
