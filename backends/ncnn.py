@@ -4,7 +4,9 @@ pnnx exits 0 whether or not its output works, so nothing here trusts it: every l
 .param must be one the installed ncnn can create (lint), and the artifact runs in a child
 process against the reference. fp32 validates ncnn with its fp16 options off (exact); fp16
 validates the phone default (fp16 storage and arithmetic on, fp16 weights) and reports its
-change against the exact fp32 twin.
+change against the exact fp32 twin. int8 (a quantized source by default, or --precision int8
+with calibration data) rewrites the weight layers into ncnn's int8 layers (``ncnn_int8``) and
+runs them with int8 inference on and fp16 off, against the float files as the fp32 twin.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
-from mtconvert.backends import ncnn_int8
 from mtconvert.backends.base import (Artifact, Backend, Finding, OpTime, PreparedSource,
                                      Session, TargetOptions, TensorSpec, format_shapes,
                                      match_names)
@@ -75,6 +76,8 @@ class NcnnBackend(Backend):
                 f"{i['blob']}={n}" for i, n in zip(ins, names, strict=True)))
         fixed = {n: i["shape"] for i, n in zip(ins, names, strict=True) if i["shape"]}
         undeclared = [n for n in names if n not in fixed]
+        from mtconvert.backends import ncnn_int8  # numpy: not at import (the CLI's --help)
+
         int8 = sum(1 for kind, _, _, _, raw in _layers(path) if ncnn_int8.is_int8(kind, raw))
         if int8:
             steps.append(f"{int8} int8 layer(s): run with use_int8_inference on, fp16 off")
@@ -201,6 +204,8 @@ class NcnnBackend(Backend):
         files are kept beside as the fp32 twin. None (the model stays fp32, said in the
         steps) when no layer could be made int8."""
         import json
+
+        from mtconvert.backends import ncnn_int8
 
         quant = opts.extra.get("source_quantization")
         if not quant and opts.calibration is None:  # as tflite's full-integer int8

@@ -15,14 +15,18 @@ by value against the weights' record, never by name) into ncnn's int8 form, as n
   (QDQ). ncnn's int8 is symmetric: an asymmetric source activation (a non-zero zero point)
   gets the symmetric scale covering the source's whole representable range,
   ``127 / max(|(qmin - zp) s|, |(qmax - zp) s|)`` (a step at most 2x the source's; the run's
-  int8-source profile judges it). A dynamic source has no activation scale: the layer stays
-  fp32 with its weights dequantized, named in the steps;
-- ``Embed``: ``18=2``, one scale (per-tensor); weights whose ints minus zero point fit int8.
+  int8-source profile judges it). A dynamic source has no activation scale: with
+  ``--calibration`` the input scale is 127 / absmax of that input over the calibration items
+  (``calibrate``, ncnn2table's absmax method), else the layer stays fp32, named in the steps;
+  a per-channel Gemm (Gemm holds one weight scale) becomes the InnerProduct it computes;
+- ``Embed``: ``18=2``, one scale (per-tensor); a uint8 table with a zero point is stored as its
+  ints minus 128 with the offset added through the layer's bias.
 
 A weight whose ints, minus their zero point, do not fit int8, or whose scales ncnn's layer
-cannot hold (per-channel on a Gemm), stays fp32, named in the steps. The .bin is walked layer
-by layer (``LAYOUT``: the blobs each layer type loads); a layer type of unknown layout leaves
-the model fp32, said so.
+cannot hold, stays fp32, named in the steps. The .bin is walked layer by layer (``blobs``: what
+each layer type loads); a layer type of unknown layout leaves the model fp32, said so. A float
+model at ``--precision int8`` gets its own weights quantized the ncnn2int8 way (``_own_record``)
+and calibrated input scales.
 """
 from __future__ import annotations
 
