@@ -1,57 +1,184 @@
-"""ncnn benchmark (issue 4): the 6-layer, 384-wide BERT of bench_tflite.py (random weights from
-transformers.BertConfig), batch 1, sequence 128, 2 threads. Prints, from one mtconvert run,
-conversion seconds and the ncnn artifact's p50 next to ONNX Runtime CPU on the same ONNX, for
-the exact fp32 mode and the phone fp16 mode.
+"""ncnn fp32 latency against ONNX Runtime, before and after mtconvert's ncnn speed rewrites
+(issue 19: ncnn p50 <= 1.5x ONNX Runtime on BERT-class encoders).
 
-    .venv/bin/python benchmarks/bench_ncnn.py [--seq 128] [--threads 2]
+The encoder is bench_runtimes.py's 6-layer, 384-wide BERT (transformers BertConfig, random
+weights, seed 0), batch 1, sequence 128. mtconvert converts it once (the rewrites on; pnnx's
+intermediate files kept), and pnnx's own .param of the same prepared graph is the "before".
+Each repeat is one ``mtconvert validate`` of both .params: the project's interleaved timing
+(reference and target in alternating rounds, each warm in its own child), so both ratios of a
+repeat share the machine's state; the order of the two alternates between repeats. Prints
+each repeat's ratios, their median and spread, and the machine's load (other processes on the
+machine slow the runtimes unevenly: quote the load with the figures). First, a load-robust
+table: single-thread CPU time per inference (ORT and both .params in one process, interleaved
+rounds), the work each side does. Asserts nothing.
+
+    .venv/bin/python benchmarks/bench_ncnn.py [--repeats 5] [--threads 2] [--work DIR]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tflite import MTCONVERT, build_bert  # noqa: E402
+from bench_runtimes import MTCONVERT, make_bert, spread  # noqa: E402
+
+SHAPE = ["--input-shape", "input_ids=1x128", "--input-shape", "attention_mask=1x128"]
 
 
-def run(onnx_path: Path, tmp: Path, precision: str, args: argparse.Namespace) -> dict:
-    report = tmp / f"{precision}.json"
-    subprocess.run([MTCONVERT, str(onnx_path), "--to", "ncnn", "--precision", precision,
-                    "--out", str(tmp / precision), "--input-shape", f"input_ids=1x{args.seq}",
-                    "--threads", str(args.threads), "--iterations", str(args.iterations),
-                    "--report-json", str(report), "--no-cache", "-q"], capture_output=True)
-    return json.loads(report.read_text())
+def build(work: Path, threads: int) -> tuple[Path, dict[str, Path], list[str]]:
+    """(model, {"before": pnnx's .param, "after": mtconvert's}, mtconvert's steps)."""
+    from mtconvert.backends.ncnn import pnnx_binary
+
+    model = make_bert(work / "bert6.onnx")
+    out = work / "out"
+    after = out / "bert6.ncnn.param"
+    if not after.is_file():
+        subprocess.run([MTCONVERT, str(model), "--to", "ncnn", "--out", str(out), *SHAPE,
+                        "--threads", str(threads), "--keep-intermediate", "--no-cache",
+                        "--report-json", str(work / "convert.json"), "-q"], check=False,
+                       capture_output=True)
+    steps = json.loads((work / "convert.json").read_text())["targets"][0]["conversion"]["steps"]
+    before_dir = work / "before"
+    before = before_dir / "bert6.ncnn.param"
+    if not before.is_file():
+        before_dir.mkdir(exist_ok=True)
+        shutil.copy(out / "bert6.ncnn-intermediate" / "model.onnx", before_dir)
+        subprocess.run([str(pnnx_binary()), "model.onnx", "inputshape=[1,128]i64,[1,128]f32",
+                        "fp16=0"], cwd=before_dir, capture_output=True, check=True)
+        (before_dir / "model.ncnn.param").rename(before)
+        (before_dir / "model.ncnn.bin").rename(before.with_suffix(".bin"))
+        _declare_shapes(before)
+    return model, {"before": before, "after": after}, steps
+
+
+def _declare_shapes(param: Path) -> None:
+    from mtconvert.backends.ncnn import declare_input_shapes
+
+    declare_input_shapes(param, [[1, 128], [1, 128]])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--iterations", type=int, default=50)
+    ap.add_argument("--work", type=Path,
+                    default=Path(tempfile.gettempdir()) / "mtconvert-bench-ncnn")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-ncnn-"))
-    try:
-        onnx_path = tmp / "bert6.onnx"
-        build_bert(onnx_path, args.seq)
-        reports = {p: run(onnx_path, tmp, p, args) for p in ("fp32", "fp16")}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"BERT 6 layers x 384, batch 1, sequence {args.seq}, {args.threads} threads")
-    for precision, rep in reports.items():
-        t = rep["targets"][0]
-        ref = rep["reference"]["latency"]["p50_ms"]
-        lat = (t.get("latency") or {}).get("p50_ms")
-        worst = (t.get("numerics") or {}).get("worst") or {}
-        ratio = f"{lat / ref:.2f}x" if lat else "-"
-        lat_s = f"{lat:.2f} ms" if lat else "-"
-        print(f"  ncnn {precision}: status {t['status']}, convert {t['conversion']['seconds']:.1f} s, "
-              f"max abs {worst.get('max_abs', float('nan')):.2e}, p50 {lat_s} vs ONNX Runtime "
-              f"{ref:.2f} ms = {ratio}  ({(t.get('numerics') or {}).get('runtime')})")
+    args.work.mkdir(parents=True, exist_ok=True)
+    model, params, steps = build(args.work, args.threads)
+    print(f"{model.name}: 6 layers x 384, batch 1, sequence 128, {args.threads} threads; "
+          f"load before the runs {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    speed = [s for s in steps if s.startswith("sdpa")]
+    print("  mtconvert's speed steps: " + ("; ".join(speed) or "none"))
+    for name, p in params.items():
+        print(f"  {name:<6} {p}  layers: {_layer_summary(p)}")
+    cpu_table(model, params, args.repeats * 2)
+    ratios: dict[str, list[float]] = {k: [] for k in params}
+    print(f"\n{'run':>3} {'before':>22} {'after':>22}   reference p50   load (1 min)")
+    for i in range(args.repeats):
+        order = list(params) if i % 2 == 0 else list(reversed(params))
+        path = args.work / f"validate{i}.json"
+        subprocess.run([MTCONVERT, "validate", str(model), *(str(params[k]) for k in order),
+                        *SHAPE, "--threads", str(args.threads), "--iterations",
+                        str(args.iterations), "--report-json", str(path), "-q"],
+                       capture_output=True)
+        report = json.loads(path.read_text())
+        cells = {}
+        for t in report["targets"]:
+            which = next(k for k, p in params.items()
+                         if any(a["path"] == str(p) for a in t.get("artifacts", [])))
+            vs = t.get("latency_vs_reference") or {}
+            if "ratio_p50" in vs:
+                ratios[which].append(vs["ratio_p50"])
+                lo, hi = vs["ci95"]
+                cells[which] = f"{vs['ratio_p50']:.2f}x [{lo:.2f}-{hi:.2f}]" + (
+                    "?" if vs["noisy"] else " ")
+            else:
+                cells[which] = f"{t['status']}"
+        ref = report["reference"]["latency"]["p50_ms"]
+        print(f"{i:>3} {cells.get('before', '-'):>22} {cells.get('after', '-'):>22}   "
+              f"{ref:8.2f} ms      {os.getloadavg()[0]:.1f}")
+    print(f"\nncnn p50 / ONNX Runtime p50 ([95% interval], ? = too noisy to tell 10 %); "
+          f"{os.cpu_count()} cores; load = 1-minute load average after each run")
+    for name, values in ratios.items():
+        print(f"  {name:<6} {spread(values) if values else 'not measured'}")
+    if ratios["before"] and ratios["after"]:
+        gain = [b / a for b, a in zip(ratios["before"], ratios["after"], strict=False)]
+        verdict = "meets" if statistics.median(ratios["after"]) <= 1.5 else "misses"
+        print(f"  before/after per repeat: {', '.join(f'{g:.2f}' for g in gain)}; goal after "
+              f"<= 1.5x: {verdict} at load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+              "(a verdict only on an otherwise idle machine: under load, 2-thread ONNX Runtime "
+              "slows far more than ncnn)")
+
+
+def cpu_table(model: Path, params: dict[str, Path], repeats: int, runs: int = 5) -> None:
+    """Single-thread CPU time per inference (time.thread_time: the work done, which other
+    processes on the machine change far less than wall time), ONNX Runtime and each .param
+    in turn, interleaved, ``repeats`` rounds of ``runs`` inferences; a round's figure is its
+    median."""
+    import time
+
+    import ncnn
+    import numpy as np
+    import onnxruntime as ort
+
+    ids = np.random.default_rng(0).integers(0, 30522, 128)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids[None].astype(np.int64),
+             "attention_mask": np.ones((1, 128), np.int64)}
+    nets = {}
+    for name, p in params.items():
+        net = ncnn.Net()
+        net.opt.num_threads = 1
+        net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False
+        net.opt.use_fp16_packed = net.opt.use_bf16_storage = False
+        net.load_param(str(p))
+        net.load_model(str(p.with_suffix(".bin")))
+        nets[name] = net
+
+    def ncnn_run(net: object) -> None:
+        ex = net.create_extractor()
+        ex.input("in0", ncnn.Mat(ids.astype(np.int32)).clone())
+        ex.input("in1", ncnn.Mat(np.ones(128, np.float32)).clone())
+        ex.extract("out0")
+
+    sides = {"ort": lambda: sess.run(None, feeds),
+             **{k: (lambda n: lambda: ncnn_run(n))(n) for k, n in nets.items()}}
+    rounds: dict[str, list[float]] = {k: [] for k in sides}
+    for f in sides.values():
+        f()  # warm-up
+    for _ in range(repeats):
+        for k, f in sides.items():
+            ms = []
+            for _ in range(runs):
+                t0 = time.thread_time()
+                f()
+                ms.append((time.thread_time() - t0) * 1000.0)
+            rounds[k].append(statistics.median(ms))
+    print(f"\nsingle-thread CPU ms per inference (thread_time; {repeats} interleaved rounds of "
+          f"{runs}; load {os.getloadavg()[0]:.1f})")
+    for k, v in rounds.items():
+        ratio = [a / b for a, b in zip(v, rounds["ort"], strict=True)]
+        print(f"  {k:<6} median {statistics.median(v):6.2f} ms (min {min(v):.2f}, max "
+              f"{max(v):.2f})" + ("" if k == "ort" else f"  / ORT: {spread(ratio)}"))
+
+
+def _layer_summary(param: Path) -> str:
+    from mtconvert.backends.ncnn import param_layer_types
+
+    types = param_layer_types(param)
+    return ", ".join(f"{t}x{types.count(t)}" for t in sorted(set(types), key=types.count,
+                                                              reverse=True)[:8])
 
 
 if __name__ == "__main__":
