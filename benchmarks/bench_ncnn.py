@@ -10,7 +10,14 @@ repeat share the machine's state; the order of the two alternates between repeat
 each repeat's ratios, their median and spread, and the machine's load (other processes on the
 machine slow the runtimes unevenly: quote the load with the figures). First, a load-robust
 table: single-thread CPU time per inference (ORT and both .params in one process, interleaved
-rounds), the work each side does. Asserts nothing.
+rounds), the work each side does; then, with --threads above 1, in-process wall time at that
+thread count with ONNX Runtime's idle spinning on and off. Asserts nothing.
+
+The ncnn wheel runs its layers on libgomp, whose threads spin at every barrier by default: on
+a busy 2-core machine a descheduled peer makes each of several hundred barriers per inference
+wait a time slice (seen: 2-thread ncnn 300-7000 ms per inference at load 9, 60 ms with
+OMP_WAIT_POLICY=PASSIVE). Run this script with and without that variable to see its effect
+on your machine; the header prints what is set.
 
     .venv/bin/python benchmarks/bench_ncnn.py [--repeats 5] [--threads 2] [--work DIR]
 """
@@ -69,18 +76,32 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-validate", action="store_true",
+                    help="only the in-process tables, not the mtconvert validate repeats")
     ap.add_argument("--work", type=Path,
                     default=Path(tempfile.gettempdir()) / "mtconvert-bench-ncnn")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model, params, steps = build(args.work, args.threads)
     print(f"{model.name}: 6 layers x 384, batch 1, sequence 128, {args.threads} threads; "
-          f"load before the runs {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+          f"load before the runs {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')} (the ncnn wheel's "
+          "libgomp reads them; the validate children inherit them)")
     speed = [s for s in steps if s.startswith("sdpa")]
     print("  mtconvert's speed steps: " + ("; ".join(speed) or "none"))
     for name, p in params.items():
         print(f"  {name:<6} {p}  layers: {_layer_summary(p)}")
     cpu_table(model, params, args.repeats * 2)
+    if args.threads > 1:
+        for spinning in ("1", "0"):
+            cpu_table(model, params, args.repeats * 2, threads=args.threads, spinning=spinning)
+    if not args.no_validate:
+        validate_table(model, params, args)
+
+
+def validate_table(model: Path, params: dict[str, Path], args: argparse.Namespace) -> None:
+    """``mtconvert validate`` of both .params, repeated: the project's interleaved ratios."""
     ratios: dict[str, list[float]] = {k: [] for k in params}
     print(f"\n{'run':>3} {'before':>22} {'after':>22}   reference p50   load (1 min)")
     for i in range(args.repeats):
@@ -119,11 +140,14 @@ def main() -> None:
               "slows far more than ncnn)")
 
 
-def cpu_table(model: Path, params: dict[str, Path], repeats: int, runs: int = 5) -> None:
-    """Single-thread CPU time per inference (time.thread_time: the work done, which other
-    processes on the machine change far less than wall time), ONNX Runtime and each .param
-    in turn, interleaved, ``repeats`` rounds of ``runs`` inferences; a round's figure is its
-    median."""
+def cpu_table(model: Path, params: dict[str, Path], repeats: int, runs: int = 5,
+              threads: int = 1, spinning: str = "1") -> None:
+    """Per-inference time in one process, ONNX Runtime and each .param in turn, interleaved,
+    ``repeats`` rounds of ``runs`` inferences (a round's figure is its median). One thread:
+    CPU time (time.thread_time: the work done, which other processes on the machine change
+    far less than wall time). More threads: wall time, with ONNX Runtime's idle-thread
+    spinning as ``spinning`` (its threads spinning after a run take a core from the ncnn run
+    that follows on a 2-core machine)."""
     import time
 
     import ncnn
@@ -132,14 +156,16 @@ def cpu_table(model: Path, params: dict[str, Path], repeats: int, runs: int = 5)
 
     ids = np.random.default_rng(0).integers(0, 30522, 128)
     so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    clock = time.thread_time if threads == 1 else time.perf_counter
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     feeds = {"input_ids": ids[None].astype(np.int64),
              "attention_mask": np.ones((1, 128), np.int64)}
     nets = {}
     for name, p in params.items():
         net = ncnn.Net()
-        net.opt.num_threads = 1
+        net.opt.num_threads = threads
         net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False
         net.opt.use_fp16_packed = net.opt.use_bf16_storage = False
         net.load_param(str(p))
@@ -161,12 +187,14 @@ def cpu_table(model: Path, params: dict[str, Path], repeats: int, runs: int = 5)
         for k, f in sides.items():
             ms = []
             for _ in range(runs):
-                t0 = time.thread_time()
+                t0 = clock()
                 f()
-                ms.append((time.thread_time() - t0) * 1000.0)
+                ms.append((clock() - t0) * 1000.0)
             rounds[k].append(statistics.median(ms))
-    print(f"\nsingle-thread CPU ms per inference (thread_time; {repeats} interleaved rounds of "
-          f"{runs}; load {os.getloadavg()[0]:.1f})")
+    what = ("single-thread CPU ms (thread_time)" if threads == 1 else
+            f"{threads}-thread wall ms, ONNX Runtime allow_spinning={spinning}")
+    print(f"\n{what} per inference, one process; {repeats} interleaved rounds of {runs}; load "
+          f"{os.getloadavg()[0]:.1f}")
     for k, v in rounds.items():
         ratio = [a / b for a, b in zip(v, rounds["ort"], strict=True)]
         print(f"  {k:<6} median {statistics.median(v):6.2f} ms (min {min(v):.2f}, max "
