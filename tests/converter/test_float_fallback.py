@@ -253,39 +253,41 @@ def _tflite_int8(model, out, **kw):
                          extra={"int8_scheme": "full"}, **kw).targets["tflite"]
 
 
-@pytest.fixture(scope="module")
-def outlier_runs(tmp_path_factory):
-    """The outlier MLP at full-integer int8, without and with the fallback (one conversion
-    each, shared)."""
+def _outlier_tmp(tmp_path_factory):
     from mtconvert.backends.tflite import TfliteBackend
 
     if not TfliteBackend.availability().can_convert:
         pytest.skip("tflite toolchain not installed")
     tmp = tmp_path_factory.mktemp("outlier")
-    model = _outlier_mlp(tmp / "mlp.onnx")
-    return (_tflite_int8(model, tmp / "plain", float_fallback=False),
-            _tflite_int8(model, tmp / "fallback"), tmp)
+    return _outlier_mlp(tmp / "mlp.onnx"), tmp
 
 
 @pytest.mark.slow
-def test_tflite_full_integer_fails_without_the_fallback(outlier_runs):
-    plain, _, _ = outlier_runs
+@pytest.mark.sweep
+def test_tflite_full_integer_fails_without_the_fallback(tmp_path_factory):
+    model, tmp = _outlier_tmp(tmp_path_factory)
+    plain = _tflite_int8(model, tmp / "plain", float_fallback=False)
     assert plain.status == "failed" and not plain.numerics.passed
     assert plain.float_fallback == {"applied": False, "reason": "--no-float-fallback"}
     assert plain.diagnostics["quantization_error"]["layers"]  # int8 tensors are read now
 
 
 @pytest.mark.slow
-def test_tflite_full_integer_passes_with_the_kept_layers_named(outlier_runs):
-    plain, fb, tmp = outlier_runs
+def test_tflite_full_integer_passes_with_the_kept_layers_named(tmp_path_factory):
+    """The first artifact fails (its numerics in ``float_fallback.first``); the fallback's
+    passes with the kept layers named."""
+    model, tmp = _outlier_tmp(tmp_path_factory)
+    fb = _tflite_int8(model, tmp / "fallback")
     f = fb.float_fallback
+    assert f["first"]["cosine"] < 0.99  # the int8 artifact without the fallback fails
     assert fb.status == "passed" and f["passed"], fb.reason
     assert 1 <= len(f["kept"]) <= f["weight_layers"] // 4
-    assert fb.numerics.worst["cosine"] > plain.numerics.worst["cosine"]
+    assert fb.numerics.worst["cosine"] > f["first"]["cosine"]
     steps = " | ".join(fb.conversion.steps)
     for node in f["kept"]:
         assert f"int8 float fallback: {node} kept in float (tflite " in steps
     assert "but the quantizer left it int8" not in steps
+    assert "float fallback round 1: 1 kept, failed" in steps
     # the target's one artifact is the passing one, in place of the failing first
     assert [a.path for a in fb.artifacts] == [str(tmp / "fallback" / "mlp.int8.tflite")]
     assert sorted(p.name for p in (tmp / "fallback").iterdir()) == ["mlp.int8.tflite",
