@@ -89,4 +89,5 @@ class ConvertOptions:
         """What the report records of these options."""
         return {"precision": self.precision, "threads": self.threads, "warmup": self.warmup,
                 "iterations": self.iterations, "seed": self.seed, "timeout_s": self.timeout_s,
-                "jobs": self.jobs, "cache": self.cache}
+                "jobs": self.jobs, "cache": self.cache} | (
+                    {"sparse": True} if self.sparse else {})  # --sparse: recorded when given
