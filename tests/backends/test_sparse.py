@@ -27,7 +27,8 @@ def _dense_mlp(path: Path) -> Path:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])
     inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), n)
              for n in ("w1", "w2")]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("MatMul", ["r", "w2"], ["y"])]
     model = helper.make_model(helper.make_graph(nodes, "dense", [x], [y], inits),
                               opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
