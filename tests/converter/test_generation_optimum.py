@@ -218,14 +218,16 @@ def test_gpt2_set_to_onnx_mobile_and_tflite(sets, tmp_path):
     ("llama", "onnx-mobile,tflite,executorch"), ("gpt2-merged", "onnx-mobile,tflite"),
     ("gpt2", "ncnn,coreml,executorch")])
 def test_every_target_and_family(kind, targets, sets, tmp_path):
-    """Every family and layout, every target: a target that generates must generate the
-    reference's tokens; one that cannot convert this graph says why (ncnn: see the README's
-    known limits) and the run exits 3, never 0."""
+    """Every family and layout, every target generates the reference's tokens, but ncnn: pnnx
+    writes the graph's mask logic as layers ncnn cannot create (Tensor.to, torch.where; the
+    README's known limits), an error with its reason, and the run exits 3."""
     proc, report = _convert(sets[kind], targets, tmp_path)
     for t in report["targets"]:
-        if t["status"] == "passed":
-            assert _generated_the_reference(t), t
-        else:
-            assert t["status"] in ("error", "skipped") and t["reason"], t
+        if t["status"] == "skipped":
+            continue  # not installed here: the report says so
+        if t["name"] == "ncnn" and t["status"] == "error":
+            assert "ncnn" in t["reason"], t["reason"]
+            continue
+        assert t["status"] == "passed" and _generated_the_reference(t), (t["name"], t["reason"])
     statuses = {t["status"] for t in report["targets"]}
     assert proc.returncode == (0 if statuses <= {"passed", "skipped"} else 3), statuses
