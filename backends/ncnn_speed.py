@@ -200,6 +200,8 @@ def _plan(k: int, a: Attention, shapes: dict[str, tuple[int, ...]]
     if not (q and kt and v) or len(q) != 3 or len(kt) != 3 or len(v) != 3:
         return f"attention {k}: Q/Kᵀ/V are not 3-D blobs"
     heads, seq_q, dim = q
+    if a.scale == 0.0:  # SDPA reads scale 0 as "1/sqrt(dim)"
+        return f"attention {k}: scale 0"
     if kt[1] != dim or v[1] != kt[2] or heads % kt[0] or kt[0] != v[0]:
         return f"attention {k}: shapes Q{q} Kᵀ{kt} V{v} do not fit SDPA"
     new: list[Layer] = []
