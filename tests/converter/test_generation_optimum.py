@@ -110,6 +110,23 @@ def test_a_broken_surgery_is_caught(sets, tmp_path):
                            lambda _n: PROFILES["fp32"]).passed
 
 
+def test_prompt_text_goes_through_the_sets_tokenizer(sets, tmp_path):
+    """A set with tokenizer.json takes --prompt like a model folder (Optimum copies the
+    tokenizer beside the graphs)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mtconvert.generation import reference
+
+    d = tmp_path / "with-tokenizer"
+    shutil.copytree(sets["gpt2"], d)
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 5, "world": 17}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    s = optimum.open_set(d, None)
+    ids, how = reference.prompt_ids(s.folder, "hello world", None, 300)
+    assert ids == (5, 17) and "tokenizer.json" in how
+
+
 def _graph(path, inputs, outputs):
     """A one-node ONNX file with these I/O names (what detection and refusal read)."""
     import onnx
