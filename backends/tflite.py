@@ -219,9 +219,13 @@ def kept_float_steps(kept: dict[str, Any], asked: tuple[str, ...]) -> list[str]:
     steps = [f"int8 float fallback: {node} kept in float (tflite {', '.join(names)})"
              + (" - but the quantizer left it int8" if still & set(names) else "")
              for node, names in kept.get("kept", {}).items()]
-    if kept.get("missing"):
+    absent = set(kept.get("absent", ()))
+    if unmatched := [n for n in kept.get("missing", ()) if n not in absent]:
         steps.append("int8 float fallback: no TFLite tensor matched, not kept: "
-                     + ", ".join(kept["missing"]))
+                     + ", ".join(unmatched))
+    if absent:
+        steps.append("int8 float fallback: not in the fixed-shape graph, not kept: "
+                     + ", ".join(sorted(absent)))
     return steps
 
 

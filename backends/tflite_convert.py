@@ -133,7 +133,8 @@ def _float_tensors(make_converter: Any, job: dict[str, Any], dtypes: list[Any]
             if (name := _match(onnx_out[n], tensors, taken)) is not None:
                 taken.add(name)
                 kept.setdefault(node, []).append(name)
-    return {"kept": kept, "missing": [n for n in job["keep_float"] if n not in kept]}
+    return {"kept": kept, "missing": [n for n in job["keep_float"] if n not in kept],
+            "absent": [n for n in job["keep_float"] if n not in chains]}
 
 
 # what a layer's float output goes through before the next layer, kept in float with it (its
@@ -185,6 +186,8 @@ def _onnx_outputs(path: str, nodes: list[str], feeds: dict[str, Any]) -> dict[st
     types = {i.name: i.type for i in sess.get_inputs()}
     fed = {k: v.astype("int64" if "int64" in types[k] else v.dtype) for k, v in feeds.items()
            if k in types}
+    if not outs:  # none of them in this graph (an empty list would fetch every output)
+        return {}
     values = dict(zip(list(outs.values()), sess.run(list(outs.values()), fed), strict=True))
     return {n: values[o] for n, o in outs.items()}
 
@@ -234,6 +237,7 @@ def _match(value: Any, tensors: list[tuple[str, Any]], taken: set[str]) -> str |
         r = ref.reshape([d for d in ref.shape if d != 1] or [1])
         views = [np.transpose(r, p) for p in itertools.permutations(range(r.ndim))
                  if tuple(r.shape[i] for i in p) == c.shape] if r.ndim <= 5 else []
+        views.append(r.reshape(c.shape))  # a fused reshape (heads split off the hidden axis)
         err = min((float(np.linalg.norm(v - c)) / norm for v in views), default=np.inf)
         if err < best[0]:
             best = (err, name)
