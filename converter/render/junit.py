@@ -73,6 +73,10 @@ def _properties(report: Report, t: TargetReport) -> dict[str, Any]:
         props["artifacts"] = ", ".join(a.path for a in t.artifacts)
     if t.log:
         props["log"] = t.log
+    if t.float_fallback:  # the int8 float fallback in one line (mtconvert.run.fallback)
+        from mtconvert.render import float_fallback_line
+
+        props["float_fallback"] = float_fallback_line(t.float_fallback)
     return props
 
 

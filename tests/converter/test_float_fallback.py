@@ -187,6 +187,10 @@ def test_report_field_round_trips_and_renders(tmp_path):
         module.render(report, out)
         text = " ".join(out.getvalue().split())
         assert "2 of 8 weight layers kept in float passes" in text, module.__name__
+    from mtconvert.render import junit
+
+    props = {p.name: p.value for suite in junit.build(report) for p in suite.properties()}
+    assert props["float_fallback"] == line
 
 
 # --- real backends ------------------------------------------------------------------------------
