@@ -149,6 +149,10 @@ class Run:
             from mtconvert import sparsity
 
             targets = [sparsity.judged(t, source.sparsity) for t in targets]
+        elif self.opts.sparse:  # --sparse with no pruned weight: each target says so
+            from mtconvert import sparsity
+
+            targets = [sparsity.unpruned(t) for t in targets]
         if self.baseline is not None:
             targets = baseline.apply(targets, self.baseline, source.sha256, {
                 "max_latency_regression": self.opts.max_latency_regression,

@@ -226,3 +226,13 @@ def test_localize_on_a_passing_run(tiny_onnx, tmp_path, fake_registry):
     t = _convert(tiny_onnx, tmp_path, fake_registry, localize=True).targets["fake"]
     assert t.status == "passed" and "every conclusive probe matches" in t.diagnostics["result"]
     assert all(h["verdict"] == "matches" for h in t.diagnostics["history"])
+
+
+def test_sparse_on_a_source_without_pruned_weights_says_there_is_nothing_to_store(
+        tiny_onnx, tmp_path, fake_registry):
+    plain = _convert(tiny_onnx, tmp_path / "plain", fake_registry).targets["fake"]
+    assert plain.sparsity is None  # not asked, nothing said
+    t = _convert(tiny_onnx, tmp_path / "out", fake_registry, sparse=True).targets["fake"]
+    assert t.status == "passed"  # not a failure
+    assert t.sparsity["storage"] == "dense"
+    assert t.sparsity["storage_note"].startswith("nothing to store sparsely")
