@@ -346,12 +346,16 @@ def logic_to_float(g: Graph, ctx: Context) -> tuple[Any, str] | None:
         o = n.output[0]
         if op == "Cast":
             src_int = g.is_int(ins[0]) or g.is_bool(ins[0])
+            # a float mask input holds 0/1, as integer mask inputs are taken to (_finite_ranges)
+            float_mask = not src_int and ins[0] in g.inputs and "mask" in ins[0].lower()
+            if float_mask:
+                notes.append(f"{ins[0]} (a float mask input) cast as its 0/1 values")
             to = g.attr(n, "to")
             if to == BOOL and not g.is_bool(ins[0]):
-                if not src_int:
+                if not (src_int or float_mask):
                     raise NotApplicable("Cast of floats to bool")
                 emit("Min", [emit("Abs", [t(ins[0])]), one], out_name(o))
-            elif to in FLOAT_TYPES or src_int:
+            elif to in FLOAT_TYPES or src_int or float_mask:
                 emit("Identity", [t(ins[0])], out_name(o))
             else:
                 raise NotApplicable("Cast of floats to integers")

@@ -80,7 +80,27 @@ def _attention_mask_graph(mask_type=I64, fill=FMIN):
 
 # --- 1. bool / compare / logical / Where -> float arithmetic -------------------------------
 
-@pytest.mark.parametrize("mask_type", [I64, B])
+def test_a_float_mask_input_cast_to_integers_is_read_as_its_0_1_values():
+    """An ONNX graph made static from an Optimum export reads a float mask and casts it to the
+    int64 mask its attention logic expects."""
+    m = _attention_mask_graph(I64)
+    cast = m.graph.node[0]
+    m.graph.node.insert(0, helper.make_node("Cast", ["attention_mask_f"], ["attention_mask"],
+                                            to=I64))
+    del m.graph.input[0]
+    m.graph.input.insert(0, helper.make_tensor_value_info("attention_mask_f", F, [1, 8]))
+    assert cast.input[0] == "attention_mask"
+    done = lower(m, _shapes(m), NCNN)
+    assert "logic-to-float" in done.applied, done.steps
+    assert not _ops(done.model) & {"And", "Not", "Where", "Cast"}
+    assert any("attention_mask_f (a float mask input) cast as its 0/1 values" in s
+               for s in done.steps)
+    rng = np.random.default_rng(0)
+    _assert_same(m, done.model, [{"attention_mask_f": mk, "scores": rng.standard_normal(
+        (1, 2, 8, 8)).astype(np.float32)} for mk in _masks(dtype=np.float32)])
+
+
+@pytest.mark.parametrize("mask_type", [I64, B, F])
 def test_logic_to_float_on_int_and_bool_masks(mask_type):
     m = _attention_mask_graph(mask_type)
     done = lower(m, _shapes(m), NCNN)
@@ -94,7 +114,7 @@ def test_logic_to_float_on_int_and_bool_masks(mask_type):
     assert all(np.abs(numpy_helper.to_array(i)).max(initial=0) <= 1e4
                for i in done.model.graph.initializer if i.name not in bounds)
     rng = np.random.default_rng(0)
-    dt = bool if mask_type == B else np.int64
+    dt = {B: bool, F: np.float32}.get(mask_type, np.int64)
     _assert_same(m, done.model, [{"attention_mask": mk, "scores": rng.standard_normal(
         (1, 2, 8, 8)).astype(np.float32)} for mk in _masks(dtype=dt)])
     assert any(s.startswith("lower logic-to-float: ") and "ORT max abs" in s for s in done.steps)
