@@ -74,6 +74,34 @@ def test_an_inner_product_runs_ncnns_int8_kernel_with_the_sources_ints(fc_case, 
     assert not np.allclose(got, float_out, rtol=0, atol=1e-4)  # not the float product
 
 
+def test_a_per_channel_gemm_becomes_the_int8_inner_product_it_computes(fc_case, tmp_path):
+    """Gemm holds one weight scale: a plain A·Bᵀ + bias Gemm with per-channel weights is
+    rewritten as an InnerProduct (the C blob its bias, without the flag) and ncnn's int8 kernel
+    computes the same product as for a native InnerProduct."""
+    _, bias, x = fc_case
+    rng = np.random.default_rng(1)
+    ints = rng.integers(-127, 128, (K, N)).astype(np.int8)
+    scales = np.array([0.01, 0.02, 0.04], np.float32)
+    rec = record(ints, scales, np.zeros(N, np.int8), 1)
+    rec["input"] = {"scale": 0.05, "zero_point": 0, "dtype": "int8"}
+    param, binf = tmp_path / "g.param", tmp_path / "g.bin"
+    param.write_text(f"7767517\n2 2\nInput in0 0 1 in0 0={K} 1={ROWS}\n"
+                     f"Gemm g 1 1 in0 out0 2=0 3=1 4=0 5=1 6=1 7={ROWS} 8={N} 9={K} 10=4\n")
+    binf.write_bytes(b"\0\0\0\0" + values(rec).T.astype(np.float32).tobytes()
+                     + b"\0\0\0\0" + bias.tobytes())
+    float_out = _run(param, x)
+    res = ncnn_int8.rewrite(param, binf, param_layers(param), {"w": rec})
+    assert res.int8 == ["g (Gemm -> InnerProduct)"]
+    assert param_layer_types(param) == ["Input", "InnerProduct"]
+    (got_ints, got_scales), = ncnn_int8.int8_tensors(param, param_layers(param))
+    assert np.array_equal(got_ints, ints.T) and np.allclose(got_scales, scales, rtol=1e-6)
+    xq = np.clip(np.trunc(x / 0.05 + np.copysign(0.5, x)), -127, 127)
+    want = (xq @ ints.astype(np.float64)) * (0.05 * scales) + bias
+    got = _run(param, x)
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.allclose(got, float_out, atol=0.05 * np.abs(float_out).max())  # same product
+
+
 def test_without_an_activation_scale_the_layer_stays_fp32_and_says_why(fc_case, tmp_path):
     rec, bias, _ = fc_case
     dynamic = {k: v for k, v in rec.items() if k != "input"}
@@ -196,6 +224,7 @@ def per_channel(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.slow
+@pytest.mark.sweep  # end to end of the hand-made Gemm -> InnerProduct test above
 def test_per_channel_weights_turn_gemm_into_int8_inner_products(per_channel):
     t = per_channel
     assert t.status == "passed", t.reason
