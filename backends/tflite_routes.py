@@ -613,36 +613,34 @@ def _as_sng4onnx_would(model: Any) -> Any:
 
 def _fused(model: Any, steps: list[str]) -> tuple[Any, list[str]]:
     """``model`` with its exact GELU formulas fused (fuse_gelu) when ONNX Runtime agrees."""
-    import onnx
-
-    fused = onnx.ModelProto()
-    fused.CopyFrom(model)
-    try:
-        count = fuse_gelu(fused)
-    except Exception as exc:  # noqa: BLE001 - a graph the matcher cannot read: left as it is
-        return model, [*steps, f"GELU not fused: {_first_line(exc)}"]
-    if not count:
-        return model, steps
-    return _checked(model, fused, f"GELU formula fused into one Gelu node ({count} nodes; "
-                    "onnx2tf writes tf.nn.gelu: LiteRT's builtin GELU, not the Erf emulation)",
-                    steps)
+    return _rewritten(model, steps, fuse_gelu, "GELU not fused", lambda count: (
+        f"GELU formula fused into one Gelu node ({count} nodes; onnx2tf writes tf.nn.gelu: "
+        "LiteRT's builtin GELU, not the Erf emulation)"))
 
 
 def _gathers_flattened(model: Any, steps: list[str]) -> tuple[Any, list[str]]:
     """``model`` with its constant-index GatherElements as flat Gathers
     (gather_elements_to_gather) when ONNX Runtime agrees."""
+    return _rewritten(model, steps, gather_elements_to_gather, "GatherElements not rewritten",
+                      lambda count: f"{count} GatherElements at constant indices as Gather "
+                                    "over the flattened data")
+
+
+def _rewritten(model: Any, steps: list[str], rewrite: Any, failed: str,
+               what: Any) -> tuple[Any, list[str]]:
+    """``rewrite`` (in place, returns a count) applied to a copy of ``model``, kept when ONNX
+    Runtime gives the same outputs; a graph the rewrite cannot read is left as it is."""
     import onnx
 
-    flat = onnx.ModelProto()
-    flat.CopyFrom(model)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
     try:
-        count = gather_elements_to_gather(flat)
-    except Exception as exc:  # noqa: BLE001 - a graph the rewrite cannot read: left as it is
-        return model, [*steps, f"GatherElements not rewritten: {_first_line(exc)}"]
+        count = rewrite(copy)
+    except Exception as exc:  # noqa: BLE001 - said in the step, the graph left as it is
+        return model, [*steps, f"{failed}: {_first_line(exc)}"]
     if not count:
         return model, steps
-    return _checked(model, flat, f"{count} GatherElements at constant indices as Gather over "
-                    "the flattened data", steps)
+    return _checked(model, copy, what(count), steps)
 
 
 def _checked(before: Any, after: Any, what: str, steps: list[str]) -> tuple[Any, list[str]]:
