@@ -51,6 +51,8 @@ class NcnnBackend(Backend):
     artifact_suffixes = (".param",)
     sidecar_suffixes = (".bin",)
     addressable_intermediates = True
+    no_sparse_weights = ("ncnn's .bin stores every weight dense (raw fp32, fp16, int8, or a "
+                         "256-entry table with uint8 indices); it has no sparse weight layout")
     options = (Option("keep_intermediate", "bool", False, "ncnn: also keep pnnx's intermediate "
                       "files (in <model>.ncnn-intermediate/)."),)
 

@@ -153,3 +153,13 @@ def test_an_unpruned_source_has_nothing_to_store_sparsely_in_the_report():
     assert t.sparsity["storage"] == "dense"
     assert target_sparsity_line(t.sparsity).startswith("sparsity: stored dense: nothing to store")
     assert TargetReport.from_dict(t.to_dict()).sparsity == t.sparsity
+
+
+def test_every_target_says_how_it_stores_zeros_or_why_it_cannot():
+    from mtconvert.backends.base import Backend
+    from mtconvert.registry import default_registry
+
+    reg = default_registry()
+    for name in reg.names():
+        cls = reg.get(name)
+        assert cls.sparse_weights or cls.no_sparse_weights != Backend.no_sparse_weights, name
