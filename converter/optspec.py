@@ -63,8 +63,8 @@ CORE: tuple[Option, ...] = (
     Option("localize", "bool", False, "Name the first diverging operator even when numerics "
            "pass."),
     Option("profile", "bool", False, "Add each target's top operators by time to the report "
-           "(the runtime's own profiler: ONNX Runtime, ncnn per layer; where a runtime has "
-           "none, the report says so).", modes=ALL),
+           "(the runtime's own profiler: ONNX Runtime, ncnn per layer, ExecuTorch's ETDump; "
+           "where a runtime has none, the report says so).", modes=ALL),
     Option("save_baseline", "path", None, "Keep this run's measurements (latency samples, "
            "size, errors) here, for a later --baseline.", modes=BOTH),
     Option("baseline", "path", None, "Fail a target that got slower, larger or less exact "

@@ -10,8 +10,9 @@ weights and activations to float16 (XNNPACK's fp16 kernels).
 
 The session runs the ``.pte`` with ``executorch.runtime`` (the pip package's runtime: portable
 kernels plus the XNNPACK delegate) in the worker child, with its thread pool set to the run's
-thread count. That runtime exposes no intermediate tensors of a delegated graph (ETDump's debug
-buffer needs a runtime built with the event tracer), so localization is by bisection.
+thread count. That runtime exposes no intermediate tensors of a delegated graph (it is built
+with the event tracer, whose ETDump ``--profile`` reads for timings; whether its debug buffer
+holds delegated intermediates was not checked), so localization is by bisection.
 """
 from __future__ import annotations
 
