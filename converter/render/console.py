@@ -140,8 +140,17 @@ def _profile(profile: dict[str, Any], console: Console) -> None:
 
     console.print(f"  {escape(profile_headline(profile))}")
     for op in profile.get("ops", [])[:PROFILE_ROWS]:
-        console.print(f"    {op['ms']:8.3f} ms {op['share']:6.1%}  {escape(op['op_type'])} "
+        console.print(f"    {op['ms']:8.3f} ms {op['share']:6.1%}  {escape(_op_label(op))}"
                       f"[dim]{escape(op['name'])}[/]")
+
+
+def _op_label(op: dict) -> str:
+    """The op type before the name, unless the name already says it (ExecuTorch's entries:
+    ``native_layer_norm.out #1``, ``XNNPACK delegate call #3: outside its operators``)."""
+    kind, name = op["op_type"], op["name"]
+    if kind in name or name.split(" ")[0] == kind.split(" ")[0]:
+        return ""
+    return f"{kind} "
 
 
 def _compressed(c: dict[str, Any], console: Console) -> None:

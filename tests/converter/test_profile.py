@@ -80,3 +80,16 @@ def test_profile_of_real_runtimes(fixtures_dir, tmp_path):
     console.render(report, out)
     assert slowest in out.getvalue()
     assert slowest in markdown.to_markdown(report) and slowest in html.to_html(report)
+
+
+def test_console_does_not_repeat_an_op_type_the_name_already_says():
+    from mtconvert.render.console import _op_label
+
+    def line(kind, name):
+        return _op_label({"op_type": kind, "name": name}) + name
+
+    assert line("XNNPACK delegate call, outside its operators",
+                "XNNPACK delegate call #6: outside its operators") == \
+        "XNNPACK delegate call #6: outside its operators"
+    assert line("native_layer_norm.out", "native_layer_norm.out #1") == "native_layer_norm.out #1"
+    assert line("MatMul", "matmul_111") == "MatMul matmul_111"  # ncnn: the type is needed
