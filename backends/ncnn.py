@@ -191,6 +191,9 @@ class NcnnBackend(Backend):
             n = patch_tanh_gelu(param)
             steps.append(f"GELU: {n} layer(s) set to the tanh form (0=1): pnnx fuses the source's "
                          "tanh-GELU pattern into ncnn's erf GELU")
+        if rows := gemm_row_inputs(param):
+            steps.append(f"Gemm: {rows} one-row input(s) reshaped to [1, K] (pnnx wrote them "
+                         "1-D, which ncnn's Gemm reads as packed rows)")
         from mtconvert.backends.ncnn_speed import fuse_attention  # attention -> ncnn SDPA
 
         io = self._io_meta(source, info)
@@ -424,6 +427,30 @@ def declare_input_shapes(param: Path, shapes: list[list[int]]) -> None:
 def pow_layers(param: Path) -> int:
     return sum(1 for ln in param.read_text().splitlines()
                if ln.startswith("BinaryOp") and re.search(r"(^|\s)0=6(\s|$)", ln))
+
+
+def gemm_row_inputs(param: Path) -> int:
+    """Make each 1-D Reshape read only as a Gemm's A input a 2-D one row matrix (``1=1``).
+    pnnx drops the batch axis, so an ONNX [1, K] matrix (one token, batch 1: a decode step)
+    becomes a 1-D blob, which ncnn's Gemm reads as packed rows ([16, N] of NaN seen for K=64):
+    the product of one row is what the source computes. Returns the count patched."""
+    layers = _layers(param)
+    gemm_a = {bottoms[0] for kind, _, bottoms, _, params in layers
+              if kind == "Gemm" and bottoms and "2=1" not in params}  # transA: not one row
+    readers: dict[str, list[str]] = {}
+    for kind, _, bottoms, _, _ in layers:
+        for b in bottoms:
+            readers.setdefault(b, []).append(kind)
+    patch = {name for kind, name, _, tops, params in layers
+             if kind == "Reshape" and len(tops) == 1 and tops[0] in gemm_a
+             and readers.get(tops[0]) == ["Gemm"] and [q.split("=")[0] for q in params] == ["0"]}
+    lines = param.read_text().splitlines()
+    for i, ln in enumerate(lines[2:], start=2):
+        f = ln.split()
+        if len(f) > 1 and f[0] == "Reshape" and f[1] in patch:
+            lines[i] = ln + " 1=1"
+    param.write_text("\n".join(lines) + "\n")
+    return len(patch)
 
 
 def patch_tanh_gelu(param: Path) -> int:

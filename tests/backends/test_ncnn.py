@@ -276,3 +276,24 @@ def test_validate_localizes_by_ncnn_blobs(built_ncnn, tmp_path):
     # holds the changed Add, and is not called exact
     first = d["first_divergence"]["node"]
     assert first.endswith("/MatMul") and node in d["fused_with"] and not d["exact"]
+
+
+def test_a_one_row_gemm_input_is_made_2d(tmp_path):
+    from mtconvert.backends.ncnn import gemm_row_inputs, param_layers
+
+    param = tmp_path / "m.param"
+    param.write_text("\n".join([
+        "7767517", "13 13",
+        "Input in0 0 1 in0 0=64", "Input in1 0 1 in1 0=64", "Input in2 0 1 in2 0=64",
+        "Reshape row 1 1 in0 a 0=64",  # only a Gemm's A: made [1, 64]
+        "Reshape shared 1 1 in1 x 0=64",  # also read by a BinaryOp: left alone
+        "Reshape trans 1 1 in2 y 0=64",  # a transA Gemm's input: not one row
+        "MemoryData w1 0 1 b1 0=192 1=64", "MemoryData w2 0 1 b2 0=192 1=64",
+        "MemoryData w3 0 1 b3 0=192 1=64",
+        "Gemm mm1 2 1 a b1 c1", "Gemm mm2 2 1 x b2 c2", "BinaryOp add 2 1 x x g 0=0",
+        "Gemm mm3 2 1 y b3 c3 2=1",
+    ]) + "\n")
+    assert gemm_row_inputs(param) == 1
+    params = {name: p for _, name, _, _, p in param_layers(param)}
+    assert params["row"] == ["0=64", "1=1"]
+    assert params["shared"] == ["0=64"] and params["trans"] == ["0=64"]
