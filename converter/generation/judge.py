@@ -31,7 +31,7 @@ def judge(ref: Any, forced_logits: np.ndarray, free_tokens: list[int], step_ms: 
     forced = gates.judge({"logits": ref.logits}, {"logits": forced_logits}, lambda _n: tol)
     m = forced.outputs["logits"]
     errors = np.abs(np.asarray(forced_logits, np.float64) - ref.logits).max(axis=1)
-    step_err = [float(e) for e in errors[p - 1:]]
+    step_err = [float(e) for e in errors[p - 1:]]  # nan where the target's logits are not finite
     agree = [a == b for a, b in zip(ref.tokens, free_tokens, strict=True)]
     first = next((i for i, ok in enumerate(agree) if not ok), None)
     tie = first is not None and near_tie(ref.logits[p - 1 + first], tol, step_err[first])
@@ -45,8 +45,8 @@ def judge(ref: Any, forced_logits: np.ndarray, free_tokens: list[int], step_ms: 
         "steps": n, "tokens_agree": sum(agree) / n, "first_mismatch_step": first,
         "ties": int(tie), "first_mismatch_is_tie": tie if first is not None else None,
         "prompt_tokens": list(ref.prompt), "reference_tokens": list(ref.tokens),
-        "target_tokens": list(free_tokens), "step_max_abs_error": step_err,
-        "prefill_max_abs_error": float(errors[:p - 1].max()) if p > 1 else None,
+        "target_tokens": list(free_tokens), "step_max_abs_error": [_finite(e) for e in step_err],
+        "prefill_max_abs_error": _finite(float(errors[:p - 1].max())) if p > 1 else None,
         "teacher_forced": {"passed": forced.passed, "reason": m.get("reason"),
                            "max_abs": m.get("max_abs"), "cosine": m.get("cosine"),
                            "top1_agreement": m.get("top1_agreement"),
@@ -54,6 +54,12 @@ def judge(ref: Any, forced_logits: np.ndarray, free_tokens: list[int], step_ms: 
         "passed": not reasons, "max_cache": max_cache, "kv_cache_bytes": cache_bytes,
     } | _latency(step_ms, p, latency_unavailable)
     return section, reasons
+
+
+def _finite(x: float) -> float | None:
+    """An error for the JSON report: None where it is not finite (NaN/Inf logits; the
+    teacher-forced check names them)."""
+    return x if np.isfinite(x) else None
 
 
 def _latency(step_ms: list[float], prompt_len: int, unavailable: str | None) -> dict[str, Any]:

@@ -80,6 +80,23 @@ def test_a_cache_the_loop_does_not_keep_fails(folders):
     assert any(r.startswith("teacher-forced logits") for r in reasons)
 
 
+def test_nan_logits_fail_the_generation_and_the_section_is_valid_json():
+    """A target whose logits are NaN (ncnn's one-row Gemm before it was fixed) is a failed
+    generation, never an internal error when the report is written."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    ref = SimpleNamespace(prompt=(5, 17), tokens=[3, 4, 5],
+                          logits=rng.standard_normal((4, 10)).astype(np.float32))
+    bad = np.full_like(ref.logits, np.nan)
+    section, reasons = judge_mod.judge(ref, bad, [0, 0, 0], [1.0] * 4, PROFILES["fp32"],
+                                       1024, 16, None)
+    assert not section["passed"] and reasons
+    assert section["step_max_abs_error"] == [None, None, None]
+    assert section["prefill_max_abs_error"] is None
+    json.dumps(section, allow_nan=False)  # what Report.to_json does
+
+
 def test_near_tie_is_judged_by_the_tolerance():
     tol = PROFILES["fp32"]  # atol 1e-4, rtol 1e-4
     assert judge_mod.near_tie(np.array([0.0, 1.0, 1.0 + 1e-5], np.float32), tol, 0.0)
