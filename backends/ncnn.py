@@ -237,8 +237,8 @@ class NcnnBackend(Backend):
         steps.append("int8: ncnn runs with use_int8_inference on and fp16 off: int8 Gemm "
                      "layers quantize their input per row at run time (absmax), int8 "
                      "InnerProduct layers with the source's (or calibrated) input scale; every "
-                     "other layer (attention MatMul, Softmax, LayerNorm, GELU...) computes in "
-                     "fp32")
+                     "other layer (attention as SDPA or MatMul, Softmax, LayerNorm, GELU...) "
+                     "computes in fp32")
         return twin
 
     def _calibrate(self, param: Path, binf: Path, opts: TargetOptions, steps: list[str],
