@@ -12,6 +12,7 @@ import pytest
 from mtconvert.generation import judge as judge_mod
 from mtconvert.generation.fixtures import tiny_folder
 from mtconvert.validators.tolerances import PROFILES
+from tests.cli_checks import assert_usage_error
 
 MTCONVERT = str(Path(sys.executable).parent / "mtconvert")
 
@@ -147,11 +148,7 @@ def test_bad_input_exits_2_with_one_line(case, args, needle, tmp_path, folders):
     folder = folders["gpt2"] if case == "gpt2" else variants[case]
     out = tmp_path / "out"
     proc = _cli(folder, "--to", "onnx-mobile", "--out", out, *args)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mtconvert: error:") and needle in lines[0], \
-        lines
-    assert not out.exists()
+    assert_usage_error(proc, needle, out)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])

@@ -15,6 +15,7 @@ from mtconvert.generation import optimum
 from mtconvert.generation.optimum_fixtures import merged_copy, tiny_set
 from mtconvert.validators import gates
 from mtconvert.validators.tolerances import PROFILES
+from tests.cli_checks import assert_usage_error
 
 MTCONVERT = str(Path(sys.executable).parent / "mtconvert")
 PROMPT = (5, 17, 42)
@@ -172,11 +173,7 @@ def test_bad_input_exits_2_with_one_line(case, args, needle, tmp_path, sets):
     folder = sets["gpt2"] if case == "gpt2" else _variants(tmp_path, sets)[case]
     out = tmp_path / "out"
     proc = _cli(folder, "--to", "onnx-mobile", "--out", out, *args)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mtconvert: error:") and needle in lines[0], \
-        lines
-    assert not out.exists()
+    assert_usage_error(proc, needle, out)
 
 
 def _convert(folder, targets, tmp_path, *extra):

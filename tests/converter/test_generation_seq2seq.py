@@ -14,6 +14,7 @@ import pytest
 from mtconvert.generation import judge as judge_mod
 from mtconvert.generation.fixtures import tiny_folder
 from mtconvert.validators.tolerances import PROFILES
+from tests.cli_checks import assert_usage_error
 
 FAMILIES = ("t5", "bart", "marian", "whisper")
 MTCONVERT = str(Path(sys.executable).parent / "mtconvert")
@@ -119,11 +120,7 @@ def _cli(*args):
 def test_bad_input_exits_2_with_one_line(kind, args, needle, tmp_path, folders):
     out = tmp_path / "out"
     proc = _cli(folders[kind], "--to", "onnx-mobile", "--out", out, *args)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mtconvert: error:") and needle in lines[0], \
-        lines
-    assert not out.exists()
+    assert_usage_error(proc, needle, out)
 
 
 @pytest.mark.parametrize("case,needle", [
