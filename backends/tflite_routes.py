@@ -250,6 +250,15 @@ def _inferred(model: Any) -> Any:
     return onnx.shape_inference.infer_shapes(model)
 
 
+def _shapes(model: Any) -> dict[str, list[int | None]]:
+    """Every tensor's inferred shape (None: an axis of unknown size), initializers included."""
+    inferred = _inferred(model).graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
+                       for d in v.type.tensor_type.shape.dim]
+              for v in (*inferred.input, *inferred.value_info, *inferred.output)}
+    return shapes | {i.name: list(i.dims) for i in model.graph.initializer}
+
+
 def _prune_initializers(model: Any) -> None:
     """Drop the initializers no node or graph output reads any more."""
     graph = model.graph
@@ -268,16 +277,11 @@ def split_to_slices(model: Any) -> int:
     number of outputs (opset 18's ``num_outputs``: chunks of ceil(n / k), the last smaller).
     A Split whose sizes are unknown stays. Returns the count replaced."""
     import numpy as np
-    import onnx
     from onnx import helper, numpy_helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
-                       for d in v.type.tensor_type.shape.dim]
-              for v in (*inferred.input, *inferred.value_info, *inferred.output)}
-    shapes |= {i.name: list(i.dims) for i in graph.initializer}
+    shapes = _shapes(model)
     taken, nodes, count = _names(model), [], 0
     for node in graph.node:
         if node.op_type != "Split" or node.domain not in ("", "ai.onnx"):
@@ -329,11 +333,7 @@ def gather_elements_to_gather(model: Any) -> int:
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    inferred = _inferred(model).graph
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else 0
-                       for d in v.type.tensor_type.shape.dim]
-              for v in (*inferred.input, *inferred.value_info, *inferred.output)}
-    shapes |= {i.name: list(i.dims) for i in graph.initializer}
+    shapes = _shapes(model)
     taken, nodes, count, absorbed = _names(model), [], 0, set()
     for node in graph.node:
         done = bool(node.output) and node.output[0] in absorbed
@@ -389,7 +389,7 @@ def _flat_indices(node: Any, inits: dict[str, Any], shapes: dict[str, list[int]]
         return None
     dims = shapes.get(node.input[0]) or []
     idx = numpy_helper.to_array(inits[node.input[1]]).astype(np.int64)
-    if not dims or 0 in dims or len(dims) != idx.ndim or idx.size > MAX_FLAT_INDICES \
+    if not dims or None in dims or 0 in dims or len(dims) != idx.ndim or idx.size > MAX_FLAT_INDICES \
             or int(np.prod(dims)) >= 2 ** 31:
         return None
     axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
