@@ -18,7 +18,11 @@ by value against the weights' record, never by name) into ncnn's int8 form, as n
   int8-source profile judges it). A dynamic source has no activation scale: with
   ``--calibration`` the input scale is 127 / absmax of that input over the calibration items
   (``calibrate``, ncnn2table's absmax method), else the layer stays fp32, named in the steps;
-  a per-channel Gemm (Gemm holds one weight scale) becomes the InnerProduct it computes;
+- a per-channel ``Gemm`` (Gemm holds one B scale): the source's ints under the B scale 1
+  (ncnn's descale absmax / (127 B scale) stays exact), then a BinaryOp multiplying column j by
+  the source's s_j (a MemoryData) and one adding the bias (the C blob moved into a MemoryData):
+  ncnn's x86 int8 Gemm kernel is much faster than its InnerProduct int8 on a [seq, hidden] blob,
+  which an earlier Gemm -> InnerProduct rewrite ran into (benchmarks/bench_ncnn_int8.py);
 - ``Embed``: ``18=2``, one scale (per-tensor); a uint8 table with a zero point is stored as its
   ints minus 128 with the offset added through the layer's bias.
 
@@ -199,8 +203,7 @@ class Plan:
     changes: dict[str, str]           # .param keys set
     bias_add: np.ndarray | None = None  # added to the layer's bias (created if absent)
     record: dict[str, Any] = field(default_factory=dict)
-    kind: str | None = None           # the layer becomes this type (Gemm -> InnerProduct)
-    params: list[str] | None = None   # with these parameters
+    scaled: tuple[np.ndarray, bool] | None = None  # a per-channel Gemm: (ONNX scales, bias?)
 
 
 def _plan(kind: str, p: dict[str, str], w: np.ndarray,
@@ -230,7 +233,9 @@ def _plan(kind: str, p: dict[str, str], w: np.ndarray,
         return "the source's ints minus their zero point do not fit int8"
     scale = np.asarray(r["scale"], np.float32)
     per_channel = not np.all(scale == scale.flat[0])
-    if kind == "InnerProduct" or kind == "Gemm" and per_channel:
+    if kind == "Gemm" and per_channel:
+        return _scaled_gemm(p, r, ints, transposed, n_out)
+    if kind == "InnerProduct":
         return _inner_product(kind, p, r, ints, transposed, n_out, absmax)
     return Plan(_pack(ints), np.float32(1.0 / scale.flat[0]).tobytes(), {"18": QUANTIZE_TERM},
                 record=r)
@@ -251,9 +256,7 @@ def _own_record(kind: str, w: np.ndarray) -> dict[str, Any]:
 
 def _inner_product(kind: str, p: dict[str, str], r: dict[str, Any], ints: np.ndarray,
                    transposed: bool, n_out: int, absmax: float | None = None) -> Plan | str:
-    """An InnerProduct's int8 form: a scale per output channel and the input's scale. A Gemm
-    with per-channel weights (Gemm holds one weight scale) becomes the InnerProduct it
-    computes when it is a plain ``A Bᵀ + bias`` on its one input."""
+    """An InnerProduct's int8 form: a scale per output channel and the input's scale."""
     scales = _output_scales(r, transposed, n_out)
     if scales is None:
         return "per-channel scales along its input axis"
@@ -264,18 +267,43 @@ def _inner_product(kind: str, p: dict[str, str], r: dict[str, Any], ints: np.nda
                                          " and its calibration input was all zeros")
     x_scale = input_scale(r["input"]) if r.get("input") else 127.0 / absmax
     tail = (1.0 / scales).astype(np.float32).tobytes() + np.float32(x_scale).tobytes()
-    if kind == "InnerProduct":
-        return Plan(_pack(ints), tail, {"8": QUANTIZE_TERM}, record=r)
-    plain = {"0": 1.0, "1": 1.0, "2": 0, "3": 1, "4": 0, "5": 1, "11": 0, "12": 0, "13": 0,
-             "14": 0}  # alpha, beta, transA, transB, constantA/B, output options
+    return Plan(_pack(ints), tail, {"8": QUANTIZE_TERM}, record=r)
+
+
+# a Gemm whose output is its A·B (+ C): alpha 1, A not constant nor transposed, B constant,
+# the plain [M, N] output layout (parameter: value when absent)
+_PLAIN_GEMM = {"0": 1.0, "2": 0, "4": 0, "5": 1, "11": 0, "12": 0, "13": 0, "14": 0}
+
+
+def _scaled_gemm(p: dict[str, str], r: dict[str, Any], ints: np.ndarray, transposed: bool,
+                 n_out: int) -> Plan | str:
+    """A Gemm with per-output-channel weight scales s_j (ncnn's Gemm int8 holds one B scale):
+    the Gemm keeps ncnn's fast int8 kernel on the source's ints under the B scale 1 (its
+    output descale, absmax / (127 B scale), stays exact), and writes A·qᵀ; a BinaryOp
+    multiplies column j by s_j (a MemoryData holding the source's scales) and a second adds the
+    bias (the C blob, moved into a MemoryData), so C is never divided by s_j."""
+    # the layer's layout is [N, K] with transB (3=1), else [K, N]
+    scales = _output_scales(r, transposed == bool(_i(p, "3")), n_out)
+    if scales is None:
+        return "per-channel scales along its input axis"
     bct = _i(p, "10") if _i(p, "6") else -1
-    if any(float(p.get(k, 1.0 if k in ("0", "1") else 0)) != v for k, v in plain.items()) or \
-            bct not in (-1, 4):
-        return "per-channel scales (Gemm holds one weight scale; not a plain A Bᵀ + bias)"
-    k = _i(p, "9")
-    return Plan(_pack(ints), tail, {}, record=r, kind="InnerProduct",
-                params=[f"0={n_out}", f"1={int(bct == 4)}", f"2={n_out * k}",
-                        f"8={QUANTIZE_TERM}"])
+    if any(float(p.get(k, 1.0 if k == "0" else 0)) != v for k, v in _PLAIN_GEMM.items()) or \
+            bct not in (-1, 4) or bct == 4 and float(p.get("1", 1.0)) != 1.0:
+        return "per-channel scales (Gemm holds one weight scale; not a plain A·B + bias)"
+    return Plan(_pack(ints), np.float32(1.0).tobytes(), {"18": QUANTIZE_TERM, "6": "0"},
+                record=r, scaled=(scales, bct == 4))
+
+
+def _scale_layers(name: str, top: str, n: int, bias: bool) -> list[str]:
+    """The .param lines after a per-channel Gemm (``_scaled_gemm``) whose output blob became
+    ``top``_q: MemoryData scales, BinaryOp mul (op 2), [MemoryData bias, BinaryOp add (op 0)]."""
+    mul_top = f"{top}_m" if bias else top
+    out = [f"MemoryData {name}_s 0 1 {name}_s 0={n}",
+           f"BinaryOp {name}_mul 2 1 {top}_q {name}_s {mul_top} 0=2"]
+    if bias:
+        out += [f"MemoryData {name}_b 0 1 {name}_b 0={n}",
+                f"BinaryOp {name}_add 2 1 {mul_top} {name}_b {top} 0=0"]
+    return out
 
 
 def _shifted_table(r: dict[str, Any], n_out: int) -> Plan:
@@ -309,6 +337,7 @@ def rewrite(param: Path, binf: Path, layers: list[Layer],
     out, lines = bytearray(), param.read_text().splitlines()
     used: list[int] = []
     asymmetric = 0
+    added = 0  # layers after scaled Gemms, each making one new blob
     for i, ((kind, name, bottoms, tops, raw), found) in enumerate(zip(layers, walked)):
         absmax = (input_absmax or {}).get(bottoms[0]) if bottoms else None
         plan = _layer_plan(kind, params(raw), found, data, by_size, absmax)
@@ -322,17 +351,23 @@ def rewrite(param: Path, binf: Path, layers: list[Layer],
                 out += plan.weight
             elif b.role == "bias" and plan.bias_add is not None:
                 out += (_floats(data, b) + plan.bias_add).astype(np.float32).tobytes()
-            elif b.role == "C" and plan.kind == "InnerProduct":  # its bias, without the flag
-                out += _floats(data, b).tobytes()
-            else:
+            elif b.role != "C" or not plan.scaled:  # a scaled Gemm's C: a MemoryData after
                 out += data[b.offset:b.offset + b.size]
         if plan.bias_add is not None and not any(b.role == "bias" for b in found):
             out += plan.bias_add.tobytes()
         out += plan.tail
-        lines[2 + i] = " ".join([plan.kind or kind, name, str(len(bottoms)), str(len(tops)),
-                                 *bottoms, *tops, *(plan.params or _set(raw, plan.changes))])
-        res.int8.append(f"{name} ({kind}" + (f" -> {plan.kind})" if plan.kind else ")"))
-        q = plan.record.get("input") if (plan.kind or kind) == "InnerProduct" else None
+        extra: list[str] = []
+        if plan.scaled:  # the MemoryData layers' data (raw floats) follow the Gemm's
+            scales, bias = plan.scaled
+            out += scales.astype(np.float32).tobytes()
+            out += b"".join(_floats(data, b).tobytes() for b in found if b.role == "C")
+            extra = _scale_layers(name, tops[0], len(scales), bias)
+            tops = [f"{tops[0]}_q"]
+            added += len(extra)  # one new blob per added layer
+        lines[2 + i] = "\n".join([" ".join([kind, name, str(len(bottoms)), str(len(tops)),
+                                            *bottoms, *tops, *_set(raw, plan.changes)]), *extra])
+        res.int8.append(f"{name} ({kind}{' x channel scales' if plan.scaled else ''})")
+        q = plan.record.get("input") if kind == "InnerProduct" else None
         asymmetric += bool(q and (q["zero_point"] or q["dtype"] != "int8"))
         used.append(id(plan.record))
     folded = len(records or {}) - len(set(used)) - sum(
@@ -345,6 +380,8 @@ def rewrite(param: Path, binf: Path, layers: list[Layer],
                          "the source (zero point != 0): ncnn's symmetric scale covers the source's "
                          "whole range (a step up to 2x the source's)")
     if res.int8:
+        n_layers, n_blobs = map(int, lines[1].split()[:2])
+        lines[1] = f"{n_layers + added} {n_blobs + added}"
         binf.write_bytes(bytes(out))
         param.write_text("\n".join(lines) + "\n")
     return res
@@ -378,11 +415,11 @@ def is_int8(kind: str, raw: list[str]) -> bool:
 
 def int8_tensors(param: Path, layers: list[Layer]) -> list[tuple[np.ndarray, np.ndarray]]:
     """The int8 weights of an ncnn model read back from its .bin: (ints in the layer's layout,
-    ONNX-convention scales: the reciprocals of ncnn's), for ``compressed.kept``."""
+    ONNX-convention scales: the reciprocals of ncnn's; for a Gemm whose output is multiplied by
+    a MemoryData (``_scaled_gemm``), those values over its B scale), for ``compressed.kept``."""
     data = param.with_suffix(".bin").read_bytes()
-    out = []
-    offset = 0
-    for kind, _, _, _, raw in layers:
+    out, memory, offset = [], {}, 0
+    for kind, _, _, tops, raw in layers:
         p = params(raw)
         found = blobs(kind, p)
         if found is None:
@@ -395,6 +432,8 @@ def int8_tensors(param: Path, layers: list[Layer]) -> list[tuple[np.ndarray, np.
                 offset += 4 + b.count + (-b.count % 4)
             else:
                 offset += b.size
+        if kind == "MemoryData" and found:
+            memory[tops[0]] = _floats(data, found[0])
         if quantized:
             n = _i(p, "0") if kind == "InnerProduct" else 1
             scales = np.frombuffer(data, np.float32, n, offset)
@@ -403,8 +442,20 @@ def int8_tensors(param: Path, layers: list[Layer]) -> list[tuple[np.ndarray, np.
             shape = (n_out, -1) if kind != "Embed" else (_i(p, "1"), n_out)
             if kind == "Gemm" and not _i(p, "3"):
                 shape = (-1, n_out)
-            out.append((ints.reshape(shape), (1.0 / scales).astype(np.float32)))
-    return out
+            out.append((ints.reshape(shape), (1.0 / scales).astype(np.float32), tops[0]))
+    return [(ints, _channel_scales(top, layers, memory, scales)) for ints, scales, top in out]
+
+
+def _channel_scales(top: str, layers: list[Layer], memory: dict[str, np.ndarray],
+                    scales: np.ndarray) -> np.ndarray:
+    """The weight scales of the int8 layer writing ``top``: ``scales``, times the MemoryData a
+    BinaryOp multiplies its output by (op 2), if one does."""
+    for kind, _, bottoms, _, raw in layers:
+        if kind == "BinaryOp" and params(raw).get("0") == "2" and top in bottoms:
+            other = [b for b in bottoms if b != top]
+            if len(other) == 1 and other[0] in memory:
+                return (memory[other[0]] * scales).astype(np.float32)
+    return scales
 
 
 def calibrate(job: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """ncnn int8 layers holding a quantized source's own ints and scales (backends/ncnn_int8.py),
 with the real pnnx and ncnn: a hand-made InnerProduct run by ncnn's int8 kernel, the QDQ
-fixture (per-tensor, asymmetric activations), a per-channel QDQ source (Gemm -> InnerProduct)
+fixture (per-tensor, asymmetric activations), a per-channel QDQ source (int8 Gemm x channel scales)
 and the dynamic fixture (no activation scales)."""
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from mtconvert import quantized
 from mtconvert.backends import ncnn_int8
 from mtconvert.backends.lowering.dequantize import record, values
 from mtconvert.backends.ncnn import NcnnBackend, param_layer_types, param_layers
+from mtconvert.backends.ncnn_int8 import params
 from tests.models import quick_convert
 
 pytestmark = pytest.mark.skipif(not NcnnBackend.availability().can_convert,
@@ -74,32 +75,54 @@ def test_an_inner_product_runs_ncnns_int8_kernel_with_the_sources_ints(fc_case, 
     assert not np.allclose(got, float_out, rtol=0, atol=1e-4)  # not the float product
 
 
-def test_a_per_channel_gemm_becomes_the_int8_inner_product_it_computes(fc_case, tmp_path):
-    """Gemm holds one weight scale: a plain A·Bᵀ + bias Gemm with per-channel weights is
-    rewritten as an InnerProduct (the C blob its bias, without the flag) and ncnn's int8 kernel
-    computes the same product as for a native InnerProduct."""
+@pytest.mark.parametrize("trans_b", [1, 0])
+def test_a_per_channel_gemm_stays_an_int8_gemm_then_multiplies_by_the_channel_scales(
+        fc_case, tmp_path, trans_b):
+    """Gemm holds one weight scale: a per-channel Gemm keeps ncnn's int8 Gemm kernel on the
+    source's ints under the B scale 1, then a BinaryOp multiplies column j by the source's s_j
+    (a MemoryData) and another adds the bias (the C blob, moved). ncnn computes A quantized per
+    row (absmax, at run time) times the ints, exactly descaled, times s_j, plus the bias."""
     _, bias, x = fc_case
     rng = np.random.default_rng(1)
     ints = rng.integers(-127, 128, (K, N)).astype(np.int8)
     scales = np.array([0.01, 0.02, 0.04], np.float32)
-    rec = record(ints, scales, np.zeros(N, np.int8), 1)
-    rec["input"] = {"scale": 0.05, "zero_point": 0, "dtype": "int8"}
+    rec = record(ints, scales, np.zeros(N, np.int8), 1)  # no activation scale: not needed
     param, binf = tmp_path / "g.param", tmp_path / "g.bin"
-    param.write_text(f"7767517\n2 2\nInput in0 0 1 in0 0={K} 1={ROWS}\n"
-                     f"Gemm g 1 1 in0 out0 2=0 3=1 4=0 5=1 6=1 7={ROWS} 8={N} 9={K} 10=4\n")
-    binf.write_bytes(b"\0\0\0\0" + values(rec).T.astype(np.float32).tobytes()
-                     + b"\0\0\0\0" + bias.tobytes())
+    param.write_text(f"7767517\n2 2\nInput in0 0 1 in0 0={K} 1={ROWS}\nGemm g 1 1 in0 out0 "
+                     f"2=0 3={trans_b} 4=0 5=1 6=1 7={ROWS} 8={N} 9={K} 10=4\n")
+    w = values(rec).T if trans_b else values(rec)  # the layer's layout: [N, K] with transB
+    binf.write_bytes(b"\0\0\0\0" + w.astype(np.float32).tobytes() + b"\0\0\0\0" + bias.tobytes())
     float_out = _run(param, x)
     res = ncnn_int8.rewrite(param, binf, param_layers(param), {"w": rec})
-    assert res.int8 == ["g (Gemm -> InnerProduct)"]
-    assert param_layer_types(param) == ["Input", "InnerProduct"]
+    assert res.int8 == ["g (Gemm x channel scales)"] and not res.kept_float
+    assert param_layer_types(param) == ["Input", "Gemm", "MemoryData", "BinaryOp",
+                                        "MemoryData", "BinaryOp"]
+    assert ncnn_int8.is_int8(*[(k, raw) for k, _, _, _, raw in param_layers(param)][1])
     (got_ints, got_scales), = ncnn_int8.int8_tensors(param, param_layers(param))
-    assert np.array_equal(got_ints, ints.T) and np.allclose(got_scales, scales, rtol=1e-6)
-    xq = np.clip(np.trunc(x / 0.05 + np.copysign(0.5, x)), -127, 127)
-    want = (xq @ ints.astype(np.float64)) * (0.05 * scales) + bias
+    assert np.array_equal(got_ints, ints.T if trans_b else ints)
+    assert np.array_equal(got_scales, scales)  # the source's scales, stored as they are
+    absmax = np.abs(x).max(axis=1, keepdims=True)
+    xq = np.clip(np.trunc(x * (127 / absmax) + np.copysign(0.5, x)), -127, 127)
+    want = (xq @ ints.astype(np.float64)) * (absmax / 127) * scales + bias
     got = _run(param, x)
     assert np.allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert np.allclose(got, float_out, atol=0.05 * np.abs(float_out).max())  # same product
+    assert not np.allclose(got, float_out, rtol=0, atol=1e-4)  # not the float product
+    assert np.allclose(got, float_out, atol=0.05 * np.abs(float_out).max())  # the same product
+
+
+def test_a_per_channel_gemm_that_is_not_a_plain_product_stays_fp32(fc_case, tmp_path):
+    _, bias, _ = fc_case
+    ints = np.random.default_rng(2).integers(-127, 128, (K, N)).astype(np.int8)
+    rec = record(ints, np.array([0.01, 0.02, 0.04], np.float32), np.zeros(N, np.int8), 1)
+    param, binf = tmp_path / "g.param", tmp_path / "g.bin"
+    param.write_text(f"7767517\n2 2\nInput in0 0 1 in0 0={K} 1={ROWS}\nGemm g 1 1 in0 out0 "
+                     f"0=0.5 2=0 3=1 4=0 5=1 6=1 7={ROWS} 8={N} 9={K} 10=4\n")  # alpha 0.5
+    binf.write_bytes(b"\0\0\0\0" + values(rec).T.astype(np.float32).tobytes() + b"\0\0\0\0"
+                     + bias.tobytes())
+    res = ncnn_int8.rewrite(param, binf, param_layers(param), {"w": rec})
+    assert not res.int8
+    assert res.kept_float == ["g (Gemm): per-channel scales (Gemm holds one weight scale; not a "
+                              "plain A·B + bias)"]
 
 
 def test_without_an_activation_scale_the_layer_stays_fp32_and_says_why(fc_case, tmp_path):
@@ -224,17 +247,29 @@ def per_channel(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.slow
-@pytest.mark.sweep  # end to end of the hand-made Gemm -> InnerProduct test above
-def test_per_channel_weights_turn_gemm_into_int8_inner_products(per_channel):
+def test_per_channel_weights_keep_int8_gemms_and_the_sources_scales(per_channel):
+    """End to end: every per-channel Gemm stays an int8 Gemm (ncnn's fast kernel) followed by
+    its channel scales; judged against the source by the int8-source profile; the source's
+    ints and scales all read back from the files."""
+    from mtconvert.validators.tolerances import PROFILES
+
     t = per_channel
     assert t.status == "passed", t.reason
+    assert t.numerics.outputs["logits"]["tolerance"]["min_cosine"] == \
+        PROFILES[quantized.PROFILE].min_cosine
     assert t.precision == "int8" and t.compressed["fallback"] is None
     assert t.compressed["size_ratio"] <= quantized.RATIO_LIMIT
     kept = t.compressed["kept"]
-    assert kept["int8_tensors"] == kept["same_ints_and_scales"] == 14
+    assert kept["int8_tensors"] == kept["same_ints_and_scales"] == kept["source_int8_weights"]
     param = Path(next(a.path for a in t.artifacts if a.role == "artifact"))
-    assert "Gemm" not in param_layer_types(param)
-    assert "(Gemm -> InnerProduct)" in "\n".join(t.conversion.steps)
+    layers = param_layers(param)
+    gemms = [n for k, n, _, _, raw in layers if k == "Gemm" and ncnn_int8.is_int8(k, raw)]
+    scaled = [n for k, n, *_ in layers if k == "BinaryOp" and n.endswith("_mul")]
+    assert gemms and sorted(scaled) == sorted(f"{n}_mul" for n in gemms)
+    assert not [k for k, _, _, _, raw in layers if k == "Gemm" and not ncnn_int8.is_int8(k, raw)
+                and params(raw).get("5") == "1"]  # no constant-B Gemm left fp32
+    assert f"int8: {kept['int8_tensors']} layer(s) hold the source's int8 weights" in \
+        "\n".join(t.conversion.steps)
 
 
 @pytest.mark.slow
