@@ -64,6 +64,10 @@ class PreparedSource:
     # the ONNX graph's quantization as described when it was loaded ({} for a float graph);
     # None when not described (then whoever needs it reads the graph)
     quantization: dict[str, Any] | None = None
+    # a decode step's variant that keeps its KV cache in its own buffers, written in place
+    # (mtconvert.generation.stateful; buffers named like the step's cache inputs), for a
+    # target whose runtime holds state (Core ML iOS18+); None for every other source
+    stateful_module: Any = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,13 @@ class Session(ABC):
     runtime: str = ""  # what computed the outputs, for the report ("" = the backend's name)
     # why timing this session says nothing about a device (then no latency is measured)
     latency_unavailable: str | None = None
+    # what the runtime keeps from run to run (Core ML state: a KV cache in the model), by name:
+    # a feed of that name overwrites it before the run; without one, a run reads what the last
+    # run left. Empty for a stateless session
+    states: tuple[TensorSpec, ...] = ()
+
+    def reset_states(self) -> None:  # noqa: B027 - optional hook
+        """Every state back to zeros (a new sequence)."""
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
