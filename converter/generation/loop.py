@@ -26,14 +26,15 @@ class Decoded:
 
 def decode(run: Run, geometry: Any, prompt: tuple[int, ...], new_tokens: int,
            forced: tuple[int, ...] | None = None,
-           extra: dict[str, np.ndarray] | None = None) -> Decoded:
+           extra: dict[str, np.ndarray] | None = None, host_cache: bool = True) -> Decoded:
     """Step through the prompt, then ``new_tokens`` - 1 more tokens: the model's own argmax
     (free running) or ``forced`` (teacher forcing). len(prompt) + new_tokens - 1 steps.
     ``extra``: inputs fed unchanged at every step, after the cache (an encoder-decoder's
-    cross-attention K/V)."""
+    cross-attention K/V). ``host_cache`` False: the runtime keeps the cache (Core ML state,
+    mtconvert.generation.stateful), so no cache is fed or written here."""
     g = geometry
     cache = {f"past_{kv}_{i}": np.zeros(g.cache_shape(), np.float32)
-             for i in range(g.layers) for kv in ("key", "value")}
+             for i in range(g.layers) for kv in ("key", "value")} if host_cache else {}
     mask = np.zeros((1, g.max_cache + 1), np.float32)
     mask[0, -1] = 1.0
     seq, tokens, logits, times = list(prompt), [], [], []
@@ -75,15 +76,19 @@ def _child(job_path: Path) -> None:
         Path(job["result"]).write_text(json.dumps({"unavailable": exc.reason}))
         return
     with session_cm as session:
-        extra = encoded.get("outputs")
+        extra, host = encoded.get("outputs"), not session.states
+        session.reset_states()
         forced = decode(session.run, geo, prompt, n, forced=tuple(job["reference_tokens"]),
-                        extra=extra)
-        free = decode(session.run, geo, prompt, n, extra=extra)  # warm: forced ran first
+                        extra=extra, host_cache=host)
+        session.reset_states()
+        free = decode(session.run, geo, prompt, n, extra=extra,  # warm: forced ran first
+                      host_cache=host)
         np.savez(job["outputs"], forced_logits=forced.logits, free_logits=free.logits)
         Path(job["result"]).write_text(json.dumps({
             "free_tokens": free.tokens, "step_ms": free.step_ms,
             "encoder_ms": encoded.get("ms"), "runtime": session.runtime or cls.name,
-            "latency_unavailable": session.latency_unavailable}))
+            "latency_unavailable": session.latency_unavailable,
+            "states": [[s.name, list(s.shape), s.dtype] for s in session.states]}))
 
 
 def _encode(cls: Any, job: dict[str, Any], threads: int) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""tflite --profile: LiteRT's own op profiler through its C API (backends/profiling/tflite.py),
+on a tiny .tflite made here with TensorFlow's converter: XNNPACK's operators and the builtin
+kernels it leaves out, each named, their times per inference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mtconvert.backends.base import Artifact
+from mtconvert.backends.profiling import tflite as tflite_profiling
+from mtconvert.backends.tflite import TfliteBackend, map_io, tflite_ops
+from mtconvert.run.profile import summarize
+
+
+@pytest.fixture(scope="module")
+def tiny_tflite(tmp_path_factory):
+    """x [1, 8, 16] float -> Dense(32) -> GELU -> Dense(16), times (ids != 0): XNNPACK runs
+    the float ops, NOT_EQUAL on int64 stays a builtin kernel."""
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(0)
+    w1, w2 = (tf.constant(rng.standard_normal(s).astype(np.float32)) for s in ((16, 32),
+                                                                                (32, 16)))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 8, 16], tf.float32, name="x"),
+                                  tf.TensorSpec([1, 8], tf.int64, name="ids")])
+    def f(x, ids):
+        h = tf.nn.gelu(tf.matmul(x, w1))
+        keep = tf.cast(tf.not_equal(ids, 0), tf.float32)[..., None]
+        return {"y": tf.matmul(h, w2) * keep}
+
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f)
+    path = tmp_path_factory.mktemp("tfl") / "tiny.tflite"
+    path.write_bytes(conv.convert())
+    return path
+
+
+def _session(path, threads=1):
+    io_map, _ = map_io(path, ["x", "ids"], ["y"], {"y": [1, 8, 16]})
+    art = Artifact(target="tflite", primary=path, files=(path,), meta=io_map)
+    return TfliteBackend().open(art, threads)
+
+
+def _feeds():
+    rng = np.random.default_rng(1)
+    return {"x": rng.standard_normal((1, 8, 16)).astype(np.float32),
+            "ids": np.array([[5, 0, 3, 0, 1, 2, 0, 9]], np.int64)}
+
+
+def test_session_profile_names_xnnpack_operators_and_builtin_kernels(tiny_tflite):
+    assert "NOT_EQUAL" in tflite_ops(tiny_tflite)
+    with _session(tiny_tflite) as session:
+        ops = session.profile(_feeds(), runs=3)
+    assert ops is not None, session.profile_unavailable
+    names = [o.name for o in ops]
+    assert len(names) == len(set(names))
+    kinds = {o.op_type for o in ops}
+    assert "NOT_EQUAL" in kinds                                  # builtin kernel, by node
+    assert any("NOT_EQUAL (builtin kernel) node" in n for n in names)
+    assert any("Fully Connected" in k or "Batch Matrix Multiply" in k for k in kinds), kinds
+    assert all(o.ms >= 0 for o in ops) and sum(o.ms for o in ops) > 0
+    s = summarize([(o.name, o.op_type, o.ms) for o in ops], runs=3)
+    assert s["operators"] == len(ops) and s["total_ms"] > 0
+
+
+def test_the_profiled_model_computes_what_the_session_does(tiny_tflite):
+    """The compiled model fed through the C API's buffers gives the Interpreter's outputs:
+    the profile is of this model at these inputs, not of zeros."""
+    feeds = _feeds()
+    with _session(tiny_tflite) as session:
+        want = session.run(feeds)["y"]
+        arrays = {i: feeds[n] for i, n in session._inputs}
+    api = tflite_profiling._Api()
+    with api.compiled(tiny_tflite, 1) as model:
+        model.write_inputs(arrays)
+        model.run()
+        (index, buffer, size), = model.outputs
+        got = np.empty(want.shape, np.float32)
+        assert got.nbytes == size
+        host = tflite_profiling._P()
+        api.call("LiteRtLockTensorBuffer", buffer, tflite_profiling.C.byref(host), 0)
+        tflite_profiling.C.memmove(got.ctypes.data, host, size)
+        api.call("LiteRtUnlockTensorBuffer", buffer)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_wrong_input_size_is_refused_before_running(tiny_tflite):
+    with _session(tiny_tflite) as session:
+        indices = [i for i, _ in session._inputs]
+    bad = {indices[0]: np.zeros((1, 4, 16), np.float32), indices[1]: np.zeros((1, 8), np.int64)}
+    with pytest.raises(ValueError, match="bytes given"):
+        tflite_profiling.profile(tiny_tflite, 1, bad, runs=1)
+
+
+def test_events_are_partitioned_per_inference():
+    events = [("Invoke", 1, 900, 0),                          # the invoke itself: not an op
+              ("NOT_EQUAL", tflite_profiling.OPERATOR, 5, 3),
+              ("Fully Connected (NC, F32) GEMM", tflite_profiling.DELEGATE_PROFILED, 400, 0),
+              ("Fully Connected (NC, F32) GEMM", tflite_profiling.DELEGATE_PROFILED, 300, 1),
+              ("GELU (NC)", tflite_profiling.DELEGATE_PROFILED, 0, 2)]
+    got = tflite_profiling.events_ms(events)
+    assert got == {("NOT_EQUAL (builtin kernel) node 3", "NOT_EQUAL"): 0.005,
+                   ("Fully Connected (NC, F32) GEMM #1", "Fully Connected (NC, F32) GEMM"): 0.4,
+                   ("Fully Connected (NC, F32) GEMM #2", "Fully Connected (NC, F32) GEMM"): 0.3,
+                   ("GELU (NC) #1", "GELU (NC)"): 0.0}
