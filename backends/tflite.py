@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtconvert import deps
-from mtconvert.backends.base import (Artifact, Backend, Finding, PreparedSource, Session,
-                                     TargetOptions, TensorSpec, format_shapes)
+from mtconvert.backends.base import (Artifact, Backend, Finding, OpTime, PreparedSource,
+                                     Session, TargetOptions, TensorSpec, format_shapes)
 from mtconvert.backends.options import Option
 from mtconvert.backends.process import expect_files, run_job
 from mtconvert.backends.onnx_tools import run_onnx_tool
@@ -342,11 +342,7 @@ def _layout_perm(tfl: list[int], onnx: list[int | None] | None) -> list[int] | N
 class TfliteSession(Session):
     """LiteRT's Interpreter with its default XNNPACK delegate; tensors addressed by index."""
 
-    profile_unavailable = (
-        "ai-edge-litert's Python Interpreter has no op profiler (its wrapper exposes no "
-        "profiler hook; LiteRT's profiler is C++ only), neither wheel (ai-edge-litert, "
-        "tensorflow) ships benchmark_model, and no package registry has one for Linux "
-        "(litert-cli downloads it from storage.googleapis.com, out of reach here)")
+    profile_unavailable = "LiteRT's C API (libLiteRt.so in ai-edge-litert) is not usable here"
 
     def __init__(self, artifact: Artifact, threads: int):
         special = [op for op in tflite_ops(artifact.primary) if ":" in op]
@@ -388,6 +384,21 @@ class TfliteSession(Session):
         for (index, name), spec in zip(self._inputs, self.inputs, strict=True):
             interp.set_tensor(index, np.ascontiguousarray(feeds[name], dtype=spec.dtype))
         interp.invoke()
+
+    def profile(self, feeds: dict[str, np.ndarray], runs: int) -> list[OpTime] | None:
+        """LiteRT's own op profiler, through its C API on a second load of the .tflite
+        (mtconvert.backends.profiling.tflite): builtin kernels and XNNPACK's operators."""
+        import numpy as np
+
+        from mtconvert.backends.profiling import tflite as tflite_profiling
+
+        arrays = {index: np.ascontiguousarray(feeds[name], dtype=spec.dtype)
+                  for (index, name), spec in zip(self._inputs, self.inputs, strict=True)}
+        try:
+            return tflite_profiling.profile(Path(self._path), self._threads, arrays, runs)
+        except tflite_profiling.ProfilerUnavailable as exc:
+            self.profile_unavailable = str(exc)
+            return None
 
     def intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
         """Every op's float outputs, from a second interpreter that keeps all tensors and runs
