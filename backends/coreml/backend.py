@@ -9,6 +9,7 @@ program is executed by mtconvert's NumPy MIL interpreter (runtime ``mil-referenc
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ TOOLS = ["coremltools", "torch", "onnx2torch", "onnxsim"]
 DEPLOYMENT_TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18", "macOS12", "macOS13", "macOS14",
                       "macOS15")
 DEFAULT_TARGET = "iOS16"
+STATE_TARGETS = ("iOS18", "macOS15")  # Core ML state (read_state / coreml_update_state)
 PALETTE_BITS = (1, 2, 3, 4, 6, 8)
 NO_LATENCY = ("Core ML runs only on Apple platforms; the mil-reference interpreter's time says "
               "nothing about a device")
@@ -67,8 +69,13 @@ class CoremlBackend(Backend):
         work.mkdir(parents=True, exist_ok=True)
         shapes = {s.name: list(source.input_shapes[s.name]) for s in source.inputs}
         steps: list[str] = []
+        states = _states(source, settings, opts.route, steps)
+        inputs = [s for s in source.inputs if s.name not in states]
         if opts.route == "torch.export":
-            kind, model = "pt2", torch_inputs.export_module(source, shapes,
+            module = source if not states else replace(
+                source, torch_module=source.stateful_module, inputs=tuple(inputs))
+            shapes = {s.name: shapes[s.name] for s in inputs}
+            kind, model = "pt2", torch_inputs.export_module(module, shapes,
                                                             work / "program.pt2", self.name)
             steps.append(f"torch.export of the PyTorch module at {format_shapes(shapes)}")
         else:
@@ -81,9 +88,9 @@ class CoremlBackend(Backend):
         twin = work / f"{source.name}.fp32-twin.mlpackage"
         compressed = opts.precision != "fp32" or settings["palettize"]
         job = {"kind": kind, "model": str(model), "out": str(out),
-               "input_order": [s.name for s in source.inputs],
-               "input_shapes": [shapes[s.name] for s in source.inputs],
-               "input_dtypes": [s.dtype for s in source.inputs],
+               "input_order": [s.name for s in inputs],
+               "input_shapes": [shapes[s.name] for s in inputs],
+               "input_dtypes": [s.dtype for s in inputs],
                "output_names": [s.name for s in source.outputs], "precision": opts.precision,
                "fp32_twin": str(twin) if compressed else None,
                # a quantized source: its int8 weights stored as they are (own ints and scales)
@@ -95,11 +102,18 @@ class CoremlBackend(Backend):
         meta: dict[str, Any] = {"inputs": result["inputs"], "outputs": result["outputs"],
                                 "deployment_target": settings["deployment_target"]}
         profile = None
+        if states:
+            meta["states"] = list(states)
         if settings["palettize"]:  # lossy weights: judged like int8 weights
             profile = "int8"
             steps.append("tolerance profile int8 (palettized weights), compute "
                          f"{opts.precision}")
+        elif states and opts.precision == "fp32":  # the cache is stored in float16
+            profile = "fp16"
+            steps.append("tolerance profile fp16: the KV cache is Core ML state, which holds "
+                         "float16 only (compute float32, cast at each read and write)")
         fixed = {k: tuple(v) for k, v in shapes.items()}
+        fixed |= {k: tuple(source.input_shapes[k]) for k in states}  # fed states: the shape
         fp32 = Artifact(target=self.name, primary=twin, files=(twin,), meta=dict(meta),
                         input_shapes=fixed) if compressed else None
         return Artifact(target=self.name, primary=out, files=(out,), precision=opts.precision,
@@ -192,6 +206,31 @@ def _settings(opts: TargetOptions) -> dict[str, Any]:
     return {"deployment_target": target, "palettize": int(bits) if bits else None}
 
 
+def _states(source: PreparedSource, settings: dict[str, Any], route: str,
+            steps: list[str]) -> dict[str, Any]:
+    """The cache inputs a decode step keeps as Core ML state (its stateful module's buffers),
+    by name: only on the torch.export route and a deployment target with state (iOS18,
+    macOS15); otherwise none, and the step says why for a source that offers state."""
+    module = source.stateful_module
+    if module is None:
+        return {}
+    if settings["deployment_target"] not in STATE_TARGETS:
+        steps.append("KV cache as explicit inputs/outputs: Core ML state needs "
+                     f"--coreml-target {' or '.join(STATE_TARGETS)} (this is "
+                     f"{settings['deployment_target']})")
+        return {}
+    if route != "torch.export":
+        steps.append(f"KV cache as explicit inputs/outputs: the {route} route converts the "
+                     "ONNX graph, which has no state")
+        return {}
+    states = {name: buf for name, buf in module.named_buffers() if "." not in name}
+    size = sum(b.numel() * b.element_size() for b in states.values())
+    steps.append(f"KV cache as Core ML state: {len(states)} float16 states "
+                 f"{list(next(iter(states.values())).shape)} ({size} bytes), read and written "
+                 "in the model (read_state, write_state); the host feeds the token only")
+    return states
+
+
 def _has_coreml_runtime() -> bool:
     """coremltools ships its Core ML bindings (libcoremlpython) on macOS only."""
     import importlib.util
@@ -244,14 +283,22 @@ class MilSession(Session):
         self.inputs = [TensorSpec(src, tuple(v.shape), v.dtype) for src, v in
                        zip(self._features.inputs, program.inputs, strict=True)]
         self.outputs = [TensorSpec(src, (), "") for src in self._features.outputs.values()]
+        self.states = tuple(TensorSpec(v.name, tuple(v.shape), v.dtype) for v in program.states)
+
+    def reset_states(self) -> None:
+        self._interp.reset_states()
+
+    def _feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The program's inputs, and any state fed by name (it overwrites the held one)."""
+        return self._features.feeds(feeds, self._dtypes) | {
+            s.name: feeds[s.name] for s in self.states if s.name in feeds}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._features.results(
-            self._interp.run(self._features.feeds(feeds, self._dtypes)))
+        return self._features.results(self._interp.run(self._feeds(feeds)))
 
     def intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
         trace: list[tuple[str, str, np.ndarray]] = []
-        self._interp.run(self._features.feeds(feeds, self._dtypes), trace=trace)
+        self._interp.run(self._feeds(feeds), trace=trace)
         return trace
 
 
@@ -273,10 +320,26 @@ class CoremlRuntimeSession(Session):
         self.inputs = []
         self.outputs = []
         self._beside: dict[str, Any] | None = None
+        # iOS18+ state (the KV cache in the model): MLModel.make_state, written by name
+        self.states = tuple(TensorSpec(f.name, tuple(f.type.stateType.arrayType.shape),
+                                       "float16") for f in spec.description.state)
+        self._state = self._model.make_state() if self.states else None
+
+    def reset_states(self) -> None:
+        if self.states:
+            self._state = self._model.make_state()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self._features.results(self._model.predict(self._features.feeds(feeds,
-                                                                               self._dtypes)))
+        import numpy as np
+
+        for s in self.states:  # a fed state overwrites the held one
+            if s.name in feeds:
+                self._state.write_state(s.name, np.asarray(feeds[s.name], np.float16))
+        ins = self._features.feeds(feeds, self._dtypes)
+        out = self._features.results(self._model.predict(ins, state=self._state)
+                                     if self._state is not None else self._model.predict(ins))
+        if self._beside is None and self.states:  # the interpreter beside would need the
+            self._beside = {"summary": "not run (stateful program)"}  # same state history
         if self._beside is None:
             self._beside = _interpreter_beside(self._artifact, feeds, out)
             self.runtime = f"coreml (mil-reference beside: {self._beside['summary']})"

@@ -93,6 +93,8 @@ class MilInterpreter:
         if missing:
             raise UnsupportedOps(missing)
         self.program = program
+        # the program's states (iOS18+), held from run to run as the Core ML runtime does
+        self.states = {v.name: kernels.State(v.dtype, v.shape) for v in program.states}
         self.consts: dict[str, Any] = {}
         self._plans: list[_Plan] = []
         with np.errstate(all="ignore"):
@@ -121,6 +123,11 @@ class MilInterpreter:
     def open(cls, package: Path, blas_threads: int | None = 1) -> MilInterpreter:
         return cls(load(package), blas_threads)
 
+    def reset_states(self) -> None:
+        """Every state back to zeros (a new sequence)."""
+        for state in self.states.values():
+            state.value[...] = 0
+
     @property
     def operation_count(self) -> int:
         return len(self._plans)
@@ -129,9 +136,11 @@ class MilInterpreter:
             trace: list[tuple[str, str, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
         """Outputs by the program's output names; a ``trace`` list gets every op's
         floating-point results as (variable, op type, value), in program order."""
-        env: dict[str, Any] = {}
+        env: dict[str, Any] = dict(self.states)
         for var in self.program.inputs:
             env[var.name] = np.asarray(feeds[var.name]).astype(var.dtype, copy=False)
+        for name in feeds.keys() & self.states.keys():  # a fed state overwrites the held one
+            self.states[name].write(feeds[name])
         # as on device: inf / NaN without warnings
         with np.errstate(all="ignore"), _blas_limited(self.blas_threads):
             if trace is None:

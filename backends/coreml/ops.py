@@ -848,6 +848,48 @@ def slice_update(args: Args) -> tuple[np.ndarray, ...]:
     return (x,)
 
 
+class State:
+    """A state the program reads (``read_state``) and writes (``coreml_update_state``), held by
+    the session between runs: a tensor of the state's declared type (Core ML: float16)."""
+
+    def __init__(self, dtype: str, shape: tuple[int | None, ...]):
+        if any(d is None for d in shape):
+            raise ValueError(f"a state of unknown shape {shape}")
+        self.value = np.zeros(shape, dtype)
+
+    def write(self, value: Any) -> None:
+        """``value`` into the state, rounded to its type; a shape other than the state's is
+        refused (Core ML's states are fixed)."""
+        value = np.asarray(value)
+        if value.shape != self.value.shape:
+            raise ValueError(f"a state of shape {self.value.shape} cannot take {value.shape}")
+        self.value[...] = value.astype(self.value.dtype)
+
+
+@register("read_state")
+def read_state(args: Args) -> tuple[np.ndarray, ...]:
+    """The state's current value (a copy: later writes do not change what was read)."""
+    return (args["input"].value.copy(),)
+
+
+@register("write_state")
+def write_state(args: Args) -> tuple[np.ndarray, ...]:
+    """``data`` written into the state ``input``; no result. A saved program holds this op:
+    coremltools lowers ``coreml_update_state`` to write_state (+ read_state where the value
+    is used again)."""
+    args["input"].write(args["data"])
+    return ()
+
+
+@register("coreml_update_state")
+def coreml_update_state(args: Args) -> tuple[np.ndarray, ...]:
+    """``value`` written into ``state``; returns what the state now holds (coremltools'
+    in-memory form of write_state + read_state)."""
+    state = args["state"]
+    state.write(args["value"])
+    return (state.value.copy(),)
+
+
 @register("slice_by_size")
 def slice_by_size(args: Args) -> tuple[np.ndarray, ...]:
     x = np.asarray(args["x"])

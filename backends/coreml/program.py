@@ -68,6 +68,9 @@ class Program:
     ops: list[Op]
     spec_version: int
     metadata: dict[str, str]
+    # the function's state inputs (iOS18+: read_state / coreml_update_state), typed by the
+    # tensor each wraps; the runtime holds them between predictions
+    states: list[Var] = field(default_factory=list)
 
     @property
     def op_types(self) -> list[str]:
@@ -123,14 +126,18 @@ def load(package: Path) -> Program:
     block, opset = _main_block(spec, package)
     fn = spec.mlProgram.functions["main"]
     weights = _Weights(model_path(package).parent / "weights")
-    return Program(opset=opset, inputs=[_var(v) for v in fn.inputs],
+    stateful = {v.name for v in fn.inputs if v.type.WhichOneof("type") == "stateType"}
+    return Program(opset=opset, inputs=[_var(v) for v in fn.inputs if v.name not in stateful],
                    outputs=list(block.outputs), ops=[_op(o, weights) for o in block.operations],
                    spec_version=spec.specificationVersion,
-                   metadata=dict(spec.description.metadata.userDefined))
+                   metadata=dict(spec.description.metadata.userDefined),
+                   states=[_var(v) for v in fn.inputs if v.name in stateful])
 
 
 def _var(named: Any) -> Var:
     t = named.type
+    if t.WhichOneof("type") == "stateType":  # typed by the tensor it holds
+        t = t.stateType.wrappedType
     if t.WhichOneof("type") != "tensorType":
         return Var(named.name, t.WhichOneof("type") or "", (), 0)
     tt = t.tensorType
