@@ -52,10 +52,16 @@ def generated(opts: Any, backend: Backend, artifact: Artifact, report: TargetRep
         why = f"generation: logits per step {got}, the reference's {want}"
         return replace(report, status="failed", reason=why, generation={"error": why})
     tol = tol or opts.tolerances.resolve(artifact.profile, "logits")
+    states = result.get("states") or []  # the runtime keeps the cache (Core ML state)
+    cache_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                      for _, shape, dtype in states) if states else geo.cache_bytes()
     section, reasons = judge.judge(ref, result["forced_logits"], result["free_tokens"],
-                                   result["step_ms"], tol, geo.cache_bytes(), geo.max_cache,
+                                   result["step_ms"], tol, cache_bytes, geo.max_cache,
                                    result["latency_unavailable"])
     section["runtime"] = result["runtime"]
+    if states:
+        section["kv_cache"] = {"kept_in": "runtime state", "states": len(states),
+                               "dtype": states[0][2]}
     if encoder is not None:
         _encoder_fields(section, encoder, ref, result.get("encoder_ms"))
     if not reasons:
