@@ -19,6 +19,7 @@ import numpy as np
 from mtconvert.cache import ConversionCache
 from mtconvert.errors import MtConvertError, UsageError
 from mtconvert.generation import encdec, folder as folder_mod, optimum, reference, seq2seq, step
+from mtconvert.generation import stateful
 from mtconvert.generation.target import EncoderInput, generated
 from mtconvert.generation.loop import decode
 from mtconvert.report import Report, TargetReport
@@ -116,6 +117,9 @@ class Generation:
         src = sk.load(module, Path(self._tmp.name), example_feeds(module, self.geo, prompt))
         src.name = stem(self.folder.label.lower() if self.folder.path is None
                         else self.folder.path.name)
+        # the same step keeping its cache in its own buffers: for a target whose runtime
+        # holds state (Core ML iOS18+: mtconvert.generation.stateful)
+        src.stateful_module = stateful.build(module, self.geo)
         return src
 
     def _seq2seq_graphs(self, hf: Any, how: str, max_cache: int) -> Any:
