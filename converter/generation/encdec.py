@@ -113,20 +113,22 @@ def _runner(module: Any) -> Any:
     return run
 
 
-def merged(step: TargetReport, enc: TargetReport | None) -> TargetReport:
-    """The target's step report with its encoder graph: the encoder's file (role "encoder"),
-    the per-graph numerics under ``generation.graphs`` (added by ``graphs``), and the
-    encoder's failure or error as the target's when the step graph passed."""
+def merged(step: TargetReport, enc: TargetReport | None,
+           role: str = ENCODER_ROLE) -> TargetReport:
+    """The target's step report with its encoder graph: the encoder's file (role "encoder",
+    or ``role``: another graph of the target's, as an Optimum set's first-step decoder), the
+    per-graph numerics under ``generation.graphs`` (added by ``graphs``), and the encoder's
+    failure or error as the target's when the step graph passed."""
     if enc is None:
         return step
-    files = tuple(ArtifactFile(a.path, a.bytes, ENCODER_ROLE) for a in enc.artifacts
+    files = tuple(ArtifactFile(a.path, a.bytes, role) for a in enc.artifacts
                   if a.role == "artifact")
     files += tuple(a for a in enc.artifacts if a.role == "sidecar")
     report = replace(step, artifacts=step.artifacts + files)
     if enc.status == "passed" or step.status in ("error", "skipped"):
         return report
     worse = "error" if "error" in (enc.status, step.status) else enc.status
-    reason = "; ".join(r for r in (step.reason, f"encoder graph: {enc.reason}") if r)
+    reason = "; ".join(r for r in (step.reason, f"{role} graph: {enc.reason}") if r)
     return replace(report, status=worse, reason=reason)
 
 

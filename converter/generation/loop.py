@@ -57,6 +57,53 @@ def decode(run: Run, geometry: Any, prompt: tuple[int, ...], new_tokens: int,
     return Decoded(tokens, np.stack(logits), times)
 
 
+def decode_growing(runs: dict[str, Run], takes: dict[str, dict[str, Any]],
+                   encoder_feeds: dict[str, np.ndarray], prompt: tuple[int, ...],
+                   new_tokens: int, forced: tuple[int, ...] | None = None
+                   ) -> tuple[Decoded, float]:
+    """An encoder-decoder set laid out as Optimum exports it, stepped with its own growing
+    cache (mtconvert.generation.optimum_seq2seq): ``runs["encoder"]`` on ``encoder_feeds``,
+    ``runs["decoder"]`` on the decoder prompt (its start token: one step) with the encoder's
+    output, then ``runs["with_past"]`` a token at a time, each step's present.* fed back as
+    past_key_values.* (the cross K/V: the first pass's; a merged graph's with-past branch
+    outputs empty ones). ``takes``: each graph's inputs, name -> shape (feeds are filtered by
+    them; a merged graph's use_cache_branch is set, and its no-past branch gets empty pasts).
+    Returns (the decode, the encoder's run in ms); the static layout (``decode``) is
+    untouched."""
+    if len(prompt) != 1:
+        raise ValueError("the decoder prompt of an encoder-decoder set is its start token")
+    t0 = time.perf_counter()
+    hidden = np.asarray(runs["encoder"](encoder_feeds)["last_hidden_state"], np.float32)
+    enc_ms = (time.perf_counter() - t0) * 1000.0
+    common = {"encoder_hidden_states": hidden, "encoder_attention_mask": np.asarray(
+        encoder_feeds.get("attention_mask", np.ones(hidden.shape[:2], np.int64)), np.int64)}
+    seq, past, tokens, logits, times = list(prompt), {}, [], [], []
+    for pos in range(new_tokens):
+        role = "with_past" if pos else "decoder"
+        feeds = {"input_ids": np.array([[seq[pos]]], np.int64), **common, **past,
+                 "use_cache_branch": np.array([bool(pos)])}
+        if not pos:  # a merged graph's no-past branch: empty pasts (batch 1, past length 0)
+            feeds |= {n: np.zeros(_empty(shape), np.float32) for n, shape in takes[role].items()
+                      if n.startswith("past_key_values.")}
+        t0 = time.perf_counter()
+        out = runs[role]({k: v for k, v in feeds.items() if k in takes[role]})
+        times.append((time.perf_counter() - t0) * 1000.0)
+        past |= {k.replace("present.", "past_key_values.", 1): np.asarray(v, np.float32)
+                 for k, v in out.items() if k.startswith("present.")
+                 and (not pos or ".encoder." not in k)}
+        row = np.asarray(out["logits"], np.float32).reshape(-1, np.shape(out["logits"])[-1])[-1]
+        logits.append(row)
+        tokens.append(int(np.argmax(row)))
+        seq.append(forced[pos] if forced else tokens[-1])
+    return Decoded(tokens, np.stack(logits), times), enc_ms
+
+
+def _empty(shape: Any) -> tuple[int, ...]:
+    """A declared input shape with batch 1 and every other unnamed or named axis 0."""
+    return tuple(d if isinstance(d, int) and d > 0 else (1 if i == 0 else 0)
+                 for i, d in enumerate(shape))
+
+
 def _child(job_path: Path) -> None:
     from mtconvert.backends.base import Artifact
     from mtconvert.errors import RuntimeUnavailable
@@ -65,6 +112,8 @@ def _child(job_path: Path) -> None:
 
     job = json.loads(job_path.read_text())
     cls = BackendEntry(job["name"], job["backend"]).load()
+    if job.get("growing"):
+        return _growing_child(cls, job)
     geo = Geometry(**job["geometry"])
     prompt, n = tuple(job["prompt"]), job["new_tokens"]
     encoded: dict[str, Any] = {}
@@ -89,6 +138,40 @@ def _child(job_path: Path) -> None:
             "encoder_ms": encoded.get("ms"), "runtime": session.runtime or cls.name,
             "latency_unavailable": session.latency_unavailable,
             "states": [[s.name, list(s.shape), s.dtype] for s in session.states]}))
+
+
+def _growing_child(cls: Any, job: dict[str, Any]) -> None:
+    """An Optimum encoder-decoder set's artifacts (``job["growing"]``: role -> artifact, the
+    encoder's in ``job["encoder"]``), stepped by decode_growing, forced then free."""
+    from contextlib import ExitStack
+
+    from mtconvert.backends.base import Artifact
+    from mtconvert.errors import RuntimeUnavailable
+
+    arts = {"encoder": job["encoder"]["artifact"], **job["growing"]}
+    with np.load(job["encoder"]["feeds"]) as data:
+        feeds = {k: data[k] for k in data.files}
+    prompt, n = tuple(job["prompt"]), job["new_tokens"]
+    with ExitStack() as stack:
+        try:
+            sessions = {role: stack.enter_context(cls().open(Artifact.from_dict(a),
+                                                             job["threads"]))
+                        for role, a in arts.items()}
+        except RuntimeUnavailable as exc:
+            Path(job["result"]).write_text(json.dumps({"unavailable": exc.reason}))
+            return
+        runs = {role: s.run for role, s in sessions.items()}
+        takes = {role: {t.name: tuple(t.shape) for t in s.inputs}
+                 for role, s in sessions.items()}
+        forced, _ = decode_growing(runs, takes, feeds, prompt, n,
+                                   forced=tuple(job["reference_tokens"]))
+        free, enc_ms = decode_growing(runs, takes, feeds, prompt, n)  # warm: forced ran first
+        session = sessions["with_past"]
+        np.savez(job["outputs"], forced_logits=forced.logits, free_logits=free.logits)
+        Path(job["result"]).write_text(json.dumps({
+            "free_tokens": free.tokens, "step_ms": free.step_ms, "encoder_ms": enc_ms,
+            "runtime": session.runtime or cls.name,
+            "latency_unavailable": session.latency_unavailable}))
 
 
 def _encode(cls: Any, job: dict[str, Any], threads: int) -> dict[str, Any]:

@@ -14,8 +14,7 @@ to the last position (``present_key_{i}``/``present_value_{i}``). A merged graph
 ``use_cache_branch`` If is folded to its with-past branch. The static graph is checked against
 the source graphs in ONNX Runtime before any target sees it.
 
-Encoder-decoder sets (``encoder_model.onnx``) are refused: Optimum's decoder-with-past has no
-decoder self-attention mask, so a fixed-length padded cache cannot be masked."""
+Encoder-decoder sets (``encoder_model.onnx``) are mtconvert.generation.optimum_seq2seq's."""
 from __future__ import annotations
 
 import json
@@ -72,15 +71,14 @@ def open_set(path: Path, task: str | None) -> OptimumSet:
     present = [g for g in GRAPHS if (path / g).is_file()]
     archs = config.get("architectures") or []
     task = task or folder_mod._task_of(archs) or "text-generation"
-    if ENCODER in present or task in folder_mod.SEQ2SEQ_TASKS or config.get(
-            "is_encoder_decoder"):
-        raise UsageError(
-            f"{path.name}: an encoder-decoder ONNX set is not supported as a source yet: "
-            "Optimum's decoder-with-past graph has no decoder self-attention mask, so a "
-            "fixed-size cache cannot be masked. Supported: decoder-only sets (model.onnx, "
-            "decoder_with_past_model.onnx or decoder_model_merged.onnx); the model's Hugging "
-            "Face folder (config.json + model.safetensors) converts every encoder-decoder "
-            "family mtconvert knows")
+    if ENCODER in present or config.get("is_encoder_decoder"):  # convert mode sends these
+        # sets to mtconvert.generation.optimum_seq2seq; a caller of Generation gets this
+        raise UsageError(f"{path.name}: an encoder-decoder Optimum set is converted by "
+                         "mtconvert.generation.optimum_seq2seq, not as a decoder-only step")
+    if task in folder_mod.SEQ2SEQ_TASKS:
+        raise UsageError(f"--task {task}: {path.name} is a decoder-only Optimum set (no "
+                         f"{ENCODER}, config.json not encoder-decoder); it generates text "
+                         "(--task text-generation)")
     if task != "text-generation":
         raise UsageError(f"--task {task}: an Optimum ONNX set is supported for "
                          "text-generation only")

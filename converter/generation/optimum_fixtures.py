@@ -189,3 +189,143 @@ def merge(decoder: Path, with_past: Path, out: Path) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(out))
     return out
+
+
+# --- encoder-decoder sets ---------------------------------------------------------------------
+# Optimum's names (optimum-onnx, optimum/exporters/onnx/base.py, OnnxSeq2SeqConfigWithPast:
+# ``torch_to_onnx_input_map``, ``add_past_key_values``; config.py, TextSeq2SeqOnnxConfig):
+# encoder_model.onnx (input_ids, attention_mask -> last_hidden_state); decoder_model.onnx
+# (input_ids, encoder_attention_mask, encoder_hidden_states -> logits,
+# present.{i}.decoder.key/value, present.{i}.encoder.key/value); decoder_with_past_model.onnx
+# (input_ids, encoder_attention_mask, past_key_values.{i}.decoder/encoder.key/value -> logits,
+# present.{i}.decoder.key/value: the cross K/V are constant, not output again).
+def tiny_seq2seq_set(kind: str, path: Path, *, seed: int = 0, vocab: int = 300) -> Path:
+    """A tiny encoder-decoder ``kind`` (t5, bart, marian) exported into ``path`` as Optimum
+    lays it out (encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx) beside
+    config.json; no weights file."""
+    import torch
+
+    from mtconvert.generation.folder import load_model, open_folder
+
+    hf_dir = path.parent / f".{path.name}-hf"
+    fixtures.tiny_folder(kind, hf_dir, seed=seed, vocab=vocab)
+    model = load_model(open_folder(hf_dir, None, False)).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json"):
+        if (hf_dir / name).is_file():
+            shutil.copy(hf_dir / name, path / name)
+    with torch.no_grad():
+        _export_encoder(model, path / "encoder_model.onnx")
+        for with_past in (False, True):
+            _export_decoder(model, path / ("decoder_with_past_model.onnx" if with_past
+                                           else "decoder_model.onnx"), with_past)
+    shutil.rmtree(hf_dir)
+    return path
+
+
+def _seq2seq_geometry(model: Any) -> tuple[int, int, int]:
+    """(decoder layers, heads, head dim)."""
+    cfg = model.config
+    layers = getattr(cfg, "num_decoder_layers", None) or cfg.decoder_layers
+    heads = getattr(cfg, "num_heads", None) or cfg.decoder_attention_heads
+    return layers, heads, getattr(cfg, "d_kv", None) or cfg.d_model // heads
+
+
+def _dims() -> dict[str, Any]:
+    import torch
+
+    return {n: torch.export.Dim(n, max=512) for n in (
+        "encoder_sequence_length", "decoder_sequence_length", "past_decoder_sequence_length")} \
+        | {"batch_size": torch.export.Dim("batch_size", max=8)}
+
+
+def _export_encoder(model: Any, out: Path) -> None:
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model.get_encoder()(input_ids=input_ids,
+                                            attention_mask=attention_mask).last_hidden_state
+
+    d = _dims()
+    axes = {0: d["batch_size"], 1: d["encoder_sequence_length"]}
+    ids = torch.arange(1, 6).reshape(1, 5)
+    torch.onnx.export(Encoder().eval(), (ids, torch.ones_like(ids)), str(out), dynamo=True,
+                      opset_version=OPSET, external_data=False,
+                      input_names=["input_ids", "attention_mask"],
+                      output_names=["last_hidden_state"], dynamic_shapes=(axes, axes),
+                      verbose=False)
+
+
+def _export_decoder(model: Any, out: Path, with_past: bool) -> None:
+    """The decoder with its EncoderDecoderCache flattened in Optimum's order (per layer:
+    decoder key, value, encoder key, value); the with-past graph outputs only the decoder's
+    presents, and an input no node reads (encoder_hidden_states, with past) is dropped, as in
+    Optimum's exports."""
+    import torch
+
+    layers, heads, head_dim = _seq2seq_geometry(model)
+
+    class Decoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, encoder_attention_mask, encoder_hidden_states, *past):
+            from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+            cfg = model.config
+            cache = EncoderDecoderCache(DynamicCache(config=cfg), DynamicCache(config=cfg))
+            for i in range(layers if with_past else 0):
+                cache.self_attention_cache.update(past[4 * i], past[4 * i + 1], i)
+                cache.cross_attention_cache.update(past[4 * i + 2], past[4 * i + 3], i)
+                cache.is_updated[i] = True
+            out = self.model(encoder_outputs=(encoder_hidden_states,),
+                             attention_mask=encoder_attention_mask, decoder_input_ids=input_ids,
+                             past_key_values=cache, use_cache=True)
+            kv = out.past_key_values
+            flat = []
+            for i in range(layers):
+                flat += [kv.self_attention_cache.layers[i].keys,
+                         kv.self_attention_cache.layers[i].values]
+                if not with_past:
+                    flat += [kv.cross_attention_cache.layers[i].keys,
+                             kv.cross_attention_cache.layers[i].values]
+            return (out.logits, *flat)
+
+    d, enc_len = _dims(), 5
+    b, es = d["batch_size"], d["encoder_sequence_length"]
+    parts = ("decoder.key", "decoder.value", "encoder.key", "encoder.value")
+    past = [torch.randn(1, heads, 3 if j % 4 < 2 else enc_len, head_dim)
+            for j in range(4 * layers)] if with_past else []
+    past_axes = tuple({0: b, 2: d["past_decoder_sequence_length"] if j % 4 < 2 else es}
+                      for j in range(len(past)))
+    present = [f"present.{i}.{p}" for i in range(layers) for p in parts
+               if not (with_past and p.startswith("encoder"))]
+    ids = torch.tensor([[4]]) if with_past else torch.tensor([[0, 4]])
+    torch.onnx.export(
+        Decoder().eval(), (ids, torch.ones(1, enc_len, dtype=torch.int64),
+                           torch.randn(1, enc_len, model.config.d_model), *past),
+        str(out), dynamo=True, opset_version=OPSET, external_data=False,
+        input_names=["input_ids", "encoder_attention_mask", "encoder_hidden_states",
+                     *(f"past_key_values.{i}.{p}" for i in range(len(past) // 4)
+                       for p in parts)],
+        output_names=["logits", *present], verbose=False,
+        dynamic_shapes=({0: b} if with_past else {0: b, 1: d["decoder_sequence_length"]},
+                        {0: b, 1: es}, {0: b, 1: es}, *((past_axes,) if past else ())))
+    _drop_unused_inputs(out)
+
+
+def _drop_unused_inputs(path: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    used = {x for n in model.graph.node for x in n.input}
+    keep = [i for i in model.graph.input if i.name in used]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    onnx.save(model, str(path))

@@ -89,11 +89,7 @@ class Generation:
         return self
 
     def _context(self, sk: Run, src: Any, point: Any, scratch: str) -> RunContext:
-        ctx = sk.context(src, point, cache=True)
-        if ctx.cache.root is None:  # --no-cache: a cache of this run only, so that each
-            # target's Artifact, with its I/O maps, is at hand for the generation (converted)
-            ctx = replace(ctx, cache=ConversionCache(Path(self._tmp.name) / scratch))
-        return ctx
+        return graph_context(sk, src, point, Path(self._tmp.name) / scratch)
 
     def _step_graph(self, prompt: tuple[int, ...], how: str, max_cache: int) -> Any:
         """Load the model, decode the reference, build the step module and export it (the
@@ -214,6 +210,16 @@ class Generation:
 
     def __exit__(self, *exc: object) -> None:
         self._tmp.cleanup()
+
+
+def graph_context(sk: Run, src: Any, point: Any, scratch: Path) -> RunContext:
+    """One graph's run context, its conversions cached (``scratch``: the cache of this run
+    only, under --no-cache, so that each target's Artifact, with its I/O maps, is at hand for
+    the generation: ``converted``)."""
+    ctx = sk.context(src, point, cache=True)
+    if ctx.cache.root is None:
+        ctx = replace(ctx, cache=ConversionCache(scratch))
+    return ctx
 
 
 def refuse_unsupported(opts: Any, features: bool = False) -> None:

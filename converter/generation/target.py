@@ -36,13 +36,16 @@ class EncoderInput:
 
 def generated(opts: Any, backend: Backend, artifact: Artifact, report: TargetReport,
               ref: Reference, geo: Geometry, tol: Tolerance | None = None,
-              encoder: EncoderInput | None = None) -> TargetReport:
+              encoder: EncoderInput | None = None,
+              growing: dict[str, Artifact] | None = None) -> TargetReport:
     """``report`` with its ``generation`` section; failed when the generation is not the
     reference's, error when the runtime failed. ``tol``: the logits' tolerance (default: the
     artifact's profile under the run's overrides). ``encoder``: an encoder-decoder's encoder
-    graph, run first in the same child; time to first token then includes it."""
+    graph, run first in the same child; time to first token then includes it. ``growing``:
+    an Optimum encoder-decoder set's decoder graphs by role (decoder, with_past), stepped
+    with their own growing cache (loop.decode_growing; ``artifact`` is the with-past one)."""
     try:
-        result = run_loop(opts, backend, artifact, ref, geo, encoder)
+        result = run_loop(opts, backend, artifact, ref, geo, encoder, growing)
     except StepError as exc:
         return replace(report, status="error", reason=f"generation: {exc.reason}")
     if "unavailable" in result:
@@ -83,7 +86,8 @@ def _encoder_fields(section: dict[str, Any], encoder: EncoderInput, ref: Referen
 
 
 def run_loop(opts: Any, backend: Backend, artifact: Artifact, ref: Reference,
-             geo: Geometry, encoder: EncoderInput | None = None) -> dict[str, Any]:
+             geo: Geometry, encoder: EncoderInput | None = None,
+             growing: dict[str, Artifact] | None = None) -> dict[str, Any]:
     """loop.decode in a child process (a runtime crash or hang is this target's error)."""
     from mtconvert.backends.process import tail
 
@@ -98,6 +102,8 @@ def run_loop(opts: Any, backend: Backend, artifact: Artifact, ref: Reference,
             np.savez(t / "encoder_feeds.npz", **encoder.feeds)
             job["encoder"] = {"artifact": encoder.artifact.to_dict(),
                               "feeds": str(t / "encoder_feeds.npz")}
+        if growing is not None:
+            job["growing"] = {role: a.to_dict() for role, a in growing.items()}
         (t / "job.json").write_text(json.dumps(job))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:

@@ -49,10 +49,13 @@ def _generative(model: Any, opts: ConvertOptions, registry: Registry | None,
     """A Hugging Face model folder (or a PreTrainedModel given without example inputs): its
     decode-step graph to every target, each then judged by what it generates
     (mtconvert.generation)."""
+    from mtconvert.generation import optimum_seq2seq
     from mtconvert.generation.run import Generation
 
     skeleton = Run("convert", opts, registry, progress)
     names = resolve_targets(skeleton.registry, opts.targets)
+    if optimum_seq2seq.is_seq2seq_set(model):  # its three graphs as they are
+        return optimum_seq2seq.run(skeleton, model, names, run_targets)
     with Generation(skeleton, model) as gen:  # an encoder-decoder: the step, then the encoder
         return gen.report(*(run_targets(ctx, names) for ctx in gen.contexts))
 

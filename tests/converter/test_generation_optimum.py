@@ -164,10 +164,11 @@ def _variants(tmp, sets):
 
 @pytest.mark.parametrize("case,args,needle", [
     ("nopast", [], "no decoder-with-past graph"),
-    ("seq2seq", [], "encoder-decoder ONNX set is not supported"),
+    ("seq2seq", [], "not Optimum's decoder I/O layout (unknown: -; missing: "
+                    "encoder_hidden_states)"),
     ("renamed", [], "not Optimum's decoder I/O layout (unknown: cache.1.value"),
     ("gpt2", ["--prompt-ids", "1,2,3,4,5", "--max-cache", "4"], "longer than --max-cache 4"),
-    ("gpt2", ["--task", "text2text-generation"], "encoder-decoder ONNX set is not supported"),
+    ("gpt2", ["--task", "text2text-generation"], "is a decoder-only Optimum set"),
 ])
 def test_bad_input_exits_2_with_one_line(case, args, needle, tmp_path, sets):
     folder = sets["gpt2"] if case == "gpt2" else _variants(tmp_path, sets)[case]
@@ -242,3 +243,127 @@ def test_every_target_and_family(kind, targets, sets, tmp_path):
         assert t["status"] == "passed" and _generated_the_reference(t), (t["name"], t["reason"])
     statuses = {t["status"] for t in report["targets"]}
     assert proc.returncode == (0 if statuses <= {"passed", "skipped"} else 3), statuses
+
+
+# --- encoder-decoder sets (mtconvert.generation.optimum_seq2seq) ------------------------------
+ENC_PROMPT = (5, 17, 33, 2, 9, 41)
+
+
+@pytest.fixture(scope="module")
+def s2s(tmp_path_factory):
+    from mtconvert.generation.optimum_fixtures import tiny_seq2seq_set
+
+    return {"t5": tiny_seq2seq_set("t5", tmp_path_factory.mktemp("optimum-s2s") / "t5-optimum")}
+
+
+def _seq2seq_reference(folder, kind, tmp_path):
+    """(the set's ONNX Runtime reference with its growing cache, each graph's last feeds, the
+    original model's PyTorch greedy decode: the same seeded tiny folder)."""
+    from mtconvert.generation import fixtures, optimum_seq2seq
+    from mtconvert.generation.folder import load_model, open_folder
+    from mtconvert.generation.reference import greedy_seq2seq
+
+    s = optimum_seq2seq.open_set(folder, None)
+    ids = np.array([ENC_PROMPT], np.int64)
+    start = s.folder.config["decoder_start_token_id"]
+    ref, seen = optimum_seq2seq.greedy(s, {"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                                       start, 8)
+    hf = load_model(open_folder(fixtures.tiny_folder(kind, tmp_path / "hf"), None, False))
+    return ref, seen, greedy_seq2seq(hf, {"input_ids": ids}, start, 8)
+
+
+def test_seq2seq_set_has_optimums_names_and_its_reference_is_the_models_decode(s2s, tmp_path):
+    """The exporter writes Optimum's three graphs and I/O names; the reference (the set's own
+    graphs in ONNX Runtime, growing cache, the cross K/V from the first pass) gives the
+    original model's PyTorch greedy decode, logits within the fp32 profile (measured ~1e-4 of
+    logits ~6)."""
+    import onnx
+
+    def io(name):
+        m = onnx.load(str(s2s["t5"] / name), load_external_data=False)
+        return [i.name for i in m.graph.input], [o.name for o in m.graph.output]
+
+    kv = [f"{p}.{x}" for p in ("decoder", "encoder") for x in ("key", "value")]
+    assert io("encoder_model.onnx") == (["input_ids", "attention_mask"], ["last_hidden_state"])
+    assert io("decoder_model.onnx") == (
+        ["input_ids", "encoder_attention_mask", "encoder_hidden_states"],
+        ["logits", *(f"present.{i}.{x}" for i in range(2) for x in kv)])
+    assert io("decoder_with_past_model.onnx") == (
+        ["input_ids", "encoder_attention_mask",
+         *(f"past_key_values.{i}.{x}" for i in range(2) for x in kv)],
+        ["logits", *(f"present.{i}.decoder.{x}" for i in range(2) for x in ("key", "value"))])
+    assert not any(p.suffix in (".safetensors", ".bin") for p in s2s["t5"].iterdir())
+    ref, seen, torch_ref = _seq2seq_reference(s2s["t5"], "t5", tmp_path)
+    assert ref.tokens == torch_ref.tokens and ref.logits.shape == torch_ref.logits.shape
+    verdict = gates.judge({"logits": torch_ref.logits}, {"logits": ref.logits},
+                          lambda _n: PROFILES["fp32"])
+    assert verdict.passed, verdict.outputs
+    assert set(seen) == {"encoder", "decoder", "with_past"}
+    assert seen["with_past"]["past_key_values.0.decoder.key"].shape[2] == 7  # grown to step 8
+
+
+def _s2s_variants(tmp, src):
+    import onnx
+
+    out = {name: tmp / name for name in ("nowithpast", "renamed")}
+    for name, folder in out.items():
+        shutil.copytree(src, folder)
+    (out["nowithpast"] / "decoder_with_past_model.onnx").unlink()
+    path = out["renamed"] / "decoder_with_past_model.onnx"
+    m = onnx.load(str(path))
+    old, new = "past_key_values.1.encoder.key", "cache.1.encoder.key"
+    for i in m.graph.input:
+        i.name = new if i.name == old else i.name
+    for n in m.graph.node:
+        n.input[:] = [new if x == old else x for x in n.input]
+    onnx.save(m, str(path))
+    return out
+
+
+@pytest.mark.parametrize("case,args,needle", [
+    ("nowithpast", [], "missing decoder_with_past_model.onnx"),
+    ("renamed", [], "not Optimum's with-past I/O layout (unknown: cache.1.encoder.key"),
+    ("t5", ["--max-cache", "16"], "--max-cache: not available for an encoder-decoder"),
+    ("t5", ["--task", "text-generation"], "supported for text2text-generation"),
+])
+def test_seq2seq_bad_input_exits_2_with_one_line(case, args, needle, tmp_path, s2s):
+    folder = s2s["t5"] if case == "t5" else _s2s_variants(tmp_path, s2s["t5"])[case]
+    out = tmp_path / "out"
+    proc = _cli(folder, "--to", "onnx-mobile", "--out", out, *args)
+    assert_usage_error(proc, needle, out)
+
+
+def _seq2seq_judged(report, dynamic, static):
+    """Each dynamic-shape target generated the set's own tokens through its three artifacts;
+    each fixed-shape one skipped with the reason and the advice."""
+    by_name = {t["name"]: t for t in report["targets"]}
+    for name in dynamic:
+        t = by_name[name]
+        assert t["status"] == "passed" and _generated_the_reference(t), (name, t["reason"])
+        graphs = t["generation"]["graphs"]
+        assert set(graphs) == {"with_past", "decoder", "encoder"}
+        assert all(g["status"] == "passed" for g in graphs.values()), graphs
+        assert {a["role"] for a in t["artifacts"]} >= {"artifact", "decoder", "encoder"}
+        assert t["generation"]["encoder_ms"] > 0 and t["generation"]["steps"] == 8
+    for name in static:
+        t = by_name[name]
+        assert t["status"] == "skipped" and t["generation"] is None and not t["artifacts"]
+        assert "runs fixed shapes only" in t["reason"] and "Hugging Face folder" in t["reason"]
+
+
+@pytest.mark.slow
+def test_t5_set_generates_on_onnx_mobile_and_tflite_says_why_not(s2s, tmp_path):
+    """The representative encoder-decoder case: the set's three graphs through ORT mobile as
+    they are, generating with their growing cache; a fixed-shape target skipped with the
+    reason (exit 1: a skipped target is not a pass)."""
+    proc, report = _convert(s2s["t5"], "onnx-mobile,tflite", tmp_path)
+    assert report["source"]["format"] == "optimum-onnx"
+    settings = report["settings"]["generation"]
+    assert settings["reference"].startswith("onnxruntime (the set's own graphs, growing")
+    assert settings["source_graphs"] == ["decoder_model.onnx", "decoder_with_past_model.onnx",
+                                         "encoder_model.onnx"]
+    _seq2seq_judged(report, ["onnx-mobile"], ["tflite"])
+    for role in ("with-past", "decoder", "encoder"):
+        assert (tmp_path / "out" / f"t5-optimum-{role}.ort").is_file()
+    assert report["targets"][0]["generation"]["prompt_tokens"] == list(PROMPT)
+    assert proc.returncode == 1, proc.stderr[-3000:]
