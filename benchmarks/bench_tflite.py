@@ -15,10 +15,19 @@ batch 1, sequence 128, 2 threads. In one run it prints:
   both sides warm in their own child, ABBA rounds, more rounds while unclear), the pairs in a
   rotating order, repeated --repeats times; the ratios' median and spread.
 
+- where the time goes (``--sections where``): ONNX Runtime's profiler on the ONNX and LiteRT's
+  (its C API, backends/profiling/tflite.py) on mtconvert's .tflite, alternating, repeated: each
+  side's matrix multiplies (ORT MatMul/FusedMatMul, XNNPACK Fully Connected / Batch Matrix
+  Multiply), the rest, and the builtin kernels LiteRT runs outside XNNPACK;
+- one projection alone (``--sections gemm``): y = x·W + b at the BERT's three shapes as ONNX
+  (MatMul + Add) and as .tflite (TensorFlow's converter: one FULLY_CONNECTED), same weights,
+  timed interleaved in warm children: XNNPACK's fp32 GEMM against ONNX Runtime's.
+
 The machine is shared (2 cores, other jobs running): the load average is printed with each
 repeat. Prints figures; asserts nothing.
 
     .venv/bin/python benchmarks/bench_tflite.py [--repeats 5] [--work DIR [--reuse]]
+        [--sections ratios,where,gemm] [--profile-runs 10]
 """
 from __future__ import annotations
 
@@ -216,20 +225,172 @@ def pair(a: Any, b: Any, args: argparse.Namespace) -> dict[str, Any]:
     return latency.interleaved(b_rounds, a_rounds)
 
 
+GEMM_TYPES = ("MatMul", "Gemm", "Fully Connected", "Batch Matrix Multiply")
+
+
+def profiled(model: Path, tflite: Path, threads: int, runs: int) -> dict[str, dict[str, float]]:
+    """One profile of each side on the seeded input (ONNX Runtime's profiler on the ONNX,
+    LiteRT's through its C API on the .tflite), each in ms per inference: its matrix
+    multiplies (ORT MatMul/FusedMatMul/Gemm, XNNPACK Fully Connected/Batch Matrix Multiply),
+    the rest, and (LiteRT) the builtin kernels XNNPACK leaves out."""
+    import numpy as np
+
+    from mtconvert.backends.profiling import ort as ort_profiling
+    from mtconvert.backends.profiling import tflite as tflite_profiling
+    from mtconvert.backends.tflite import _io
+
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 30522, (1, 128)).astype(np.int64),
+             "attention_mask": np.ones((1, 128), np.int64)}
+    by_index = {t["index"]: t["name"] for t in _io(tflite)[0]}
+    tfl_feeds = {i: feeds[next(n for n in feeds if n in name)] for i, name in by_index.items()}
+    out = {}
+    for side, ops in (("ONNX Runtime", ort_profiling.profile(model, threads, feeds, runs)),
+                      ("LiteRT", tflite_profiling.profile(tflite, threads, tfl_feeds, runs))):
+        gemm = sum(o.ms for o in ops if any(k in o.op_type for k in GEMM_TYPES))
+        total = sum(o.ms for o in ops)
+        out[side] = {"gemm": gemm, "rest": total - gemm, "total": total,
+                     "builtin": sum(o.ms for o in ops if "(builtin kernel)" in o.name),
+                     "types": _by_type(ops)}
+    return out
+
+
+def _by_type(ops: list[Any]) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for o in ops:
+        found[o.op_type] = found.get(o.op_type, 0.0) + o.ms
+    return found
+
+
+def where_the_time_goes(model: Path, tflite: Path, args: argparse.Namespace) -> None:
+    """Both profilers, one side after the other in this process (each profile's session is
+    closed before the next starts), the order swapped each repeat."""
+    print(f"\nwhere the time goes: each runtime's own profiler, median of {args.profile_runs} "
+          f"runs per profile, {args.threads} threads, the two sides alternating")
+    rows = []
+    for i in range(args.repeats):
+        rows.append(profiled(model, tflite, args.threads, args.profile_runs))
+        o, t = rows[-1]["ONNX Runtime"], rows[-1]["LiteRT"]
+        print(f"  {i}: matrix multiplies LiteRT {t['gemm']:.2f} ms vs ORT {o['gemm']:.2f} ms "
+              f"({t['gemm'] / o['gemm']:.2f}x); the rest {t['rest']:.2f} vs {o['rest']:.2f} ms "
+              f"({t['rest'] / o['rest']:.2f}x; LiteRT's builtin kernels, outside XNNPACK: "
+              f"{t['builtin']:.2f} ms); total {t['total']:.2f} vs {o['total']:.2f} ms   load "
+              f"{os.getloadavg()[0]:.1f}")
+    for key, what in (("gemm", "matrix multiplies"), ("rest", "the rest"), ("total", "total")):
+        ratios = [r["LiteRT"][key] / r["ONNX Runtime"][key] for r in rows]
+        print(f"  LiteRT / ORT, {what:<17} {spread(ratios)}")
+    for side in ("LiteRT", "ONNX Runtime"):
+        types = rows[len(rows) // 2][side]["types"]
+        top = sorted(types.items(), key=lambda kv: -kv[1])[:8]
+        print(f"  {side} (repeat {len(rows) // 2}): " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+
+
+def gemm_models(work: Path, k: int, n: int) -> tuple[Path, Path]:
+    """One projection y = x·W + b at a BERT shape (x [1, 128, k]), as ONNX (MatMul + Add) and
+    as .tflite (TensorFlow's converter: one FULLY_CONNECTED with the bias), same weights."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    onnx_path, tfl_path = work / f"gemm_{k}x{n}.onnx", work / f"gemm_{k}x{n}.tflite"
+    if onnx_path.is_file() and tfl_path.is_file():
+        return onnx_path, tfl_path
+    rng = np.random.default_rng(k * 7 + n)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"],
+                                                                          ["y"])], "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128, n])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8  # what ONNX Runtime 1.31 reads
+    onnx.save(proto, onnx_path)
+    script = (f"import numpy as np, tensorflow as tf\n"
+              f"w, b = np.load({str(work / 'wb.npz')!r})['w'], np.load({str(work / 'wb.npz')!r})['b']\n"
+              "f = tf.function(lambda x: {'y': tf.matmul(x, w) + b}, input_signature=["
+              f"tf.TensorSpec([1, 128, {k}], tf.float32, name='x')])\n"
+              "c = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f)\n"
+              f"open({str(tfl_path)!r}, 'wb').write(c.convert())\n")
+    np.savez(work / "wb.npz", w=w, b=b)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    return onnx_path, tfl_path
+
+
+def gemm_bench(work: Path, args: argparse.Namespace) -> None:
+    """XNNPACK's FULLY_CONNECTED against ONNX Runtime's MatMul + Add at the BERT's three
+    projection shapes, each pair timed interleaved in warm children, repeated."""
+    import numpy as np
+
+    from mtconvert.backends.base import Artifact
+    from mtconvert.backends.tflite import map_io
+    from mtconvert.worker import WarmSession
+
+    print(f"\none projection alone, x [1, 128, K] · W [K, N] + b, {args.threads} threads: "
+          "LiteRT (XNNPACK) / ONNX Runtime p50, interleaved in warm children")
+    work.mkdir(parents=True, exist_ok=True)
+    for k, n in ((384, 384), (384, 1536), (1536, 384)):
+        onnx_path, tfl_path = gemm_models(work, k, n)
+        feeds = {"x": np.random.default_rng(1).standard_normal((1, 128, k)).astype(np.float32)}
+        io_map, _ = map_io(tfl_path, ["x"], ["y"], {"y": [1, 128, n]})
+        with contextlib.ExitStack() as stack:
+            ref = stack.enter_context(WarmSession(
+                name="reference", backend="mtconvert.reference:OrtReference",
+                artifact=Artifact(target="reference", primary=onnx_path,
+                                  files=(onnx_path,)).to_dict(),
+                feeds=feeds, threads=args.threads, timeout_s=600))
+            tfl = stack.enter_context(WarmSession(
+                name="tflite", backend="mtconvert.backends.tflite:TfliteBackend",
+                artifact=Artifact(target="tflite", primary=tfl_path, files=(tfl_path,),
+                                  meta=io_map | {"allow_flex": False}).to_dict(),
+                feeds=feeds, threads=args.threads, timeout_s=600))
+            diff = float(np.abs(tfl.result().outputs["y"] - ref.result().outputs["y"]).max())
+            runs = [pair(tfl, ref, args) for _ in range(args.repeats)]
+        print(f"  K {k:>4}, N {n:>4}: {spread([r['ratio_p50'] for r in runs])}; p50 "
+              f"{statistics.median(r['target_p50_ms'] for r in runs):.3f} ms vs "
+              f"{statistics.median(r['reference_p50_ms'] for r in runs):.3f} ms; max abs "
+              f"difference {diff:.1e}; load {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile-runs", type=int, default=10)
+    ap.add_argument("--sections", default="ratios,where,gemm",
+                    help="ratios (operator counts, XNNPACK partitions, p50 ratios), where "
+                    "(both runtimes' profilers), gemm (one projection alone)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.mkdtemp(prefix="bench-tflite-")))
     ap.add_argument("--reuse", action="store_true", help="reuse the 'before' and onnx2tf "
                     "artifacts an earlier run left in --work (mtconvert's comes from its cache)")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     work = args.work
     model = make_bert(work / "bert6.onnx")
     t0 = time.perf_counter()
     mt, entry = convert_mtconvert(model, work, args.threads)
     mt_s = time.perf_counter() - t0
+    print(f"{model.name}: BERT 6 layers x 384, batch 1, sequence 128, {args.threads} threads; "
+          f"machine: {os.cpu_count()} cores shared with other jobs")
+    worst = entry["numerics"]["worst"]["max_abs"]
+    print(f"  mtconvert tflite: {entry['status']} (max abs {worst:.2e}), conversion {mt_s:.0f} s "
+          "with its validation")
+    for step in entry["conversion"]["steps"]:
+        print(f"      {step}"[:200])
+    if "ratios" in sections:
+        ratios(model, mt, work, args)
+    if "where" in sections:
+        where_the_time_goes(model, mt, args)
+    if "gemm" in sections:
+        gemm_bench(work / "gemm", args)
+
+
+def ratios(model: Path, mt: Path, work: Path, args: argparse.Namespace) -> None:
+    """Operator counts, XNNPACK partitions and p50 ratios of mtconvert's artifact, 'before'
+    and onnx2tf's, each against ONNX Runtime and mtconvert's against the others."""
     done = work / "conversions.json"  # --reuse: the 'before' and onnx2tf artifacts of a run
     if args.reuse and done.is_file():
         kept = json.loads(done.read_text())
@@ -244,13 +405,6 @@ def main() -> None:
         done.write_text(json.dumps({"before": str(before), "raw_default": str(raw_default),
                                     "raw_timed": str(raw_timed) if raw_timed else None,
                                     "raw_cmd": raw_cmd, "raw_s": raw_s}))
-    print(f"{model.name}: BERT 6 layers x 384, batch 1, sequence 128, {args.threads} threads; "
-          f"machine: {os.cpu_count()} cores shared with other jobs")
-    worst = entry["numerics"]["worst"]["max_abs"]
-    print(f"  mtconvert tflite: {entry['status']} (max abs {worst:.2e}), conversion {mt_s:.0f} s "
-          "with its validation")
-    for step in entry["conversion"]["steps"]:
-        print(f"      {step}"[:200])
     print(f"  onnx2tf: `{raw_cmd}` [{raw_s:.0f} s for the raw conversion(s)]")
     arts = {"mtconvert": mt, "before": before, "onnx2tf default": raw_default}
     if raw_timed is not None and raw_timed != raw_default:
@@ -295,6 +449,7 @@ def main() -> None:
         print(f"  {a + ' / ' + b:<36} {spread([r['ratio_p50'] for r in runs])}; p50 "
               f"{statistics.median(r['target_p50_ms'] for r in runs):.1f} ms vs "
               f"{statistics.median(r['reference_p50_ms'] for r in runs):.1f} ms")
+
 
 
 if __name__ == "__main__":
