@@ -79,6 +79,8 @@ class OnnxMobileBackend(Backend):
         steps = [f"onnxsim: {res['nodes_before']} -> {res['nodes_after']} nodes "
                  f"[{res['seconds']:.1f} s]" if res["simplified"]
                  else "onnxsim: simplified model failed its check; kept the original graph"]
+        if "QuantizeLinear" in info["quantized_ops"]:
+            steps.append(_uint8_activations(simplified, kw))
         if opts.precision != "int8":
             simplified.replace(dst)
             return dst, steps
@@ -95,11 +97,12 @@ class OnnxMobileBackend(Backend):
         return dst, steps
 
     def lint(self, artifact: Artifact) -> list[Finding]:
+        kernels = int8_kernels_finding(artifact.primary)
         onnx_path = Path(artifact.meta.get("onnx", ""))
         if not onnx_path.is_file():
             return [Finding("info", "ep-partitioning", "skipped: the converted ONNX graph is "
-                            "not available to analyse")]
-        return ep_partitioning(onnx_path)
+                            "not available to analyse"), *kernels]
+        return ep_partitioning(onnx_path) + kernels
 
     def open(self, artifact: Artifact, threads: int) -> Session:
         return OrtSession(artifact.primary, threads)
@@ -112,6 +115,77 @@ class OnnxMobileBackend(Backend):
         name, ins, outs = artifact.primary.name, sn.ports(inputs), sn.ports(outputs)
         return {"kotlin": sn.kotlin_onnxruntime(name, ins, outs),
                 "python": sn.python_onnxruntime(name, ins, outs)}
+
+
+def _uint8_activations(onnx_path: Path, kw: dict[str, Any]) -> str:
+    """A QDQ graph's int8 activations re-encoded as uint8 in place (onnx_tools.qdq_uint8), when
+    ONNX Runtime says it is exact; the step says what happened."""
+    rewritten = onnx_path.with_suffix(".uint8.onnx")
+    r = run_onnx_tool("qdq-uint8", onnx_path, rewritten, step="qdq-uint8", **kw)
+    if not r["rewritten"]:
+        return "qdq-uint8: no int8 activation QuantizeLinear to re-encode; graph unchanged"
+    if not r["kept"]:
+        why = (f"ONNX Runtime refused it ({r['error']})" if "error" in r else
+               f"it changed ONNX Runtime's outputs (max abs {r['max_diff']:.3g})")
+        return (f"qdq-uint8: re-encoding {r['rewritten']} int8 activation QuantizeLinear as "
+                f"uint8 not kept: {why}; the int8 x int8 QLinearMatMul stay (MLAS's generic "
+                "kernel on x86)")
+    rewritten.replace(onnx_path)
+    return (f"qdq-uint8: {r['rewritten']} int8 activation QuantizeLinear (and their "
+            "DequantizeLinear) re-encoded as uint8, zero point + 128: the same values, bit-equal "
+            "in ONNX Runtime unoptimized; weights stay int8, so the QLinearMatMul are uint8 x "
+            f"int8 (MLAS's VNNI / udot kernels) [{r['seconds']:.1f} s]")
+
+
+INTEGER_MATMULS = {"QLinearMatMul": (0, 3), "MatMulInteger": (0, 1),
+                   "MatMulIntegerToFloat": (0, 1), "DynamicQuantizeMatMul": (None, 1)}
+FLOAT_MATMULS = ("MatMul", "FusedMatMul", "Gemm")
+_ELEM = {1: "float", 2: "uint8", 3: "int8", 10: "float16"}
+
+
+def matmul_kernels(ort_path: Path) -> dict[str, int]:
+    """The matrix products of an ``.ort`` as saved (after its fixed optimizations): integer
+    ones by op and operand types ("QLinearMatMul uint8 x int8"; x86's MLAS has a VNNI kernel
+    for uint8 x int8, only a generic one for int8 x int8), float ones as "float MatMul"."""
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import (
+        InferenceSession, TensorTypeAndShape)
+
+    buf = bytearray(ort_path.read_bytes())
+    graph = InferenceSession.InferenceSession.GetRootAsInferenceSession(buf, 0).Model().Graph()
+    elem: dict[str, str] = {}
+    for i in range(graph.NodeArgsLength()):
+        arg = graph.NodeArgs(i)
+        t = arg.Type()
+        if t is not None and t.Value() is not None:
+            tensor = TensorTypeAndShape.TensorTypeAndShape()
+            tensor.Init(t.Value().Bytes, t.Value().Pos)
+            elem[arg.Name().decode()] = _ELEM.get(tensor.ElemType(), str(tensor.ElemType()))
+    counts: dict[str, int] = {}
+    for i in range(graph.NodesLength()):
+        node = graph.Nodes(i)
+        op = node.OpType().decode()
+        if op in INTEGER_MATMULS:
+            a, b = (node.Inputs(j).decode() if j is not None else None
+                    for j in INTEGER_MATMULS[op])
+            key = f"{op} {elem.get(a, 'float') if a else 'float'} x {elem.get(b, '?')}"
+        elif op in FLOAT_MATMULS:
+            key = f"float {op}"
+        else:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def int8_kernels_finding(path: Path) -> list[Finding]:
+    """For an ``.ort`` with integer matrix products: which kernels it asks for, and how many
+    products stay float. Information; nothing for a float graph."""
+    if path.suffix != ".ort" or not path.is_file():
+        return []
+    counts = matmul_kernels(path)
+    if not any(k.split()[0] in INTEGER_MATMULS for k in counts):
+        return []
+    parts = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return [Finding("info", "int8-kernels", f"matrix products in the .ort: {parts}")]
 
 
 def kept_float_steps(kept: list[str], missing: list[str]) -> list[str]:
