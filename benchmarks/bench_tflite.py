@@ -228,7 +228,8 @@ def pair(a: Any, b: Any, args: argparse.Namespace) -> dict[str, Any]:
 GEMM_TYPES = ("MatMul", "Gemm", "Fully Connected", "Batch Matrix Multiply")
 
 
-def profiled(model: Path, tflite: Path, threads: int, runs: int) -> dict[str, dict[str, float]]:
+def profiled(model: Path, tflite: Path, threads: int, runs: int,
+             litert_first: bool) -> dict[str, dict[str, float]]:
     """One profile of each side on the seeded input (ONNX Runtime's profiler on the ONNX,
     LiteRT's through its C API on the .tflite), each in ms per inference: its matrix
     multiplies (ORT MatMul/FusedMatMul/Gemm, XNNPACK Fully Connected/Batch Matrix Multiply),
@@ -244,9 +245,11 @@ def profiled(model: Path, tflite: Path, threads: int, runs: int) -> dict[str, di
              "attention_mask": np.ones((1, 128), np.int64)}
     by_index = {t["index"]: t["name"] for t in _io(tflite)[0]}
     tfl_feeds = {i: feeds[next(n for n in feeds if n in name)] for i, name in by_index.items()}
+    sides = {"ONNX Runtime": lambda: ort_profiling.profile(model, threads, feeds, runs),
+             "LiteRT": lambda: tflite_profiling.profile(tflite, threads, tfl_feeds, runs)}
     out = {}
-    for side, ops in (("ONNX Runtime", ort_profiling.profile(model, threads, feeds, runs)),
-                      ("LiteRT", tflite_profiling.profile(tflite, threads, tfl_feeds, runs))):
+    for side in (["LiteRT", "ONNX Runtime"] if litert_first else ["ONNX Runtime", "LiteRT"]):
+        ops = sides[side]()
         gemm = sum(o.ms for o in ops if any(k in o.op_type for k in GEMM_TYPES))
         total = sum(o.ms for o in ops)
         out[side] = {"gemm": gemm, "rest": total - gemm, "total": total,
@@ -269,7 +272,7 @@ def where_the_time_goes(model: Path, tflite: Path, args: argparse.Namespace) -> 
           f"runs per profile, {args.threads} threads, the two sides alternating")
     rows = []
     for i in range(args.repeats):
-        rows.append(profiled(model, tflite, args.threads, args.profile_runs))
+        rows.append(profiled(model, tflite, args.threads, args.profile_runs, i % 2 == 0))
         o, t = rows[-1]["ONNX Runtime"], rows[-1]["LiteRT"]
         print(f"  {i}: matrix multiplies LiteRT {t['gemm']:.2f} ms vs ORT {o['gemm']:.2f} ms "
               f"({t['gemm'] / o['gemm']:.2f}x); the rest {t['rest']:.2f} vs {o['rest']:.2f} ms "
