@@ -29,7 +29,8 @@ def kept(target: str, primary: Path, record_path: str | None) -> dict[str, Any] 
         return {"error": f"{type(exc).__name__}: {exc}"}
     same = sum(1 for ints, scale in tensors if _matches(ints, scale, records))
     ints_only = sum(1 for ints, _ in tensors if _matches(ints, None, records))
-    return {"int8_tensors": len(tensors), "source_int8_weights": len(records),
+    extra = _tflite_activations(primary, record_path) if target == "tflite" else {}
+    return extra | {"int8_tensors": len(tensors), "source_int8_weights": len(records),
             "same_ints_and_scales": same,
             # the source's ints with another scale (a converter folded a constant factor, e.g.
             # GELU's 0.5, into the weight's scale: the same values times that factor)
@@ -85,6 +86,35 @@ def _ncnn(param: Path) -> list[tuple[np.ndarray, np.ndarray]]:
 def _tflite(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(value, np.asarray(t["quantization_parameters"]["scales"]))
             for t, value in tflite_constants(path) if t["dtype"] in (np.int8, np.uint8)]
+
+
+def activations_path(record: str | Path) -> Path:
+    """Where the run keeps a QDQ source's activation scales (``quantized.lowered``), beside its
+    weights' record."""
+    return Path(record).with_name(Path(record).name.replace(".weights.json", ".activations.json"))
+
+
+def _tflite_activations(path: Path, record_path: str | None) -> dict[str, Any]:
+    """The .tflite's int8 activation tensors (not constants) and how many hold a source
+    activation's exact scale and zero point (a uint8 zero point minus 128: the same grid), from
+    the activations file beside the record (``activations_path``)."""
+    from mtconvert.backends.tflite_qparams import expected
+
+    where = activations_path(record_path) if record_path else None
+    if where is None or not where.is_file():
+        return {}
+    grids = [expected(q) for q in json.loads(where.read_text()).values()]
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    constant = {t["index"] for t, _ in tflite_constants(path)}
+    acts = [t for t in interp.get_tensor_details() if t["index"] not in constant
+            and t["dtype"] == np.int8 and t["quantization_parameters"]["scales"].size == 1]
+    held = sum(1 for t in acts if any(
+        np.isclose(t["quantization"][0], s, rtol=1e-6, atol=0) and t["quantization"][1] == z
+        for s, z in grids))
+    return {"int8_activation_tensors": len(acts), "source_activations": len(grids),
+            "activation_tensors_with_source_scale": held}
 
 
 def tflite_constants(path: Path) -> list[tuple[dict[str, Any], np.ndarray]]:

@@ -156,28 +156,51 @@ def lowered(src: Any, target: str, topts: Any, plan: dict[str, Any] | None) -> t
 
     import onnx
 
+    from mtconvert import compressed_check
     from mtconvert.backends.lowering.dequantize import dequantize
     from mtconvert.backends.lowering.graph import NotApplicable
     from mtconvert.errors import ConversionError
 
     work = _work(src, target)
     work.mkdir(parents=True, exist_ok=True)
+    source = onnx.load(str(src.onnx_path))
     try:
-        result = dequantize(onnx.load(str(src.onnx_path)))
+        result = dequantize(source)
     except NotApplicable as exc:
         raise ConversionError(f"quantized source: {exc}", target=target,
                               step="dequantize") from None
     path = work / f"{src.name}.onnx"
     onnx.save(result.model, str(path))
     Path(plan["record"]).write_text(json.dumps(result.weights))
+    activations = activation_scales(source)
+    compressed_check.activations_path(plan["record"]).write_text(json.dumps(activations))
     plan["steps"] = result.steps
     granularity = sorted({"per-channel" if len(r["scale"]) > 1 else "per-tensor"
                           for r in result.weights.values()})
     extra = {**topts.extra, "source_quantization": {
         "record": plan["record"], "scheme": plan["source"]["scheme"],
-        "granularity": granularity}}
+        "granularity": granularity, "activations": activations}}
     return (replace(src, onnx_path=path, torch_module=None, quantization={}),
             replace(topts, precision=plan["precision"], extra=extra))
+
+
+def activation_scales(model: Any) -> dict[str, dict[str, Any]]:
+    """{tensor: {scale, zero_point, dtype}} of every activation a static per-tensor
+    QuantizeLinear quantizes; ``dequantize`` keeps the tensor's name (the QuantizeLinear's input),
+    so targets with static int8 activations can give it the source's scale."""
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        scale = consts.get(n.input[1]) if n.op_type == "QuantizeLinear" else None
+        if scale is None or scale.size != 1 or n.input[0] in consts:
+            continue
+        zero = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        out[n.input[0]] = {"scale": float(scale.ravel()[0]),
+                           "zero_point": 0 if zero is None else int(zero.ravel()[0]),
+                           "dtype": "uint8" if zero is None else str(zero.dtype)}
+    return out
 
 
 def judged(artifact: Any, plan: dict[str, Any] | None) -> Any:
