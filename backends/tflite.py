@@ -15,6 +15,7 @@ from mtconvert import deps
 from mtconvert.backends.base import (Artifact, Backend, Finding, OpTime, PreparedSource,
                                      Session, TargetOptions, TensorSpec, format_shapes)
 from mtconvert.backends.options import Option
+from mtconvert.backends import tflite_qparams
 from mtconvert.backends.process import expect_files, run_job
 from mtconvert.backends.onnx_tools import run_onnx_tool
 from mtconvert.backends.tflite_routes import DEFAULT_ROUTE, LAYOUT_ROUTE, ambiguous_layout
@@ -70,6 +71,8 @@ class TfliteBackend(Backend):
 
     def convert(self, source: PreparedSource, out_dir: Path, opts: TargetOptions) -> Artifact:
         log = out_dir / f"{source.name}.{self.name}.log"
+        # a QDQ source's first route: full-integer with its activation scales (or rejected)
+        own = tflite_qparams.job_settings(opts) if opts.route == tflite_qparams.ROUTE else {}
         work = source.work_dir / self.name
         work.mkdir(parents=True, exist_ok=True)
         kw = dict(log=log, timeout=opts.timeout_s, target=self.name)
@@ -85,7 +88,7 @@ class TfliteBackend(Backend):
                  f"[{info['seconds']:.1f} s]"]
         suffix = "" if opts.precision == "fp32" else f".{opts.precision}"
         out = out_dir / f"{source.name}{suffix}.tflite"
-        job = self._job(source, fixed, out, opts)
+        job = self._job(source, fixed, out, opts) | own
         result = self._run_child(job, work, log, opts.timeout_s)
         expect_files([out], target=self.name, step="onnx2tf", log_path=log)
         steps += [f"route {job['route']}: {s} [{result['prepare_s']:.1f} s]"
@@ -98,6 +101,8 @@ class TfliteBackend(Backend):
         steps += [f"int8 full-integer: {op} kept in float (its int8 kernel failed on a "
                   "calibration sample)" for op in result.get("float_ops", [])]
         steps += sparse_steps(out) if opts.sparse else []
+        if job.get("source_activations"):  # ROUTE: what carries the source's scales
+            steps += tflite_qparams.steps(out, result, job["source_activations"])
         steps += kept_float_steps(result.get("kept_float") or {}, opts.keep_float)
         io_map, io_steps = map_io(out, [s.name for s in source.inputs],
                                   [s.name for s in source.outputs], info["output_shapes"])
@@ -124,10 +129,12 @@ class TfliteBackend(Backend):
         """onnx2tf as it is; then, when axis sizes could mislead onnx2tf's layout guessing (an
         input axis equal to a weight dimension, or a constant with two equal axes), onnx2tf with
         its layout judgement pinned to differing shapes (tflite_routes). The pipeline converts
-        the second only when the first one's artifact fails."""
+        the second only when the first one's artifact fails. A static-QDQ source is first tried
+        full-integer with its own activation scales (tflite_qparams.ROUTE)."""
+        first = [tflite_qparams.ROUTE] if tflite_qparams.applies(source) else []
         if ambiguous_layout(source):
-            return [DEFAULT_ROUTE, LAYOUT_ROUTE]
-        return [DEFAULT_ROUTE]
+            return [*first, DEFAULT_ROUTE, LAYOUT_ROUTE]
+        return [*first, DEFAULT_ROUTE]
 
     def _job(self, source: PreparedSource, fixed: Path, out: Path,
              opts: TargetOptions) -> dict[str, Any]:
@@ -155,7 +162,9 @@ class TfliteBackend(Backend):
 
     def _run_child(self, job: dict[str, Any], work: Path, log: Path,
                    timeout: float | None) -> dict[str, Any]:
-        return run_job("mtconvert.backends.tflite_convert", job, work / "tflite_job.json",
+        module = tflite_qparams.CHILD if job.get("source_activations") else \
+            "mtconvert.backends.tflite_convert"
+        return run_job(module, job, work / "tflite_job.json",
                        target=self.name, step="onnx2tf", log_path=log, timeout_s=timeout,
                        env={"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1"})
 
