@@ -103,6 +103,7 @@ class TfliteBackend(Backend):
         steps += sparse_steps(out) if opts.sparse else []
         if job.get("source_activations"):  # ROUTE: what carries the source's scales
             steps += tflite_qparams.steps(out, result, job["source_activations"])
+        steps += calibration_steps(result.get("calibration") or {})
         steps += kept_float_steps(result.get("kept_float") or {}, opts.keep_float)
         io_map, io_steps = map_io(out, [s.name for s in source.inputs],
                                   [s.name for s in source.outputs], info["output_shapes"])
@@ -156,6 +157,7 @@ class TfliteBackend(Backend):
                 "calibration": str(opts.calibration) if opts.calibration else None,
                 "input_order": [s.name for s in source.inputs], "sparse": opts.sparse,
                 "keep_float": list(opts.keep_float) if self.keeps_float(opts) else [],
+                "source_onnx": str(source.onnx_path),  # keep_float names the source's nodes
                 # a quantized source: per-tensor weights stay per-tensor (the source's scales)
                 "per_tensor_weights": (opts.extra.get("source_quantization") or {}).get(
                     "granularity") == ["per-tensor"]}
@@ -218,6 +220,32 @@ class TfliteBackend(Backend):
                 "python": sn.python_tflite(name, ins, outs)}
 
 
+def calibration_steps(calibration: dict[str, Any]) -> list[str]:
+    """Full-integer int8: the calibration ranges re-measured, and the additive ops kept in
+    float because their int8 output would erase an input (tflite_convert._own_ranges,
+    _crushing)."""
+    steps = []
+    if why := calibration.get("unmeasured"):
+        steps.append(f"int8 calibration: ranges as logged, not re-measured ({why})")
+    if ranges := calibration.get("ranges"):
+        worst = ranges[0]
+        steps.append(
+            f"int8 calibration: {len(ranges)} tensor range(s) logged 256x their own values or "
+            "wider (int8 would erase them) re-measured with every tensor kept (LiteRT's "
+            "calibrator logs an input after an in-place op overwrote it, tensorflow#127842); "
+            f"widest: {worst['tensor']} logged {_span(worst['logged'])}, "
+            f"its own values {_span(worst['own'])}")
+    steps += [f"int8 full-integer: {c['tensor']} ({c['op']}) kept in float with its readers "
+              f"{', '.join(c['readers']) or '(none)'}: its int8 output {_span(c['output'])} "
+              f"would hold an input {_span(c['input'])} in under one step"
+              for c in calibration.get("crushed", ())]
+    return steps
+
+
+def _span(pair: list[float]) -> str:
+    return f"[{pair[0]:.3g}, {pair[1]:.3g}]"
+
+
 def kept_float_steps(kept: dict[str, Any], asked: tuple[str, ...]) -> list[str]:
     """TargetOptions.keep_float: each source node kept in float with its TFLite tensor; the
     ones not found, or not honoured (dynamic-range int8)."""
@@ -225,9 +253,12 @@ def kept_float_steps(kept: dict[str, Any], asked: tuple[str, ...]) -> list[str]:
         return ["int8 float fallback: keep_float not honoured (only full-integer int8 has a "
                 f"node denylist); not kept: {', '.join(asked)}"]
     still = set(kept.get("still_int8", ()))
+    renamed = [f"int8 float fallback: {node} is {fixed} in the fixed-shape graph (same weight "
+               "or same output values)" for node, fixed in kept.get("renamed", {}).items()]
     steps = [f"int8 float fallback: {node} kept in float (tflite {', '.join(names)})"
              + (" - but the quantizer left it int8" if still & set(names) else "")
              for node, names in kept.get("kept", {}).items()]
+    steps = renamed + steps
     absent = set(kept.get("absent", ()))
     if unmatched := [n for n in kept.get("missing", ()) if n not in absent]:
         steps.append("int8 float fallback: no TFLite tensor matched, not kept: "

@@ -63,8 +63,9 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
         Path(job["fp32_twin"]).write_bytes(make_converter(job | {"precision": "fp32"}).convert())
 
     kept: dict[str, Any] = {}
+    calibration: dict[str, Any] = {}
     if job["precision"] == "int8" and job.get("int8_scheme") == "full":
-        blob, float_ops, kept = _full_integer(make_converter, tf, job, dtypes)
+        blob, float_ops, kept, calibration = _full_integer(make_converter, job, dtypes)
     else:
         blob, float_ops = make_converter().convert(), []
     Path(job["out"]).write_bytes(blob)
@@ -72,69 +73,297 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
             "prepare_s": round(t_pre - t0, 2), "prepare_steps": prepared["steps"],
             "pseudo_ops": pseudo,
             "tflite_converter_s": round(time.perf_counter() - t1, 2), "bytes": len(blob),
-            "float_ops": float_ops, "kept_float": kept}
+            "float_ops": float_ops, "kept_float": kept, "calibration": calibration}
 
 
 MAX_FLOAT_OPS = 4
+CRUSH = 256.0  # a tensor spanning under 1/CRUSH of the range it is quantized with: < 1 int8 step
 
 
-def _full_integer(make_converter: Any, tf: Any, job: dict[str, Any], dtypes: list[Any]
-                  ) -> tuple[bytes, list[str], dict[str, Any]]:
-    """Full-integer conversion, smoke-run on one calibration sample. When an op's int8 kernel
-    fails (e.g. DIV whose divisor quantizes to its zero point), convert again with that op type
-    kept in float (TFLite's QuantizationDebugger denylist), up to MAX_FLOAT_OPS op types.
-    The source nodes in ``job["keep_float"]`` stay float (the debugger's node denylist, by
-    their TFLite tensors: ``_float_tensors``); returns what was kept (``kept_float``)."""
+def _full_integer(make_converter: Any, job: dict[str, Any], dtypes: list[Any]
+                  ) -> tuple[bytes, list[str], dict[str, Any], dict[str, Any]]:
+    """Full-integer conversion: TFLite's calibration (min/max per tensor), its logged ranges
+    re-measured (``_own_ranges``), then TFLite's MLIR quantizer with some op outputs kept in
+    float (its node denylist): the source nodes in ``job["keep_float"]`` (``_float_tensors``)
+    and the additive ops whose int8 output would erase an input (``_crushing``). Smoke-run on
+    one calibration sample: when an op's int8 kernel fails (e.g. DIV whose divisor quantizes
+    to its zero point), quantize again with that op type kept in float, up to MAX_FLOAT_OPS
+    op types. Returns the model, those op types, the kept source nodes (``kept_float``) and
+    the calibration's corrections (``{"ranges", "crushed"}``)."""
+    conv = make_converter()
+    conv._experimental_calibrate_only = True  # float model + ranges: the quantizer's input
+    calibrated, ranges, unmeasured = conv.convert(), [], None
+    if not job.get("source_activations"):  # that route writes the source's own ranges
+        try:
+            calibrated, ranges = _own_ranges(calibrated, job, dtypes)
+        except (RuntimeError, ValueError) as exc:  # e.g. a Flex op the builtin kernels lack
+            unmeasured = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    kept = _float_tensors(calibrated, job, dtypes) if job.get("keep_float") else {}
+    crushed = _crushing(calibrated)
+    nodes = sorted({n for names in kept.get("kept", {}).values() for n in names}
+                   | {n for c in crushed for n in (c["tensor"], *c["readers"])})
     denied: list[str] = []
-    kept = _float_tensors(make_converter, job, dtypes) if job.get("keep_float") else {}
-    nodes = sorted({n for names in kept.get("kept", {}).values() for n in names})
-    blob = _quantized(tf, make_converter, job, dtypes, denied, nodes) if nodes \
-        else make_converter().convert()
+    blob = _quantize(calibrated, job, denied, nodes)
     while (failing := _failing_op(blob, job, dtypes)) is not None:
         if failing in denied or len(denied) >= MAX_FLOAT_OPS:
             raise RuntimeError(f"int8 kernel of {failing} fails even with {denied} in float")
         denied.append(failing)
-        blob = _quantized(tf, make_converter, job, dtypes, denied, nodes)
-    if nodes:
+        blob = _quantize(calibrated, job, denied, nodes)
+    if kept:
         kept["still_int8"] = _int8_outputs(blob, nodes)
-    return blob, denied, kept
+    return blob, denied, kept, {"ranges": ranges, "crushed": crushed, "unmeasured": unmeasured}
 
 
-def _quantized(tf: Any, make_converter: Any, job: dict[str, Any], dtypes: list[Any],
-               ops: list[str], nodes: list[str]) -> bytes:
-    """Full-integer with op types (``ops``) and op output tensors (``nodes``) kept in float."""
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=make_converter(),
-        debug_dataset=_representative(job["calibration"], job["input_order"], dtypes),
-        debug_options=tf.lite.experimental.QuantizationDebugOptions(
-            denylisted_ops=ops or None, denylisted_nodes=nodes or None))
-    return debugger.get_nondebug_quantized_model()
+def _quantize(calibrated: bytes, job: dict[str, Any], ops: list[str], nodes: list[str]
+              ) -> bytes:
+    """TFLite's MLIR quantizer on the calibrated model, as TFLiteConverter calls it (float
+    input and output, per-channel weights unless ``per_tensor_weights``), with op types
+    (``ops``) and op output tensors (``nodes``) kept in float; then, as the converter does,
+    sparse weights (``--sparse``) and shared read-only buffers."""
+    from tensorflow.lite.python import lite
+    from tensorflow.lite.python.convert import mlir_quantize
+
+    blob = mlir_quantize(calibrated, disable_per_channel=bool(job.get("per_tensor_weights")),
+                         denylisted_ops=ops or None, denylisted_nodes=nodes or None)
+    if job.get("sparse"):
+        blob = lite._mlir_sparsify(blob)
+    return lite._deduplicate_readonly_buffers(blob)
 
 
-def _float_tensors(make_converter: Any, job: dict[str, Any], dtypes: list[Any]
+def _own_ranges(calibrated: bytes, job: dict[str, Any], dtypes: list[Any]
+                ) -> tuple[bytes, list[dict[str, Any]]]:
+    """The calibrated model with the float tensors whose logged range is CRUSH times their own
+    or more (int8 would erase them) given their own min/max, re-measured on the same
+    calibration samples with every tensor kept (``experimental_preserve_all_tensors``); and
+    those tensors. LiteRT's calibrator logs an op's inputs again after the op ran; when the
+    memory planner let the op write its output over an input (an ADD in place), the input is
+    logged with the output's values (tensorflow/tensorflow#127842). Seen: the BERT fixture's
+    scaled attention scores logged as [-3.4e38, 12.2] (the mask Add's output over them), their
+    own values [-11.9, 12.2]: int8 scale 1.3e36, every score 0. Milder differences (a residual
+    Add's wider range logged on its input) are left as logged: the wider range is headroom
+    for inputs beyond the calibration set (re-measuring them all moved the ViT fixture's int8
+    cosine from 0.9908 to 0.9897, under its 0.99 gate)."""
+    import numpy as np
+
+    model = _schema().ModelT.InitFromPackedBuf(bytearray(calibrated), 0)
+    tensors = model.subgraphs[0].tensors
+    changed = []
+    for index, (lo, hi) in _measured(calibrated, job, dtypes).items():
+        q = tensors[index].quantization
+        if q is None or q.min is None or len(q.min) != 1 or hi <= lo:
+            continue
+        logged = (float(q.min[0]), float(q.max[0]))
+        if logged[1] - logged[0] >= CRUSH * (hi - lo):
+            q.min, q.max = np.array([lo], np.float32), np.array([hi], np.float32)
+            changed.append({"tensor": tensors[index].name.decode(), "logged": list(logged),
+                            "own": [lo, hi]})
+    if not changed:
+        return calibrated, []
+    changed.sort(key=lambda c: -(c["logged"][1] - c["logged"][0]) / (c["own"][1] - c["own"][0]))
+    return _packed(model, len(calibrated)), changed
+
+
+def _measured(blob: bytes, job: dict[str, Any], dtypes: list[Any]
+              ) -> dict[int, tuple[float, float]]:
+    """min/max of every float op output and input of ``blob`` over the calibration samples
+    (builtin kernels, no tensor memory shared)."""
+    import warnings
+
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        interp = Interpreter(model_content=blob, experimental_preserve_all_tensors=True,
+                             experimental_op_resolver_type=(
+                                 OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+    interp.allocate_tensors()
+    ops = interp._get_ops_details()
+    indices = sorted({i for op in ops for i in op["outputs"] if i >= 0}
+                     | {d["index"] for d in interp.get_input_details()})
+    seen: dict[int, tuple[float, float]] = {}
+    for sample in _representative(job["calibration"], job["input_order"], dtypes)():
+        for detail, value in zip(interp.get_input_details(), sample, strict=False):
+            interp.set_tensor(detail["index"], value.astype(detail["dtype"]))
+        interp.invoke()
+        for index in indices:
+            value = interp.get_tensor(index)
+            if value.dtype.kind != "f" or not value.size:
+                continue
+            lo, hi = seen.get(index, (float("inf"), float("-inf")))
+            seen[index] = (min(lo, float(value.min())), max(hi, float(value.max())))
+    return seen
+
+
+ADDITIVE = ("ADD", "SUB")
+PASS_THROUGH = ("RESHAPE", "TRANSPOSE", "EXPAND_DIMS", "SQUEEZE")
+
+
+def _crushing(calibrated: bytes) -> list[dict[str, Any]]:
+    """Additive ops whose output range is CRUSH times an input's or more: at int8, one step
+    of the output spans that whole input, which is erased (the attention-mask Add: scores in
+    [-12, 12] plus a mask of -3.4e38 or -1e4). Each is kept in float with the ops that read
+    its output (through reshapes and transposes): an int8 reader would quantize that range
+    again (the Softmax). ``[{"tensor", "op", "output", "input", "readers"}]``."""
+    sch = _schema()
+    model = sch.ModelT.InitFromPackedBuf(bytearray(calibrated), 0)
+    graph = model.subgraphs[0]
+    names = {v: k for k, v in vars(sch.BuiltinOperator).items() if not k.startswith("_")}
+
+    def op_type(op: Any) -> str:
+        code = model.operatorCodes[op.opcodeIndex]
+        return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "")
+
+    def span(index: int) -> tuple[float, float] | None:
+        q = graph.tensors[index].quantization
+        if q is None or q.min is None or len(q.min) != 1:
+            return None
+        return float(q.min[0]), float(q.max[0])
+
+    readers: dict[int, list[Any]] = {}
+    for op in graph.operators:
+        for i in op.inputs:
+            readers.setdefault(int(i), []).append(op)
+    constant = {i for i, t in enumerate(graph.tensors)
+                if model.buffers[t.buffer].data is not None and len(model.buffers[t.buffer].data)}
+    found = []
+    for op in graph.operators:
+        if op_type(op) not in ADDITIVE or (out := span(int(op.outputs[0]))) is None:
+            continue
+        for i in (int(i) for i in op.inputs if i >= 0 and int(i) not in constant):
+            rng = span(i)
+            if rng is None or rng[1] <= rng[0] or (out[1] - out[0]) < CRUSH * (rng[1] - rng[0]):
+                continue
+            found.append({"tensor": graph.tensors[op.outputs[0]].name.decode(),
+                          "op": op_type(op), "output": list(out), "input": list(rng),
+                          "readers": _readers(graph, readers, int(op.outputs[0]), op_type)})
+            break
+    return found
+
+
+def _readers(graph: Any, readers: dict[int, list[Any]], index: int, op_type: Any) -> list[str]:
+    """Output tensor names of the ops reading tensor ``index``, through PASS_THROUGH ops."""
+    out, todo = [], [index]
+    while todo:
+        for op in readers.get(todo.pop(), ()):
+            out.append(graph.tensors[op.outputs[0]].name.decode())
+            if op_type(op) in PASS_THROUGH:
+                todo.append(int(op.outputs[0]))
+    return out
+
+
+def _schema() -> Any:
+    from ai_edge_litert import schema_py_generated as schema
+
+    return schema
+
+
+def _packed(model: Any, size: int) -> bytes:
+    import flatbuffers
+
+    builder = flatbuffers.Builder(size + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _float_tensors(calibrated: bytes, job: dict[str, Any], dtypes: list[Any]
                    ) -> dict[str, Any]:
-    """The TFLite tensors of the ONNX nodes in ``job["keep_float"]``: onnx2tf names TF ops
+    """The TFLite tensors of the ONNX nodes in ``job["keep_float"]`` (source node names,
+    found in the fixed-shape graph by ``_on_fixed``): onnx2tf names TF ops
     ``tf.linalg.matmul_3``, not after the ONNX node, so each node's output (ONNX Runtime on the
     fixed graph) is matched by value to the calibrated float model's tensors (LiteRT, builtin
     kernels, first calibration sample): the first op whose output equals it (relative error
-    < MATCH_RTOL, any axis order). ``{"kept": {node: [tensor]}, "missing": [node]}``."""
-    converter = make_converter()
-    converter._experimental_calibrate_only = True  # float model + ranges: the quantizer's input
-    calibrated = converter.convert()
+    < MATCH_RTOL, any axis order). ``{"kept": {node: [tensor]}, "missing": [node],
+    "absent": [node], "renamed": {node: fixed-graph node}}``."""
     sample = next(_representative(job["calibration"], job["input_order"], dtypes)())
-    chains = _with_activations(job["onnx"], job["keep_float"])
-    onnx_out = _onnx_outputs(job["onnx"], sorted({n for c in chains.values() for n in c}),
-                             dict(zip(job["input_order"], sample)))
+    feeds = dict(zip(job["input_order"], sample))
+    fixed = _on_fixed(job, feeds)
+    chains = {node: chain for node, chain in _with_activations(
+        job["onnx"], sorted(set(fixed.values()))).items()}
+    onnx_out = _onnx_outputs(job["onnx"], sorted({n for c in chains.values() for n in c}), feeds)
     tensors = _tflite_tensors(calibrated, sample)
     kept: dict[str, list[str]] = {}
     taken: set[str] = set()
-    for node, chain in chains.items():
-        for n in (n for n in chain if n in onnx_out):
+    for node in job["keep_float"]:
+        for n in (n for n in chains.get(fixed.get(node), ()) if n in onnx_out):
             if (name := _match(onnx_out[n], tensors, taken)) is not None:
                 taken.add(name)
                 kept.setdefault(node, []).append(name)
     return {"kept": kept, "missing": [n for n in job["keep_float"] if n not in kept],
-            "absent": [n for n in job["keep_float"] if n not in chains]}
+            "absent": [n for n in job["keep_float"] if fixed.get(n) not in chains],
+            "renamed": {n: f for n, f in fixed.items() if n != f}}
+
+
+def _on_fixed(job: dict[str, Any], feeds: dict[str, Any]) -> dict[str, str]:
+    """Each source node of ``job["keep_float"]`` -> its node in the fixed-shape graph: by
+    name where onnxsim kept it; else the node reading the same weight (an initializer with
+    the same values, or their transpose: onnxsim fuses MatMul + Add into a Gemm named
+    ``Gemm_3``); else the node whose output holds the same values (ONNX Runtime on both
+    graphs, first calibration sample). Nodes found nowhere are left out."""
+    import onnx
+
+    fixed = onnx.load(job["onnx"])
+    names = {n.name for n in fixed.graph.node}
+    out = {n: n for n in job["keep_float"] if n in names}
+    rest = [n for n in job["keep_float"] if n not in out]
+    if not rest or not job.get("source_onnx"):
+        return out
+    source = onnx.load(job["source_onnx"])
+    by_weight = _weight_owners(fixed)
+    src_weights = {n.name: _weights(source, n) for n in source.graph.node if n.name in rest}
+    for node, weights in src_weights.items():
+        owner = next((by_weight[k] for k in weights if k in by_weight), None)
+        if owner is not None and owner not in out.values():
+            out[node] = owner
+    if unmatched := [n for n in rest if n not in out]:
+        out.update(_by_value(job, unmatched, feeds, set(out.values())))
+    return out
+
+
+def _weights(model: Any, node: Any) -> list[bytes]:
+    """Keys of the float initializers (size > 1) ``node`` reads, and of their transposes."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    keys = []
+    for x in (x for x in node.input if x in inits):
+        a = numpy_helper.to_array(inits[x])
+        if a.dtype.kind == "f" and a.size > 1:
+            keys += [_key(a), *([_key(np.ascontiguousarray(a.T))] if a.ndim == 2 else [])]
+    return keys
+
+
+def _key(a: Any) -> bytes:
+    return str(a.shape).encode() + a.astype("float32").tobytes()
+
+
+def _weight_owners(model: Any) -> dict[bytes, str]:
+    """Weight key -> the one node of ``model`` reading it (weights read by several nodes are
+    left out: they name no single node)."""
+    owners: dict[bytes, set[str]] = {}
+    for n in model.graph.node:
+        for k in _weights(model, n):
+            owners.setdefault(k, set()).add(n.name)
+    return {k: next(iter(v)) for k, v in owners.items() if len(v) == 1}
+
+
+def _by_value(job: dict[str, Any], nodes: list[str], feeds: dict[str, Any], taken: set[str]
+              ) -> dict[str, str]:
+    """Source nodes -> the fixed-graph node whose output holds the same values."""
+    import onnx
+
+    src = _onnx_outputs(job["source_onnx"], nodes, feeds)
+    fixed_nodes = [n.name for n in onnx.load(job["onnx"], load_external_data=False).graph.node
+                   if n.name and n.name not in taken]
+    values = _onnx_outputs(job["onnx"], fixed_nodes, feeds)
+    tensors = [(name, v) for name, v in values.items() if getattr(v, "dtype", None) is not None
+               and v.dtype.kind == "f"]
+    out, used = {}, set(taken)
+    for node, value in src.items():
+        if (name := _match(value, tensors, used)) is not None:
+            used.add(name)
+            out[node] = name
+    return out
 
 
 # what a layer's float output goes through before the next layer, kept in float with it (its

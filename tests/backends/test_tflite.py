@@ -154,3 +154,60 @@ def test_error_summary_picks_the_telling_line():
     assert error_summary(out) == ("ValueError: Exception encountered when calling layer 'r' "
                                   "(type T). Cannot reshape a tensor with 2048 elements")
     assert error_summary("fine\nlast words\n") == "last words"
+
+
+# TensorFlow in a child, as the backend runs it: attention scores (x·W·xᵀ·0.25) plus an
+# additive mask of finfo.min, softmax; calibrated by TFLiteConverter, then tflite_convert's
+# corrections
+_CALIBRATED = '''
+import json, sys
+import numpy as np, tensorflow as tf
+from mtconvert.backends import tflite_convert as tc
+rng = np.random.default_rng(0)
+w = tf.constant(rng.standard_normal((16, 16)).astype(np.float32))
+spec = [tf.TensorSpec([1, 8, 16], tf.float32), tf.TensorSpec([1, 8, 8], tf.float32)]
+@tf.function(input_signature=spec)
+def f(x, mask):
+    scores = tf.matmul(tf.matmul(x, w), x, transpose_b=True) * 0.25
+    return tf.nn.softmax(scores + (1.0 - mask) * np.finfo(np.float32).min)
+samples = []
+for i in range(4):
+    m = np.ones((1, 8, 8), np.float32)
+    m[..., 7 - i:] = 0
+    samples.append([rng.standard_normal((1, 8, 16)).astype(np.float32), m])
+c = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()])
+c.optimizations = [tf.lite.Optimize.DEFAULT]
+c.representative_dataset = lambda: iter(samples)
+c._experimental_calibrate_only = True
+calibrated = c.convert()
+np.savez(sys.argv[1], x=np.stack([s[0] for s in samples]), mask=np.stack([s[1] for s in samples]))
+job = {"calibration": sys.argv[1], "input_order": ["x", "mask"]}
+fixed, ranges = tc._own_ranges(calibrated, job, [np.float32, np.float32])
+print("RESULT " + json.dumps({"ranges": ranges, "crushed": tc._crushing(fixed),
+                              "as_logged": tc._crushing(calibrated)}))
+'''
+
+
+@pytest.mark.slow
+def test_full_integer_remeasures_ranges_the_calibrator_logged_wrong(tmp_path):
+    """LiteRT's calibrator logs the scaled scores with the mask Add's output range (the Add
+    ran in place over them: tensorflow#127842); re-measured with every tensor kept, they get
+    their own range, and the mask Add (whose int8 output would erase them) is found, with the
+    Softmax reading it. With the logged ranges that Add is not even visible as erasing."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _CALIBRATED, str(tmp_path / "calib.npz")],
+                         capture_output=True, text=True, timeout=600)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, out.stderr[-2000:]
+    result = json.loads(line[0][7:])
+    scores = next(r for r in result["ranges"] if r["tensor"] == "mul")
+    assert scores["logged"][0] < -1e38 < -100 < scores["own"][0]
+    assert scores["logged"][1] == pytest.approx(scores["own"][1])
+    [mask_add] = result["crushed"]
+    assert mask_add["op"] == "ADD" and mask_add["output"][0] < -1e38
+    assert mask_add["input"] == pytest.approx(scores["own"])
+    assert mask_add["readers"] == ["Identity"]  # the Softmax, the graph's output
+    assert mask_add["tensor"] not in [c["tensor"] for c in result["as_logged"]]
