@@ -199,10 +199,12 @@ def merge(decoder: Path, with_past: Path, out: Path) -> Path:
 # present.{i}.decoder.key/value, present.{i}.encoder.key/value); decoder_with_past_model.onnx
 # (input_ids, encoder_attention_mask, past_key_values.{i}.decoder/encoder.key/value -> logits,
 # present.{i}.decoder.key/value: the cross K/V are constant, not output again).
-def tiny_seq2seq_set(kind: str, path: Path, *, seed: int = 0, vocab: int = 300) -> Path:
-    """A tiny encoder-decoder ``kind`` (t5, bart, marian) exported into ``path`` as Optimum
-    lays it out (encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx) beside
-    config.json; no weights file."""
+def tiny_seq2seq_set(kind: str, path: Path, *, layout: str = "split", seed: int = 0,
+                     vocab: int = 300) -> Path:
+    """A tiny encoder-decoder ``kind`` (t5, bart, marian, whisper) exported into ``path`` as
+    Optimum lays it out: encoder_model.onnx (Whisper's: input_features -> last_hidden_state),
+    and decoder_model.onnx + decoder_with_past_model.onnx (``layout`` "split") or
+    decoder_model_merged.onnx alone ("merged"), beside config.json; no weights file."""
     import torch
 
     from mtconvert.generation.folder import load_model, open_folder
@@ -219,8 +221,42 @@ def tiny_seq2seq_set(kind: str, path: Path, *, seed: int = 0, vocab: int = 300) 
         for with_past in (False, True):
             _export_decoder(model, path / ("decoder_with_past_model.onnx" if with_past
                                            else "decoder_model.onnx"), with_past)
+    if layout == "merged":
+        merge_seq2seq(path / "decoder_model.onnx", path / "decoder_with_past_model.onnx",
+                      path / "decoder_model_merged.onnx")
+        (path / "decoder_model.onnx").unlink()
+        (path / "decoder_with_past_model.onnx").unlink()
     shutil.rmtree(hf_dir)
     return path
+
+
+def merge_seq2seq(decoder: Path, with_past: Path, out: Path) -> Path:
+    """Optimum's ``merge_decoders(strict=False)`` for an encoder-decoder: the with-past graph
+    first given the outputs it lacks (present.{i}.encoder.*) as empty constants, the batch axis
+    0 and the sequence axis 1 (optimum/onnx/transformations_utils.py, ``_unify_onnx_outputs``),
+    in the decoder's output order; then both graphs the branches of one If (``merge``)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    import numpy as np
+
+    first, past = onnx.load(str(decoder)), onnx.load(str(with_past))
+    have = {o.name: o for o in past.graph.output}
+    for o in first.graph.output:
+        if o.name not in have:
+            dims = [d.dim_value if d.HasField("dim_value") else (0 if i == 0 else 1)
+                    for i, d in enumerate(o.type.tensor_type.shape.dim)]
+            past.graph.node.append(helper.make_node(
+                "Constant", [], [o.name], name=f"optimum::empty::{o.name}",
+                value=numpy_helper.from_array(np.zeros(dims, np.float32))))
+    del past.graph.output[:]
+    past.graph.output.extend(first.graph.output)
+    patched = out.with_name(f".{with_past.name}")
+    onnx.save(past, str(patched))
+    try:
+        return merge(decoder, patched, out)
+    finally:
+        patched.unlink()
 
 
 def _seq2seq_geometry(model: Any) -> tuple[int, int, int]:
@@ -247,17 +283,22 @@ def _export_encoder(model: Any, out: Path) -> None:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask):
-            return self.model.get_encoder()(input_ids=input_ids,
-                                            attention_mask=attention_mask).last_hidden_state
+        def forward(self, *feeds):
+            names = ("input_features",) if len(feeds) == 1 else ("input_ids", "attention_mask")
+            return self.model.get_encoder()(**dict(zip(names, feeds))).last_hidden_state
 
-    d = _dims()
+    d, cfg = _dims(), model.config
     axes = {0: d["batch_size"], 1: d["encoder_sequence_length"]}
-    ids = torch.arange(1, 6).reshape(1, 5)
-    torch.onnx.export(Encoder().eval(), (ids, torch.ones_like(ids)), str(out), dynamo=True,
-                      opset_version=OPSET, external_data=False,
-                      input_names=["input_ids", "attention_mask"],
-                      output_names=["last_hidden_state"], dynamic_shapes=(axes, axes),
+    if cfg.model_type == "whisper":  # log-mel frames fixed at 2 x max_source_positions
+        feeds = (torch.randn(1, cfg.num_mel_bins, 2 * cfg.max_source_positions),)
+        names, shapes = ["input_features"], ({0: d["batch_size"]},)
+    else:
+        ids = torch.arange(1, 6).reshape(1, 5)
+        feeds, names, shapes = (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], \
+            (axes, axes)
+    torch.onnx.export(Encoder().eval(), feeds, str(out), dynamo=True, opset_version=OPSET,
+                      external_data=False, input_names=names,
+                      output_names=["last_hidden_state"], dynamic_shapes=(shapes,),
                       verbose=False)
 
 
@@ -297,7 +338,8 @@ def _export_decoder(model: Any, out: Path, with_past: bool) -> None:
                              kv.cross_attention_cache.layers[i].values]
             return (out.logits, *flat)
 
-    d, enc_len = _dims(), 5
+    d = _dims()
+    enc_len = 5 if model.config.model_type != "whisper" else model.config.max_source_positions
     b, es = d["batch_size"], d["encoder_sequence_length"]
     parts = ("decoder.key", "decoder.value", "encoder.key", "encoder.value")
     past = [torch.randn(1, heads, 3 if j % 4 < 2 else enc_len, head_dim)

@@ -1,19 +1,24 @@
-"""An encoder-decoder ONNX set exported as Hugging Face Optimum does (T5, BART, Marian): a
-folder with config.json, ``encoder_model.onnx`` (input_ids, attention_mask → last_hidden_state),
+"""An encoder-decoder ONNX set exported as Hugging Face Optimum does (T5, BART, Marian;
+Whisper): a folder with config.json, ``encoder_model.onnx`` (input_ids, attention_mask, or
+Whisper's log-mel input_features → last_hidden_state),
 ``decoder_model.onnx`` (input_ids, encoder_attention_mask, encoder_hidden_states → logits,
 present.{i}.decoder.key/value, present.{i}.encoder.key/value) and
 ``decoder_with_past_model.onnx`` (input_ids, encoder_attention_mask,
-past_key_values.{i}.decoder/encoder.key/value → logits, present.{i}.decoder.key/value); no
+past_key_values.{i}.decoder/encoder.key/value → logits, present.{i}.decoder.key/value;
+Whisper's decoders take no encoder_attention_mask) — or,
+instead of those two, ``decoder_model_merged.onnx`` (both as the branches of an If on
+``use_cache_branch``; the with-past branch's present.{i}.encoder.* are empty constants); no
 weights file. Names from optimum-onnx's exporter (optimum/exporters/onnx/base.py,
-OnnxSeq2SeqConfigWithPast).
+OnnxSeq2SeqConfigWithPast; optimum/onnx/graph_transformations.py, merge_decoders).
 
-The reference is ONNX Runtime running the set's own three graphs greedily with their growing
-cache (mtconvert.generation.loop.decode_growing): the user's artifact is the yardstick. Each of
-the three graphs then goes through the run skeleton as it is (dynamic shapes) — its own
-one-step numerics against ONNX Runtime on the real feeds of the reference's decode — on every
-target whose artifacts keep dynamic shapes (``Backend.fixed_shapes`` false: onnx-mobile), and
-each target's three artifacts generate through the same growing-cache loop in a child, judged
-like any generation (teacher-forced logits, free-running greedy tokens).
+The reference is ONNX Runtime running the set's own graphs (three, or two with a merged
+decoder) greedily with their growing cache (mtconvert.generation.loop.decode_growing): the
+user's artifact is the yardstick. Each graph then goes through the run skeleton as it is
+(dynamic shapes) — its own one-step numerics against ONNX Runtime on the real feeds of the
+reference's decode — on every target whose artifacts keep dynamic shapes
+(``Backend.fixed_shapes`` false: onnx-mobile), and each target's artifacts generate through the
+same growing-cache loop in a child, judged like any generation (teacher-forced logits,
+free-running greedy tokens).
 
 Fixed-shape targets are skipped, with the reason: Optimum's decoder-with-past graph has no
 decoder self-attention mask and derives its positions from the past's length (BART's learned
@@ -55,7 +60,11 @@ IO = {"encoder": ({"input_ids", "attention_mask", "input_features"}, {"last_hidd
 @dataclass
 class Seq2SeqSet:
     folder: folder_mod.HFFolder  # config, task, label; ``weights``: the graphs
-    graphs: dict[str, Path]  # role (ROLES) -> file
+    graphs: dict[str, Path]  # role (ROLES) -> file; a merged set: with_past and encoder
+
+    @property
+    def merged(self) -> bool:
+        return "decoder" not in self.graphs
     geometry: Geometry  # decoder layers, heads, head dim, vocab (max_cache: set per run)
 
 
@@ -82,19 +91,23 @@ def open_set(path: Path, task: str | None) -> Seq2SeqSet:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path / 'config.json'} is not readable JSON: {exc}") from None
     present = [g for g in optimum.GRAPHS if (path / g).is_file()]
-    missing = [f for f in ROLES.values() if f not in present]
+    roles = dict(ROLES)
+    if optimum.MERGED in present and not {optimum.DECODER, optimum.WITH_PAST} <= set(present):
+        roles = {"with_past": optimum.MERGED, "encoder": optimum.ENCODER}
+    missing = [f for f in roles.values() if f not in present]
     if missing:
-        merged = " (decoder_model_merged.onnx alone is not supported yet)" \
-            if optimum.MERGED in present else ""
         raise UsageError(f"{path.name}: an encoder-decoder Optimum set needs "
-                         f"{', '.join(ROLES.values())}; missing {', '.join(missing)}{merged}")
-    graphs = {role: path / f for role, f in ROLES.items()}
+                         f"{', '.join(ROLES.values())} (or {optimum.MERGED} for the two "
+                         f"decoders); missing {', '.join(missing)}")
+    graphs = {role: path / f for role, f in roles.items()}
+    present = [g for g in present if g in roles.values()]
     layers, heads, head_dim, vocab = _check_io(graphs, int(config.get("vocab_size") or 0))
     task = task or folder_mod._task_of(config.get("architectures") or []) \
         or "text2text-generation"
-    if task != "text2text-generation":
+    if task not in folder_mod.SEQ2SEQ_TASKS:
         raise UsageError(f"--task {task}: an encoder-decoder Optimum ONNX set is supported for "
-                         "text2text-generation (T5, BART, Marian)")
+                         f"{' and '.join(folder_mod.SEQ2SEQ_TASKS)} (T5, BART, Marian; "
+                         "Whisper)")
     files = tuple(path / g for g in present)
     folder = folder_mod.HFFolder(path, config, task, files,
                                  folder_mod._digest([path / "config.json", *files]))
@@ -118,8 +131,8 @@ def _check_io(graphs: dict[str, Path], vocab: int) -> tuple[int, int, int, int]:
         io[role] = ({i.name: i for i in g.input if i.name not in inits},
                     {o.name: o for o in g.output})
         ins, outs = IO[role]
-        odd = [n for n in io[role][0] if n not in ins and not (role == "with_past"
-                                                              and PAST.match(n))]
+        odd = [n for n in io[role][0] if n not in ins and not (
+            role == "with_past" and (PAST.match(n) or n == optimum.FLAG))]
         odd += [n for n in io[role][1] if n not in outs and not (role != "encoder"
                                                                 and PRESENT.match(n))]
         need = {"encoder": {"last_hidden_state"}, "decoder": {"input_ids", "logits",
@@ -135,7 +148,8 @@ def _check_io(graphs: dict[str, Path], vocab: int) -> tuple[int, int, int, int]:
     layers = len({k[0] for k in past})
     want = {(str(i), p, kv) for i in range(layers) for p in ("decoder", "encoder")
             for kv in ("key", "value")}
-    first = {PRESENT.match(n).groups() for n in io["decoder"][1] if PRESENT.match(n)}
+    first = {PRESENT.match(n).groups() for n in io.get("decoder", io["with_past"])[1]
+             if PRESENT.match(n)}
     step = {PRESENT.match(n).groups() for n in io["with_past"][1] if PRESENT.match(n)}
     if not layers or set(past) != want or first != want or not {
             k for k in want if k[1] == "decoder"} <= step:
@@ -156,7 +170,8 @@ def _check_io(graphs: dict[str, Path], vocab: int) -> tuple[int, int, int, int]:
 def greedy(s: Seq2SeqSet, encoder_feeds: dict[str, np.ndarray], start: int, new_tokens: int,
            threads: int = 1) -> tuple[reference.Reference, dict[str, dict[str, np.ndarray]]]:
     """The set's own graphs in ONNX Runtime, greedy, growing cache; and each graph's feeds at
-    its last run in that decode (the graphs' example inputs)."""
+    its last run in that decode (the graphs' example inputs; a merged graph's: its with-past
+    branch's)."""
     import onnxruntime as ort
 
     sessions = {role: optimum._Graph(path, threads) for role, path in s.graphs.items()}
@@ -174,6 +189,7 @@ def greedy(s: Seq2SeqSet, encoder_feeds: dict[str, np.ndarray], start: int, new_
                                      f"{str(exc).splitlines()[0][:200]}") from None
         return run
 
+    sessions.setdefault("decoder", sessions["with_past"])  # a merged graph: both passes
     takes = {role: {i.name: tuple(i.shape) for i in g.sess.get_inputs()}
              for role, g in sessions.items()}
     feeds = {k: v for k, v in encoder_feeds.items() if k in takes["encoder"]}
@@ -192,7 +208,8 @@ def run(sk: Run, model: Any, names: list[str],
     graph's context on the given targets (mtconvert.run.convert.run_targets)."""
     opts = sk.opts
     s = open_set(Path(model), opts.task)
-    refuse_unsupported(opts)
+    speech = s.folder.task == "automatic-speech-recognition"
+    refuse_unsupported(opts, features=speech)
     for flag, value in (("--bundle", opts.bundle), ("--max-cache", opts.max_cache)):
         if value is not None:
             raise UsageError(f"{flag}: not available for an encoder-decoder Optimum set (its "
@@ -200,7 +217,8 @@ def run(sk: Run, model: Any, names: list[str],
     if opts.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
     feeds, shown, how = encdec.encoder_input(s.folder, opts)
-    feeds["attention_mask"] = np.ones_like(feeds["input_ids"])
+    if not speech:
+        feeds["attention_mask"] = np.ones_like(feeds["input_ids"])
     start = reference.decoder_start(s.folder.config, s.folder.label)
     sk.opts = opts = replace(opts, inputs=None)
     geo = replace(s.geometry, max_cache=opts.max_new_tokens)  # the cache's length at the end
@@ -216,10 +234,10 @@ def run(sk: Run, model: Any, names: list[str],
             "task": s.folder.task, "prompt": how, "max_new_tokens": opts.max_new_tokens,
             "reference": f"{ref.runtime} {ref.version}", "decoder_start_token_id": start,
             "source_graphs": [f.name for f in s.folder.weights],
-            "graphs": list(ROLES), "cache": "growing (the set's own graphs as they are)"}
+            "graphs": list(s.graphs), "cache": "growing (the set's own graphs as they are)"}
         ctxs = {role: _graph(sk if role == "with_past" else Run("convert", opts, sk.registry,
                                                                  sk.say),
-                             s, role, seen[role], work) for role in ROLES}
+                             s, role, seen[role], work) for role in s.graphs}
         sk.clock.lap("reference_s")
         dynamic = [n for n in names if not sk.registry.get(n).fixed_shapes]
         reports = {role: dict(zip(dynamic, run_targets(ctx, dynamic), strict=True))
@@ -256,7 +274,7 @@ def _static(name: str, opts: Any) -> TargetReport:
 def _judged(ctxs: dict[str, Any], reports: dict[str, TargetReport], ref: reference.Reference,
             geo: Geometry, encoder: tuple[dict[str, np.ndarray], list[int] | None]
             ) -> TargetReport:
-    """One target's three graphs generated together; the decoder's and encoder's reports
+    """One target's graphs generated together; the decoder's and encoder's reports
     folded into the with-past one's, each graph's check under ``generation.graphs``."""
     step = reports["with_past"]
     files = {role: _artifact_file(r) for role, r in reports.items()}
@@ -271,12 +289,12 @@ def _judged(ctxs: dict[str, Any], reports: dict[str, TargetReport], ref: referen
                                         Path(tmp) / role) for role, r in reports.items()}
                 done = generated(ctx.opts, backend, arts["with_past"], step, ref, geo,
                                  encoder=EncoderInput(arts["encoder"], *encoder),
-                                 growing={"decoder": arts["decoder"],
+                                 growing={"decoder": arts.get("decoder", arts["with_past"]),
                                           "with_past": arts["with_past"]})
         except MtConvertError as exc:  # an artifact could not be described again
             done = replace(step, status="error", reason=f"generation: {exc}")
         if done.generation is not None:
             done = replace(done, generation=done.generation | {"graphs": {
                 role: encdec.graph_summary(r) for role, r in reports.items()}})
-    done = encdec.merged(done, reports["decoder"], "decoder")
+    done = encdec.merged(done, reports.get("decoder"), "decoder")
     return encdec.merged(done, reports["encoder"])

@@ -1,7 +1,9 @@
-"""ONNX sets laid out as Optimum exports them (mtconvert.generation.optimum): made here from
-tiny seeded models by optimum_fixtures (Optimum itself cannot be installed beside
-transformers 5), the static step graph checked against the set's own decode in ONNX Runtime,
-bad input, and targets end to end, judged by the tokens they generate."""
+"""ONNX sets laid out as Optimum exports them (mtconvert.generation.optimum, and
+.optimum_seq2seq for encoder-decoder sets): made here from tiny seeded models by
+optimum_fixtures (Optimum itself cannot be installed beside transformers 5), the static step
+graph checked against the set's own decode in ONNX Runtime, an encoder-decoder set's growing
+cache reference against the original model, bad input, and targets end to end, judged by the
+tokens they generate."""
 import json
 import shutil
 import subprocess
@@ -256,6 +258,26 @@ def s2s(tmp_path_factory):
     return {"t5": tiny_seq2seq_set("t5", tmp_path_factory.mktemp("optimum-s2s") / "t5-optimum")}
 
 
+class _Sets(dict):
+    """The other families' sets, each exported the first time a (sweep) test asks for it."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, key):
+        from mtconvert.generation.optimum_fixtures import tiny_seq2seq_set
+
+        kind, _, layout = key.partition("-")
+        self[key] = tiny_seq2seq_set(kind, self.root / f"{key}-optimum", layout=layout or "split")
+        return self[key]
+
+
+@pytest.fixture(scope="module")
+def s2s_more(tmp_path_factory):
+    return _Sets(tmp_path_factory.mktemp("optimum-s2s-more"))
+
+
 def _seq2seq_reference(folder, kind, tmp_path):
     """(the set's ONNX Runtime reference with its growing cache, each graph's last feeds, the
     original model's PyTorch greedy decode: the same seeded tiny folder)."""
@@ -264,12 +286,17 @@ def _seq2seq_reference(folder, kind, tmp_path):
     from mtconvert.generation.reference import greedy_seq2seq
 
     s = optimum_seq2seq.open_set(folder, None)
-    ids = np.array([ENC_PROMPT], np.int64)
-    start = s.folder.config["decoder_start_token_id"]
-    ref, seen = optimum_seq2seq.greedy(s, {"input_ids": ids, "attention_mask": np.ones_like(ids)},
-                                       start, 8)
+    cfg = s.folder.config
+    if kind == "whisper":
+        feeds = {"input_features": np.random.default_rng(0).standard_normal(
+            (1, cfg["num_mel_bins"], 2 * cfg["max_source_positions"])).astype(np.float32)}
+    else:
+        feeds = {"input_ids": np.array([ENC_PROMPT], np.int64)}
+    start = cfg["decoder_start_token_id"]
+    mask = {"attention_mask": np.ones_like(feeds["input_ids"])} if "input_ids" in feeds else {}
+    ref, seen = optimum_seq2seq.greedy(s, feeds | mask, start, 8)
     hf = load_model(open_folder(fixtures.tiny_folder(kind, tmp_path / "hf"), None, False))
-    return ref, seen, greedy_seq2seq(hf, {"input_ids": ids}, start, 8)
+    return ref, seen, greedy_seq2seq(hf, feeds, start, 8)
 
 
 def test_seq2seq_set_has_optimums_names_and_its_reference_is_the_models_decode(s2s, tmp_path):
@@ -333,17 +360,18 @@ def test_seq2seq_bad_input_exits_2_with_one_line(case, args, needle, tmp_path, s
     assert_usage_error(proc, needle, out)
 
 
-def _seq2seq_judged(report, dynamic, static):
-    """Each dynamic-shape target generated the set's own tokens through its three artifacts;
-    each fixed-shape one skipped with the reason and the advice."""
+def _seq2seq_judged(report, dynamic, static, roles=None):
+    """Each dynamic-shape target generated the set's own tokens through its artifacts (one
+    per graph: ``roles``); each fixed-shape one skipped with the reason and the advice."""
+    roles = roles or {"with_past", "decoder", "encoder"}
     by_name = {t["name"]: t for t in report["targets"]}
     for name in dynamic:
         t = by_name[name]
         assert t["status"] == "passed" and _generated_the_reference(t), (name, t["reason"])
         graphs = t["generation"]["graphs"]
-        assert set(graphs) == {"with_past", "decoder", "encoder"}
+        assert set(graphs) == roles
         assert all(g["status"] == "passed" for g in graphs.values()), graphs
-        assert {a["role"] for a in t["artifacts"]} >= {"artifact", "decoder", "encoder"}
+        assert {a["role"] for a in t["artifacts"]} >= roles - {"with_past"} | {"artifact"}
         assert t["generation"]["encoder_ms"] > 0 and t["generation"]["steps"] == 8
     for name in static:
         t = by_name[name]
@@ -367,3 +395,60 @@ def test_t5_set_generates_on_onnx_mobile_and_tflite_says_why_not(s2s, tmp_path):
         assert (tmp_path / "out" / f"t5-optimum-{role}.ort").is_file()
     assert report["targets"][0]["generation"]["prompt_tokens"] == list(PROMPT)
     assert proc.returncode == 1, proc.stderr[-3000:]
+
+
+def test_merged_seq2seq_set_decodes_as_the_split_one(s2s, tmp_path):
+    """decoder_model_merged.onnx alone (merge_decoders' layout: an If on use_cache_branch, the
+    with-past branch's encoder presents empty constants) gives the split set's decode: the
+    first pass takes empty pasts, the cross K/V are kept from it."""
+    from mtconvert.generation import optimum_seq2seq
+    from mtconvert.generation.optimum_fixtures import merge_seq2seq
+
+    merged = tmp_path / "t5-merged"
+    merged.mkdir()
+    for name in ("config.json", "encoder_model.onnx"):
+        shutil.copy(s2s["t5"] / name, merged / name)
+    merge_seq2seq(s2s["t5"] / "decoder_model.onnx", s2s["t5"] / "decoder_with_past_model.onnx",
+                  merged / "decoder_model_merged.onnx")
+    s = optimum_seq2seq.open_set(merged, None)
+    assert s.merged and set(s.graphs) == {"with_past", "encoder"}
+    ids = np.array([ENC_PROMPT], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    got, _ = optimum_seq2seq.greedy(s, feeds, 0, 8)
+    want, _ = optimum_seq2seq.greedy(optimum_seq2seq.open_set(s2s["t5"], None), feeds, 0, 8)
+    assert got.tokens == want.tokens
+    np.testing.assert_array_equal(got.logits, want.logits)
+
+
+@pytest.mark.sweep
+@pytest.mark.parametrize("kind", ["bart", "marian", "whisper"])
+def test_every_seq2seq_family_reference_is_the_models_decode(kind, s2s_more, tmp_path):
+    ref, _, torch_ref = _seq2seq_reference(s2s_more[kind], kind, tmp_path)
+    assert ref.tokens == torch_ref.tokens
+    verdict = gates.judge({"logits": torch_ref.logits}, {"logits": ref.logits},
+                          lambda _n: PROFILES["fp32"])
+    assert verdict.passed, verdict.outputs
+
+
+@pytest.mark.slow
+@pytest.mark.sweep
+@pytest.mark.parametrize("key,targets", [
+    ("bart", "onnx-mobile,ncnn"), ("whisper", "onnx-mobile,executorch"),
+    ("t5-merged", "onnx-mobile,coreml")])
+def test_every_seq2seq_family_and_layout(key, targets, s2s_more, tmp_path):
+    """BART, Whisper (its log-mel features generated, seeded) and a merged decoder generate
+    the set's own tokens on ORT mobile; each fixed-shape target says why not."""
+    proc, report = _convert(s2s_more[key], targets, tmp_path) if key != "whisper" else \
+        _convert_features(s2s_more[key], targets, tmp_path)
+    _seq2seq_judged(report, ["onnx-mobile"], targets.split(",")[1:],
+                    {"with_past", "encoder"} if key.endswith("merged") else None)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+
+
+def _convert_features(folder, targets, tmp_path):
+    report_path = tmp_path / "report.json"
+    proc = _cli(folder, "--to", targets, "--max-new-tokens", "8", "--out", tmp_path / "out",
+                "--report-json", report_path, "-q", "--iterations", "3", "--warmup", "1",
+                "--jobs", "1")
+    assert report_path.is_file(), proc.stderr[-3000:]
+    return proc, json.loads(report_path.read_text())
