@@ -194,12 +194,18 @@ class NcnnBackend(Backend):
         if rows := gemm_row_inputs(param):
             steps.append(f"Gemm: {rows} one-row input(s) reshaped to [1, K] (pnnx wrote them "
                          "1-D, which ncnn's Gemm reads as packed rows)")
-        from mtconvert.backends.ncnn_speed import fuse_attention  # attention -> ncnn SDPA
+        from mtconvert.backends.ncnn_speed import dense_to_innerproduct, fuse_attention
 
         io = self._io_meta(source, info)
         sdpa = fuse_attention(param, source.onnx_path, shapes, io["inputs"], io["outputs"],
                               log=log, timeout=opts.timeout_s)
         steps += [sdpa] if sdpa else []
+        # fp32 .bin only (fp16 weights have another layout); not before int8: ncnn's int8
+        # Gemm on [seq, hidden] blobs is much faster than its int8 InnerProduct (ncnn_int8)
+        if not fp16 and opts.precision != "int8":
+            dense = dense_to_innerproduct(param, source.onnx_path, shapes, io["inputs"],
+                                          io["outputs"], log=log, timeout=opts.timeout_s)
+            steps += [dense] if dense else []
         return param, binf, steps
 
     def _int8(self, param: Path, binf: Path, opts: TargetOptions, steps: list[str],

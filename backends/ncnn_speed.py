@@ -342,43 +342,142 @@ def worst_vs_ort(onnx_path: Path, params: list[Path], inputs: list[tuple[str, st
     return worst
 
 
-def sdpa_child(job: dict[str, Any]) -> dict[str, Any]:
-    """Rewrite job["param"] in place when the check passes; say what was done."""
+def _feeds0(job: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The first check input set as ncnn blobs (for ``blob_shapes``)."""
     import numpy as np
 
-    param, onnx_path = Path(job["param"]), Path(job["onnx"])
-    layers = read_param(param)
-    attentions = match_attentions(layers)
-    if not attentions:
-        return {"applied": 0, "step": None}
-    feeds0 = check_inputs(onnx_path, job["shapes"])[0]
-    nfeeds = [(blob, np.ascontiguousarray(feeds0[name][0], dtype=np.int32
-                                          if dtype.startswith("int") else np.float32))
-              for blob, name, dtype in job["inputs"]]
-    fused, notes = fuse(layers, attentions, blob_shapes(param, nfeeds))
-    n = len(attentions) - len(notes)
-    left = f" ({len(notes)} left: {notes[0]})" if notes else ""
-    if not n:
-        return {"applied": 0, "step": f"sdpa: not applied{left}"}
-    candidate = param.with_name(param.stem + ".sdpa.param")
-    write_param(candidate, fused)
-    candidate.with_suffix(".bin").write_bytes(param.with_suffix(".bin").read_bytes())
+    feeds0 = check_inputs(Path(job["onnx"]), job["shapes"])[0]
+    return [(blob, np.ascontiguousarray(feeds0[name][0], dtype=np.int32
+                                        if dtype.startswith("int") else np.float32))
+            for blob, name, dtype in job["inputs"]]
+
+
+def _keep_if_close(step: str, param: Path, layers: list[Layer], data: bytes | None,
+                   job: dict[str, Any]) -> tuple[float, float] | str:
+    """Write the candidate (``layers``; ``data``: its .bin, None for the original's) beside
+    ``param`` and replace ``param`` (and .bin) with it when its outputs stay as close to ONNX
+    Runtime's as the original's (``CHECK_ATOL``): (before, after), or why not."""
+    candidate = param.with_name(f"{param.stem}.{step}.param")
+    write_param(candidate, layers)
+    binf = param.with_suffix(".bin")
+    candidate.with_suffix(".bin").write_bytes(binf.read_bytes() if data is None else data)
     try:
-        before, after = worst_vs_ort(onnx_path, [param, candidate], job["inputs"],
+        before, after = worst_vs_ort(Path(job["onnx"]), [param, candidate], job["inputs"],
                                      job["outputs"], job["shapes"])
         after += job.get("test_offset", 0.0)  # test seam: a forced mismatch
         if after > before + CHECK_ATOL:
-            return {"applied": 0, "step": (
-                f"sdpa: not applied: the fused .param differs from ONNX Runtime by "
-                f"{after:.3g}, the original by {before:.3g}")}
+            return (f"{step}: not applied: the rewritten .param differs from ONNX Runtime by "
+                    f"{after:.3g}, the original by {before:.3g}")
+        candidate.with_suffix(".bin").replace(binf)
         candidate.replace(param)
     finally:
         candidate.unlink(missing_ok=True)
         candidate.with_suffix(".bin").unlink(missing_ok=True)
+    return before, after
+
+
+def sdpa_child(job: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite job["param"] in place when the check passes; say what was done."""
+    param = Path(job["param"])
+    layers = read_param(param)
+    attentions = match_attentions(layers)
+    if not attentions:
+        return {"applied": 0, "step": None}
+    fused, notes = fuse(layers, attentions, blob_shapes(param, _feeds0(job)))
+    n = len(attentions) - len(notes)
+    left = f" ({len(notes)} left: {notes[0]})" if notes else ""
+    if not n:
+        return {"applied": 0, "step": f"sdpa: not applied{left}"}
+    kept = _keep_if_close("sdpa", param, fused, None, job)
+    if isinstance(kept, str):
+        return {"applied": 0, "step": kept}
+    before, after = kept
     return {"applied": n, "step": (
         f"sdpa: {n} attention(s) (Q·Kᵀ MatMul, scale, mask if any, Softmax, ·V MatMul) -> "
         f"ncnn SDPA{left}; "
         f"ncnn vs ONNX Runtime max abs {after:.2g} (unfused {before:.2g})")}
+
+
+# ---- Gemm with constant weights on a 2-D blob -> InnerProduct ----
+
+def dense_gemm(layer: Layer, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, bool] | None:
+    """(N, K, has bias) when ``layer`` is a Gemm InnerProduct computes the same way: A the
+    2-D [M, K] input blob, B constant [N, K] (transB), C none or a constant [N] row, alpha and
+    beta 1, no output options, not int8."""
+    if layer.kind != "Gemm" or len(layer.bottoms) != 1 or len(layer.tops) != 1:
+        return None
+    p = {k: layer.param(k, "0") for k in ("2", "3", "4", "5", "6", "7", "8", "9", "10", "11",
+                                          "12", "13", "14", "18")}
+    if (p["2"], p["3"], p["4"], p["5"]) != ("0", "1", "0", "1") or any(
+            p[k] != "0" for k in ("11", "12", "13", "14", "18")):
+        return None
+    if float(layer.param("0", "1")) != 1.0 or float(layer.param("1", "1")) != 1.0:
+        return None
+    bias = p["6"] == "1" and p["10"] != "-1"
+    if bias and p["10"] != "4":
+        return None
+    m, n, k = int(p["7"]), int(p["8"]), int(p["9"])
+    shape = shapes.get(layer.bottoms[0])
+    if n <= 0 or k <= 0 or shape is None or len(shape) != 2 or shape[1] != k \
+            or (m and shape[0] != m):
+        return None
+    return n, k, bias
+
+
+def gemm_to_innerproduct(layers: list[Layer], data: bytes, shapes: dict[str, tuple[int, ...]]
+                         ) -> tuple[list[Layer], bytes, int] | str:
+    """``layers`` and .bin ``data`` with each ``dense_gemm`` an InnerProduct (same weights:
+    Gemm's transposed B is InnerProduct's [out, in]; the bias loses the 4-byte type flag Gemm's
+    C has and InnerProduct's bias has not), and how many; or why the .bin cannot be rewritten."""
+    from mtconvert.backends.ncnn_int8 import FLOAT_FLAG, layout
+
+    walked = layout([(x.kind, x.name, x.bottoms, x.tops, x.params) for x in layers], len(data))
+    if isinstance(walked, str):
+        return walked
+    out_layers, out, n_done = [], bytearray(), 0
+    for layer, found in zip(layers, walked, strict=True):
+        dense = dense_gemm(layer, shapes)
+        c = next((b for b in found if b.role == "C"), None)
+        if dense is None or any(b.flagged and data[b.offset:b.offset + 4] != FLOAT_FLAG
+                                for b in found):
+            out_layers.append(layer)
+            out += b"".join(data[b.offset:b.offset + b.size] for b in found)
+            continue
+        n, k, bias = dense
+        out_layers.append(Layer("InnerProduct", layer.name, layer.bottoms, layer.tops,
+                                [f"0={n}", f"1={int(bias)}", f"2={n * k}"]))
+        w = next(b for b in found if b.role == "weight")
+        out += data[w.offset:w.offset + w.size]
+        if bias and c is not None:
+            out += data[c.offset + 4:c.offset + c.size]
+        n_done += 1
+    return out_layers, bytes(out), n_done
+
+
+def innerproduct_child(job: dict[str, Any]) -> dict[str, Any]:
+    """The ``innerproduct`` step: job["param"] (and .bin) rewritten when the check passes."""
+    param = Path(job["param"])
+    layers = read_param(param)
+    if not any(x.kind == "Gemm" for x in layers):
+        return {"applied": 0, "step": None}
+    done = gemm_to_innerproduct(layers, param.with_suffix(".bin").read_bytes(),
+                                blob_shapes(param, _feeds0(job)))
+    if isinstance(done, str):
+        return {"applied": 0, "step": f"innerproduct: not applied: {done}"}
+    new_layers, data, n = done
+    if not n:
+        return {"applied": 0, "step": "innerproduct: not applied: no Gemm with constant "
+                "weights on a 2-D blob"}
+    kept = _keep_if_close("innerproduct", param, new_layers, data, job)
+    if isinstance(kept, str):
+        return {"applied": 0, "step": kept}
+    before, after = kept
+    left = sum(1 for x in new_layers if x.kind == "Gemm")
+    return {"applied": n, "step": (
+        f"innerproduct: {n} Gemm(s) with constant weights on a 2-D blob -> ncnn InnerProduct "
+        f"(its x86 kernel is faster on [seq, hidden] blobs: benchmarks/bench_ncnn_ceiling.py)"
+        + (f", {left} Gemm(s) left" if left else "")
+        + f"; ncnn vs ONNX Runtime max abs {after:.2g} (before {before:.2g})")}
 
 
 def fuse_attention(param: Path, onnx_path: Path, shapes: dict[str, list[int]],
@@ -386,18 +485,34 @@ def fuse_attention(param: Path, onnx_path: Path, shapes: dict[str, list[int]],
                    timeout: float | None, test_offset: float = 0.0) -> str | None:
     """The ``sdpa`` step on a built .param (in a child): its line for the artifact's steps, or
     None when the .param has no attention to fuse."""
-    job = {"command": "sdpa", "param": str(param), "onnx": str(onnx_path), "shapes": shapes,
+    return _step("sdpa", param, onnx_path, shapes, inputs, outputs, log=log, timeout=timeout,
+                 test_offset=test_offset)
+
+
+def dense_to_innerproduct(param: Path, onnx_path: Path, shapes: dict[str, list[int]],
+                          inputs: list[list[str]], outputs: list[list[Any]], *, log: Path,
+                          timeout: float | None, test_offset: float = 0.0) -> str | None:
+    """The ``innerproduct`` step on a built fp32 .param/.bin (in a child): its line for the
+    artifact's steps, or None when the .param has no Gemm."""
+    return _step("innerproduct", param, onnx_path, shapes, inputs, outputs, log=log,
+                 timeout=timeout, test_offset=test_offset)
+
+
+def _step(command: str, param: Path, onnx_path: Path, shapes: dict[str, list[int]],
+          inputs: list[list[str]], outputs: list[list[Any]], *, log: Path,
+          timeout: float | None, test_offset: float) -> str | None:
+    job = {"command": command, "param": str(param), "onnx": str(onnx_path), "shapes": shapes,
            "inputs": [list(i[:3]) for i in inputs], "outputs": [list(o[:2]) for o in outputs],
            "test_offset": test_offset}
     try:
-        result = run_job(__name__, job, param.with_suffix(".sdpa.job.json"), target="ncnn",
-                         step="sdpa", log_path=log, timeout_s=timeout)
-    except Exception as exc:  # an optimisation: the unfused .param stands, the step says why
-        return f"sdpa: not applied: {str(exc).splitlines()[0][:200]}"
+        result = run_job(__name__, job, param.with_suffix(f".{command}.job.json"),
+                         target="ncnn", step=command, log_path=log, timeout_s=timeout)
+    except Exception as exc:  # an optimisation: the .param stands as it was, the step says why
+        return f"{command}: not applied: {str(exc).splitlines()[0][:200]}"
     return result["step"]
 
 
-COMMANDS = {"sdpa": sdpa_child}
+COMMANDS = {"sdpa": sdpa_child, "innerproduct": innerproduct_child}
 
 if __name__ == "__main__":
     child_main(lambda job: COMMANDS[job["command"]](job))
