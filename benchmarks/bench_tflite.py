@@ -311,10 +311,11 @@ def gemm_models(work: Path, k: int, n: int) -> tuple[Path, Path]:
     proto.ir_version = 8  # what ONNX Runtime 1.31 reads
     onnx.save(proto, onnx_path)
     script = (f"import numpy as np, tensorflow as tf\n"
-              f"w, b = np.load({str(work / 'wb.npz')!r})['w'], np.load({str(work / 'wb.npz')!r})['b']\n"
-              "f = tf.function(lambda x: {'y': tf.matmul(x, w) + b}, input_signature=["
-              f"tf.TensorSpec([1, 128, {k}], tf.float32, name='x')])\n"
-              "c = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f)\n"
+              f"wb = np.load({str(work / 'wb.npz')!r})\n"
+              "f = tf.function(lambda x: {'y': tf.matmul(x, wb['w']) + wb['b']}, "
+              f"input_signature=[tf.TensorSpec([1, 128, {k}], tf.float32, name='x')])\n"
+              "c = tf.lite.TFLiteConverter.from_concrete_functions("
+              "[f.get_concrete_function()], f)\n"
               f"open({str(tfl_path)!r}, 'wb').write(c.convert())\n")
     np.savez(work / "wb.npz", w=w, b=b)
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
