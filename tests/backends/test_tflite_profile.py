@@ -86,6 +86,32 @@ def test_the_profiled_model_computes_what_the_session_does(tiny_tflite):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_builtin_kernels_profiled_are_the_ops_the_session_leaves_out_of_xnnpack(tiny_tflite):
+    """The compiled model partitions the graph as the session's Interpreter does: the ops its
+    profile lists as builtin kernels are the ones the Interpreter's XNNPACK leaves out."""
+    with _session(tiny_tflite) as session:
+        left_out = _left_out_of_xnnpack(session._interp)
+        ops = session.profile(_feeds(), runs=1)
+    assert left_out and sorted(o.op_type for o in ops if "(builtin kernel)" in o.name) == left_out
+
+
+def _left_out_of_xnnpack(interp):
+    """The ops an Interpreter runs outside its delegate nodes: walking back from the delegate
+    nodes' inputs and the graph outputs to producers outside any partition."""
+    ops = interp._get_ops_details()
+    delegated = {t for o in ops if o["op_name"] == "DELEGATE" for t in o["outputs"]}
+    producer = {t: o for o in ops if o["op_name"] != "DELEGATE" for t in o["outputs"]}
+    need = [t for o in ops if o["op_name"] == "DELEGATE" for t in o["inputs"]]
+    need += [d["index"] for d in interp.get_output_details()]
+    found = {}
+    while need:
+        t = need.pop()
+        if t in producer and t not in delegated and producer[t]["index"] not in found:
+            found[producer[t]["index"]] = producer[t]["op_name"]
+            need += list(producer[t]["inputs"])
+    return sorted(found.values())
+
+
 def test_wrong_input_size_is_refused_before_running(tiny_tflite):
     with _session(tiny_tflite) as session:
         indices = [i for i, _ in session._inputs]
