@@ -210,10 +210,11 @@ def run(sk: Run, model: Any, names: list[str],
     s = open_set(Path(model), opts.task)
     speech = s.folder.task == "automatic-speech-recognition"
     refuse_unsupported(opts, features=speech)
-    for flag, value in (("--bundle", opts.bundle), ("--max-cache", opts.max_cache)):
+    for flag, value, why in (
+            ("--bundle", opts.bundle, "no golden bundle of its graphs yet"),
+            ("--max-cache", opts.max_cache, "its graphs keep their own growing cache")):
         if value is not None:
-            raise UsageError(f"{flag}: not available for an encoder-decoder Optimum set (its "
-                             "graphs keep their own growing cache; no golden bundle yet)")
+            raise UsageError(f"{flag}: not available for an encoder-decoder Optimum set ({why})")
     if opts.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
     feeds, shown, how = encdec.encoder_input(s.folder, opts)
