@@ -10,7 +10,15 @@ Kᵀ becomes the one to K, the two scalar multiplies become the layer's ``scale`
 product), and a mask that broadcasts along the query axis is tiled to [seq_q, seq_k] (every
 ncnn SDPA implementation reads the mask row by row).
 
-The rewrite runs in a child (ncnn can crash the process): the blob shapes it needs come from
+``innerproduct`` (fp32 .bin): pnnx writes each Linear on a [seq, hidden] blob as a ``Gemm``
+with constant B (``transB``, [out, in]) and C (a [out] row, or none). ncnn's ``InnerProduct``
+on a 2-D blob computes the same rows with the same [out, in] weights, and its x86 kernel is
+faster on a BERT's shapes (benchmarks/bench_ncnn_ceiling.py: 0-13 % less CPU time at one
+thread). The .param line changes and the .bin loses the 4-byte type flag before each bias (a
+Gemm's C is a flagged blob, an InnerProduct's bias is raw); the .bin is walked layer by layer
+with ``ncnn_int8.layout`` (a layer type of unknown layout: not applied, said).
+
+Each rewrite runs in a child (ncnn can crash the process): the blob shapes it needs come from
 ncnn itself (one run of the unchanged .param), and the rewritten .param replaces the original
 only when, on several inputs (masks with padding), its outputs are as close to ONNX Runtime's
 on the prepared ONNX as the original's are (``CHECK_ATOL``): else the step says why not.

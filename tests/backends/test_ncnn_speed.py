@@ -167,7 +167,7 @@ def _gemm_model(tmp_path, extra: str, bias: bool):
     x = rng.standard_normal((4, 6)).astype(np.float32)
     w = rng.standard_normal((3, 6)).astype(np.float32)
     b = rng.standard_normal(3).astype(np.float32)
-    c = f"6=1 10=4" if bias else "6=0"
+    c = "6=1 10=4" if bias else "6=0"
     param = tmp_path / "g.param"
     param.write_text(f"7767517\n2 2\nInput in0 0 1 in0\n"
                      f"Gemm gemm_0 1 1 in0 out0 2=0 3=1 4=0 5=1 {c} 7=4 8=3 9=6 {extra}\n")
