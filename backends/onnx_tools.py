@@ -120,6 +120,8 @@ def activations_to_uint8(model) -> int:  # noqa: ANN001 - onnx.ModelProto
         if name not in made:
             values = numpy_helper.to_array(inits[name]).astype("int16") + 128
             made[name] = f"{name}_uint8"
+            while made[name] in inits:
+                made[name] += "_"
             model.graph.initializer.append(numpy_helper.from_array(values.astype("uint8"),
                                                                    made[name]))
         return made[name]
