@@ -383,3 +383,23 @@ def test_bert_full_integer_passes_with_the_mask_add_in_float(fixtures_dir, tmp_p
         assert f"{tensors[op['inputs'][0]]['name']} (ADD) kept in float" in steps
     fc = [op for op in interp._get_ops_details() if op["op_name"] == "FULLY_CONNECTED"]
     assert fc and all(tensors[op["outputs"][0]]["dtype"].__name__ == "int8" for op in fc)
+    # LiteRT's builtin kernels (a phone without XNNPACK) run it: the int8 mask ADD they
+    # aborted on in Prepare (rescale multiplier >= 1) is float now. In a child: an abort kills it
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _BUILTIN_RUN,
+                          str(tmp_path / "bert_encoder.int8.tflite")], capture_output=True)
+    assert run.returncode == 0, run.stderr[-500:]
+
+
+_BUILTIN_RUN = """import sys, numpy as np
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+it = Interpreter(model_path=sys.argv[1], experimental_op_resolver_type=(
+    OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+it.allocate_tensors()
+for d in it.get_input_details():
+    it.set_tensor(d["index"], np.ones(d["shape"], d["dtype"]))
+it.invoke()
+assert np.isfinite(it.get_tensor(it.get_output_details()[0]["index"])).all()
+"""
