@@ -9,7 +9,12 @@ the spread (min-max) over the repeats. The machine is shared with other jobs: re
 spreads. Asserts nothing.
 
     .venv/bin/python benchmarks/bench_fallback.py [--models outlier_mlp,bert_encoder]
-        [--repeats 3] [--threads 2]
+        [--repeats 3] [--threads 2] [--before TREE]
+
+``--before TREE``: also convert with the mtconvert source tree TREE (e.g. a ``git worktree`` of
+an older commit; the installed package is pointed at it for those conversions only), rows
+``before plain`` / ``before fallback``; every artifact is validated and timed by the current
+code, all interleaved.
 
 ``outlier_mlp`` is the test suite's 8-layer Tanh MLP with one outlier channel
 (tests/converter/test_float_fallback.py), written to a temporary folder.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -38,11 +44,30 @@ def model_path(name: str, tmp: Path) -> Path:
     return ROOT / "fixtures" / f"{name}.onnx"
 
 
-def convert(model: Path, out: Path, threads: int, *extra: str) -> dict:
+# imported first by the child (PYTHONPATH): the editable install's finder pointed at TREE
+SNAPSHOT = """import glob, importlib, os, site
+root = os.environ["MTCONVERT_SNAPSHOT"]
+pattern = os.path.join(site.getsitepackages()[0], "__editable___mtconvert_*_finder.py")
+for path in glob.glob(pattern):
+    finder = importlib.import_module(os.path.basename(path)[:-3])
+    finder.MAPPING.update({"mtconvert": root + "/converter", "mtconvert.backends":
+                           root + "/backends", "mtconvert.validators": root + "/validators"})
+"""
+
+
+def tree_env(tree: Path | None, tmp: Path) -> dict | None:
+    if tree is None:
+        return None
+    (tmp / "snapshot").mkdir(exist_ok=True)
+    (tmp / "snapshot" / "sitecustomize.py").write_text(SNAPSHOT)
+    return {**os.environ, "PYTHONPATH": str(tmp / "snapshot"), "MTCONVERT_SNAPSHOT": str(tree)}
+
+
+def convert(model: Path, out: Path, threads: int, *extra: str, env: dict | None = None) -> dict:
     report = out.with_suffix(".json")
     subprocess.run([MTCONVERT, str(model), *INT8, "--out", str(out), "--threads", str(threads),
                     "--iterations", "3", "--warmup", "1", "--report-json", str(report),
-                    "--no-cache", "-q", *extra], capture_output=True, text=True)
+                    "--no-cache", "-q", *extra], capture_output=True, text=True, env=env)
     if not report.is_file():
         sys.exit(f"{model.name}: no report")
     return json.loads(report.read_text())["targets"][0]
@@ -80,16 +105,24 @@ def main() -> None:
     ap.add_argument("--models", default="outlier_mlp,bert_encoder")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--before", type=Path, default=None,
+                    help="an older mtconvert source tree to convert with as well")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for name in args.models.split(","):
             model = model_path(name, tmp)
-            runs = {"plain": convert(model, tmp / f"{name}-plain", args.threads,
-                                     "--no-float-fallback"),
-                    "fallback": convert(model, tmp / f"{name}-fallback", args.threads)}
+            trees = ([("before ", tree_env(args.before, tmp))] if args.before else []) + \
+                [("", None)]
+            runs = {}
+            for label, env in trees:
+                tag = label.strip() or "now"
+                runs[f"{label}plain"] = convert(model, tmp / f"{name}-{tag}-plain", args.threads,
+                                                "--no-float-fallback", env=env)
+                runs[f"{label}fallback"] = convert(model, tmp / f"{name}-{tag}-fallback",
+                                                   args.threads, env=env)
             times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
-            for _ in range(args.repeats):  # interleaved: plain, fallback, plain, ...
+            for _ in range(args.repeats):  # interleaved: each artifact in turn, repeated
                 for k, t in runs.items():
                     times[k].append(validate(model, t["artifacts"][0]["path"], tmp,
                                              args.threads))
@@ -97,7 +130,8 @@ def main() -> None:
             for k, t in runs.items():
                 p50 = spread([p for p, _ in times[k]])
                 ratio = spread([r for _, r in times[k]])
-                print(f"  {k:<8} {describe(t)}\n           p50 ms {p50}  vs reference {ratio}")
+                print(f"  {k:<15} {describe(t)}\n                  p50 ms {p50}  vs reference "
+                      f"{ratio}")
 
 
 if __name__ == "__main__":
