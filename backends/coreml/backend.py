@@ -95,7 +95,7 @@ class CoremlBackend(Backend):
                "fp32_twin": str(twin) if compressed else None,
                # a quantized source: its int8 weights stored as they are (own ints and scales)
                "source_quantization": opts.extra.get("source_quantization"),
-               "sparse": opts.sparse} | settings
+               "sparse": opts.sparse, "states": bool(states)} | settings
         result = self._run_child(job, work, log, opts.timeout_s)
         expect_files([out / "Manifest.json"], target=self.name, step="coremltools", log_path=log)
         steps += result["steps"]

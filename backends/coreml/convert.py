@@ -29,13 +29,15 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
     t_convert = time.perf_counter()
     target = getattr(ct.target, job["deployment_target"])
     result: dict[str, Any] = {"steps": steps}
+    if job.get("states"):
+        steps.append(STATE_PASS_NOTE)
     if job.get("fp32_twin"):  # the same program at fp32: the yardstick for the precision loss
-        twin = _to_mlprogram(ct, program, target, ct.precision.FLOAT32)
+        twin = _to_mlprogram(ct, program, target, ct.precision.FLOAT32, job.get("states"))
         _finish(ct, twin, job, Path(job["fp32_twin"]))
     compute = ct.precision.FLOAT32 if job["precision"] == "fp32" or \
         job.get("source_quantization") else ct.precision.FLOAT16
     with torch.no_grad():
-        model = _to_mlprogram(ct, program, target, compute)
+        model = _to_mlprogram(ct, program, target, compute, job.get("states"))
     steps.append(f"coremltools.convert: ML Program, minimum deployment target "
                  f"{job['deployment_target']}, compute precision {compute.name} "
                  f"[{time.perf_counter() - t_convert:.1f} s]")
@@ -70,9 +72,23 @@ def _example(shape: list[int], dtype: str) -> Any:
     return torch.zeros(shape, dtype=getattr(torch, dtype))
 
 
-def _to_mlprogram(ct: Any, program: Any, target: Any, compute: Any) -> Any:
+# coremltools 9's canonicalize_inplace_pattern (which only moves each coreml_update_state next
+# to the op making its value) raises KeyError at FLOAT16 on a program with several states: it
+# anchors the move on the op after the value in a snapshot of the block, and that op may be an
+# update it removed a moment before (seen on every tiny decoder: four states, FLOAT16)
+STATE_PASS = "common::canonicalize_inplace_pattern"
+STATE_PASS_NOTE = (f"coremltools pass {STATE_PASS} left out (a stateful program: it fails on "
+                   "several states at FLOAT16; it only reorders the state writes)")
+
+
+def _to_mlprogram(ct: Any, program: Any, target: Any, compute: Any,
+                  states: bool = False) -> Any:
+    pipeline = None  # coremltools' default
+    if states:
+        pipeline = ct.PassPipeline.DEFAULT  # a new pipeline at each access
+        pipeline.remove_passes([STATE_PASS])
     return ct.convert(program, convert_to="mlprogram", minimum_deployment_target=target,
-                      compute_precision=compute, skip_model_load=True)
+                      compute_precision=compute, skip_model_load=True, pass_pipeline=pipeline)
 
 
 def _compress(ct: Any, model: Any, job: dict[str, Any], steps: list[str]) -> Any:
