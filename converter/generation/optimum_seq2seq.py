@@ -61,11 +61,11 @@ IO = {"encoder": ({"input_ids", "attention_mask", "input_features"}, {"last_hidd
 class Seq2SeqSet:
     folder: folder_mod.HFFolder  # config, task, label; ``weights``: the graphs
     graphs: dict[str, Path]  # role (ROLES) -> file; a merged set: with_past and encoder
+    geometry: Geometry  # decoder layers, heads, head dim, vocab (max_cache: set per run)
 
     @property
     def merged(self) -> bool:
         return "decoder" not in self.graphs
-    geometry: Geometry  # decoder layers, heads, head dim, vocab (max_cache: set per run)
 
 
 def is_seq2seq_set(model: Any) -> bool:
@@ -225,8 +225,8 @@ def run(sk: Run, model: Any, names: list[str],
     geo = replace(s.geometry, max_cache=opts.max_new_tokens)  # the cache's length at the end
     with tempfile.TemporaryDirectory(prefix="mtconvert-") as tmp:
         work = Path(tmp)
-        sk.say(f"loading {s.folder.label} (Optimum ONNX set: encoder, decoder, "
-               "decoder-with-past)")
+        sk.say(f"loading {s.folder.label} (Optimum ONNX set: "
+               f"{', '.join(p.name for p in s.graphs.values())})")
         sk.say(f"reference: greedy decode of {opts.max_new_tokens} tokens, the set's graphs in "
                "ONNX Runtime")
         ref, seen = greedy(s, feeds, start, opts.max_new_tokens, opts.threads)
