@@ -114,11 +114,16 @@ def test_activations_carry_the_sources_scales_and_the_rest_are_named(converted) 
     assert sorted(named) == sorted(acts)
     from ai_edge_litert.interpreter import Interpreter
 
-    details = {t["name"]: t for t in Interpreter(str(artifact.primary)).get_tensor_details()}
+    interp = Interpreter(str(artifact.primary))
+    details = {t["name"]: t for t in interp.get_tensor_details()}
+    name = {t["index"]: t["name"] for t in interp.get_tensor_details()}
+    # a tensor the source computes in float is quantized where the source did: a QUANTIZE op
+    quantize = {name[op["inputs"][0]]: name[op["outputs"][0]]
+                for op in interp._get_ops_details() if op["op_name"] == "QUANTIZE"}
     for source in c["carried"]:  # read back: the tensor holds exactly the source's grid
         scale, zero = tflite_qparams.expected(acts[source])
-        held = [details[n]["quantization"] for n in result["source_scales"]["tensors"][source]
-                if n in details]
+        held = [details[m]["quantization"] for n in result["source_scales"]["tensors"][source]
+                for m in (n, quantize.get(n)) if m in details]
         assert any(np.isclose(s, scale, rtol=1e-6) and z == zero for s, z in held)
 
 
