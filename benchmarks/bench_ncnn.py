@@ -65,6 +65,17 @@ def build(work: Path, threads: int) -> tuple[Path, dict[str, Path], list[str]]:
     return model, {"before": before, "after": after}, steps
 
 
+def _copy_param(param: Path, folder: Path) -> Path:
+    """``param`` and its .bin copied to ``folder`` under the folder's name: ``mtconvert
+    validate`` keeps one target per artifact file name (two bert6.ncnn.param share one row of
+    its report, depending on their order)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / f"{folder.name}.ncnn.param"
+    shutil.copy(param, dst)
+    shutil.copy(param.with_suffix(".bin"), dst.with_suffix(".bin"))
+    return dst
+
+
 def _declare_shapes(param: Path) -> None:
     from mtconvert.backends.ncnn import declare_input_shapes
 
@@ -80,20 +91,27 @@ def main() -> None:
                     help="only the in-process tables, not the mtconvert validate repeats")
     ap.add_argument("--work", type=Path,
                     default=Path(tempfile.gettempdir()) / "mtconvert-bench-ncnn")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=PARAM",
+                    help="another .param of the same model to time alongside (e.g. one "
+                         "converted by an earlier mtconvert: the step-by-step gain)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model, params, steps = build(args.work, args.threads)
+    params |= dict(a.split("=", 1) for a in args.also)
+    params = {name: Path(p) if name == "after" else _copy_param(Path(p), args.work / "also" / name)
+              for name, p in params.items()}
     print(f"{model.name}: 6 layers x 384, batch 1, sequence 128, {args.threads} threads; "
           f"load before the runs {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')} (the ncnn wheel's "
           "libgomp reads them; the validate children inherit them)")
-    speed = [s for s in steps if s.startswith("sdpa")]
+    speed = [s for s in steps if s.startswith(("sdpa", "innerproduct"))]
     print("  mtconvert's speed steps: " + ("; ".join(speed) or "none"))
     for name, p in params.items():
-        print(f"  {name:<6} {p}  layers: {_layer_summary(p)}")
+        print(f"  {name:<8} {p}  layers: {_layer_summary(p)}")
     cpu_table(model, params, args.repeats * 2)
     if args.threads > 1:
+        thread_split(model, params, args.threads)
         for spinning in ("1", "0"):
             cpu_table(model, params, args.repeats * 2, threads=args.threads, spinning=spinning)
     if not args.no_validate:
@@ -103,7 +121,8 @@ def main() -> None:
 def validate_table(model: Path, params: dict[str, Path], args: argparse.Namespace) -> None:
     """``mtconvert validate`` of both .params, repeated: the project's interleaved ratios."""
     ratios: dict[str, list[float]] = {k: [] for k in params}
-    print(f"\n{'run':>3} {'before':>22} {'after':>22}   reference p50   load (1 min)")
+    print(f"\n{'run':>3} " + " ".join(f"{k:>22}" for k in params) +
+          "   reference p50   load (1 min)")
     for i in range(args.repeats):
         order = list(params) if i % 2 == 0 else list(reversed(params))
         path = args.work / f"validate{i}.json"
@@ -125,12 +144,12 @@ def validate_table(model: Path, params: dict[str, Path], args: argparse.Namespac
             else:
                 cells[which] = f"{t['status']}"
         ref = report["reference"]["latency"]["p50_ms"]
-        print(f"{i:>3} {cells.get('before', '-'):>22} {cells.get('after', '-'):>22}   "
-              f"{ref:8.2f} ms      {os.getloadavg()[0]:.1f}")
+        print(f"{i:>3} " + " ".join(f"{cells.get(k, '-'):>22}" for k in params) +
+              f"   {ref:8.2f} ms      {os.getloadavg()[0]:.1f}")
     print(f"\nncnn p50 / ONNX Runtime p50 ([95% interval], ? = too noisy to tell 10 %); "
           f"{os.cpu_count()} cores; load = 1-minute load average after each run")
     for name, values in ratios.items():
-        print(f"  {name:<6} {spread(values) if values else 'not measured'}")
+        print(f"  {name:<8} {spread(values) if values else 'not measured'}")
     if ratios["before"] and ratios["after"]:
         gain = [b / a for b, a in zip(ratios["before"], ratios["after"], strict=False)]
         verdict = "meets" if statistics.median(ratios["after"]) <= 1.5 else "misses"
@@ -197,8 +216,62 @@ def cpu_table(model: Path, params: dict[str, Path], repeats: int, runs: int = 5,
           f"{os.getloadavg()[0]:.1f}")
     for k, v in rounds.items():
         ratio = [a / b for a, b in zip(v, rounds["ort"], strict=True)]
-        print(f"  {k:<6} median {statistics.median(v):6.2f} ms (min {min(v):.2f}, max "
+        print(f"  {k:<8} median {statistics.median(v):6.2f} ms (min {min(v):.2f}, max "
               f"{max(v):.2f})" + ("" if k == "ort" else f"  / ORT: {spread(ratio)}"))
+
+
+def _thread_cpu_ms() -> dict[str, float]:
+    """CPU ms (user + system) so far of each thread of this process (/proc, Linux)."""
+    tick = 1000.0 / os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[tid] = (int(fields[11]) + int(fields[12])) * tick
+    return out
+
+
+def thread_split(model: Path, params: dict[str, Path], threads: int, runs: int = 40) -> None:
+    """How each side's work splits over its threads: per-thread CPU ms per inference over
+    ``runs`` inferences (ONNX Runtime without idle spinning; ncnn's libgomp spin-waits count
+    as work unless OMP_WAIT_POLICY=PASSIVE). The busiest thread's share bounds the wall time
+    an idle machine could give; unlike wall time, other processes barely change it."""
+    import ncnn
+    import numpy as np
+    import onnxruntime as ort
+
+    ids = np.random.default_rng(0).integers(0, 30522, 128)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids[None].astype(np.int64),
+             "attention_mask": np.ones((1, 128), np.int64)}
+    sides = {"ort": lambda: sess.run(None, feeds)}
+    for name, p in params.items():
+        net = ncnn.Net()
+        net.opt.num_threads = threads
+        net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False
+        net.opt.use_fp16_packed = net.opt.use_bf16_storage = False
+        net.load_param(str(p))
+        net.load_model(str(p.with_suffix(".bin")))
+
+        def run(net: object = net) -> None:
+            ex = net.create_extractor()
+            ex.input("in0", ncnn.Mat(ids.astype(np.int32)).clone())
+            ex.input("in1", ncnn.Mat(np.ones(128, np.float32)).clone())
+            ex.extract("out0")
+        sides[name] = run
+    print(f"\n{threads}-thread work split: CPU ms per inference of each busy thread, {runs} "
+          f"inferences; load {os.getloadavg()[0]:.1f}")
+    for name, f in sides.items():
+        f()
+        before = _thread_cpu_ms()
+        for _ in range(runs):
+            f()
+        after = _thread_cpu_ms()
+        busy = sorted((after[t] - before.get(t, 0.0)) / runs for t in after)[::-1]
+        busy = [b for b in busy if b > 0.05]
+        print(f"  {name:<8} total {sum(busy):6.2f} ms: " + ", ".join(f"{b:.2f}" for b in busy))
 
 
 def _layer_summary(param: Path) -> str:
