@@ -10,8 +10,11 @@ repeat share the machine's state; the order of the two alternates between repeat
 each repeat's ratios, their median and spread, and the machine's load (other processes on the
 machine slow the runtimes unevenly: quote the load with the figures). First, a load-robust
 table: single-thread CPU time per inference (ORT and both .params in one process, interleaved
-rounds), the work each side does; then, with --threads above 1, in-process wall time at that
-thread count with ONNX Runtime's idle spinning on and off. Asserts nothing.
+rounds), the work each side does; then, with --threads above 1, how that work splits over the
+threads (per-thread CPU time: the busiest thread bounds what an idle machine could give), and
+in-process wall time at that thread count with ONNX Runtime's idle spinning on and off.
+``--also NAME=PARAM`` adds other .params of the same model (e.g. an earlier mtconvert's
+conversion) to every table. Asserts nothing.
 
 The ncnn wheel runs its layers on libgomp, whose threads spin at every barrier by default: on
 a busy 2-core machine a descheduled peer makes each of several hundred barriers per inference
@@ -20,6 +23,7 @@ OMP_WAIT_POLICY=PASSIVE). Run this script with and without that variable to see 
 on your machine; the header prints what is set.
 
     .venv/bin/python benchmarks/bench_ncnn.py [--repeats 5] [--threads 2] [--work DIR]
+                                              [--also NAME=PARAM ...]
 """
 from __future__ import annotations
 
