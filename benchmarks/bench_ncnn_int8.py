@@ -14,7 +14,12 @@ per repeat with its spread. Per-layer-type time of the ncnn int8 and fp32 models
 backends/profiling/ncnn.py (layer by layer through the extractor). Asserts nothing.
 
     .venv/bin/python benchmarks/bench_ncnn_int8.py [--seq 128] [--repeats 5] [--rounds 10]
-        [--iterations 10] [--threads 2] [--skip-big] [--work DIR]
+        [--iterations 10] [--threads 2] [--skip-big] [--skip-fixtures] [--work DIR]
+        [--snapshot WORKTREE] [--no-ort] [--reuse]
+
+--snapshot: `git worktree add -f /tmp/wt <older commit>` converts the quantized sources with
+that tree's code too (/tmp/snap/sitecustomize.py maps the editable install to it), and its
+ncnn artifacts run in the same interleaved rounds, labelled "before".
 
 The machine may be shared (other jobs running): the 1-minute load average is printed.
 """
@@ -39,18 +44,32 @@ from bench_runtimes import make_bert  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MTCONVERT = str(Path(sys.executable).parent / "mtconvert")
+REUSE = False  # --reuse
+SNAP_PATH = Path("/tmp/snap")  # its sitecustomize.py maps mtconvert to $MTCONVERT_SNAPSHOT
 
 
-def convert(src: Path, out: Path, seq: int, threads: int) -> dict:
-    """One `mtconvert --to ncnn` run: the ncnn target's report entry (+ its .param path)."""
-    report = out / f"{src.stem}.json"
-    proc = subprocess.run([MTCONVERT, str(src), "--to", "ncnn", "--out", str(out / src.stem),
-                           "--input-shape", f"input_ids=1x{seq}", "--input-shape",
-                           f"attention_mask=1x{seq}", "--threads", str(threads),
+def convert(src: Path, out: Path, seq: int, threads: int, snapshot: Path | None = None) -> dict:
+    """One `mtconvert --to ncnn` run: the ncnn target's report entry (+ its .param path).
+    ``snapshot``: run the code of that worktree (an older commit) instead, through
+    ``--snap-path``'s sitecustomize.py (MTCONVERT_SNAPSHOT)."""
+    tag = "before" if snapshot else "now"
+    report = out / f"{src.stem}.{tag}.json"
+    if REUSE and report.is_file():  # --reuse: an earlier run's conversion in --work
+        return _entry(report)
+    env = dict(os.environ)
+    if snapshot:
+        env |= {"MTCONVERT_SNAPSHOT": str(snapshot), "PYTHONPATH": str(SNAP_PATH)}
+    proc = subprocess.run([MTCONVERT, str(src), "--to", "ncnn", "--out",
+                           str(out / f"{src.stem}.{tag}"), "--input-shape", f"input_ids=1x{seq}",
+                           "--input-shape", f"attention_mask=1x{seq}", "--threads", str(threads),
                            "--iterations", "5", "--report-json", str(report), "--no-cache",
-                           "-q"], capture_output=True, text=True)
+                           "-q"], capture_output=True, text=True, env=env)
     if not report.is_file():
         sys.exit(f"{src.name}: no report (exit {proc.returncode}): {proc.stderr[-400:]}")
+    return _entry(report)
+
+
+def _entry(report: Path) -> dict:
     t = json.loads(report.read_text())["targets"][0]
     t["param"] = next((a["path"] for a in t["artifacts"] if a["path"].endswith(".param")), None)
     return t
@@ -127,6 +146,14 @@ def by_type(runner: NcnnRunner, feeds: list[np.ndarray], runs: int = 5) -> dict[
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def _same_files(a: dict, b: dict) -> bool:
+    if not a["param"] or not b["param"]:
+        return False
+    pa, pb = Path(a["param"]), Path(b["param"])
+    return pa.read_bytes() == pb.read_bytes() and \
+        pa.with_suffix(".bin").read_bytes() == pb.with_suffix(".bin").read_bytes()
+
+
 def _err(a: np.ndarray, b: np.ndarray) -> str:
     a, b = a.astype(np.float64), b.astype(np.float64)
     cos = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
@@ -146,6 +173,10 @@ def case(title: str, float_src: Path, quant: dict[str, Path], seq: int, work: Pa
     feed_list = [feeds[n] for n in order]
     reports = {"float": convert(float_src, work, seq, args.threads)}
     reports |= {k: convert(p, work, seq, args.threads) for k, p in quant.items()}
+    if args.snapshot:  # the same quantized sources through the older code
+        reports |= {f"{k}, before": convert(p, work, seq, args.threads, args.snapshot)
+                    for k, p in quant.items()}
+        quant = quant | {f"{k}, before": p for k, p in quant.items()}
     print(f"\n## {title}: batch 1, sequence {seq}, {args.threads} threads")
     print("| model | ncnn status | precision | files | vs source | error vs its source "
           "(mtconvert) | int8 tensors = source's |")
@@ -166,11 +197,19 @@ def case(title: str, float_src: Path, quant: dict[str, Path], seq: int, work: Pa
     runners: dict = {"ncnn fp32 (float)": NcnnRunner(reports["float"]["param"], args.threads),
                      "ORT (float)": OrtRunner(float_src, args.threads)}
     for k, p in quant.items():
-        if reports[k]["param"]:
+        now = reports.get(k.removesuffix(", before"))
+        if k.endswith(", before") and _same_files(reports[k], now):
+            print(f"  {k}: the same .param/.bin as now (timed once)")
+        elif reports[k]["param"]:
             runners[f"ncnn {reports[k]['precision']} ({k})"] = NcnnRunner(reports[k]["param"],
                                                                           args.threads)
-        runners[f"ORT ({k})"] = OrtRunner(p, args.threads)
-    ref = runners["ORT (float)"](feed_list)
+        if not k.endswith(", before") and not args.no_ort:
+            runners[f"ORT ({k})"] = OrtRunner(p, args.threads)
+    ort_float = runners.pop("ORT (float)")
+    ref = ort_float(feed_list)
+    if not args.no_ort:
+        runners = {"ncnn fp32 (float)": runners["ncnn fp32 (float)"], "ORT (float)": ort_float,
+                   **runners}
     for name, run in runners.items():
         if name != "ORT (float)":
             print(f"  {name} vs ORT on the float model: {_err(ref, run(feed_list))}")
@@ -203,15 +242,26 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-big", action="store_true", help="the fixtures only")
+    ap.add_argument("--skip-fixtures", action="store_true", help="the 6-layer BERT only")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--no-ort", action="store_true",
+                    help="time ncnn only (ORT on the float model still gives the error column)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the conversions an earlier run left in --work")
+    ap.add_argument("--snapshot", type=Path, default=None,
+                    help="a worktree of an older commit: its conversions of the quantized "
+                    "sources are timed beside this tree's (before/after in one run)")
     args = ap.parse_args()
+    global REUSE
+    REUSE = args.reuse
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         fx = ROOT / "fixtures"
-        case("fixtures (2 layers, 64 wide)", fx / "bert_encoder.onnx",
-             {m: fx / f"{m}.onnx" for m in ("bert_int8_qdq", "bert_int8_dynamic")}, 16, work,
-             args)
+        if not args.skip_fixtures:
+            case("fixtures (2 layers, 64 wide)", fx / "bert_encoder.onnx",
+                 {m: fx / f"{m}.onnx" for m in ("bert_int8_qdq", "bert_int8_dynamic")}, 16,
+                 work, args)
         if args.skip_big:
             return
         import onnx
