@@ -72,7 +72,7 @@ def job_settings(opts: Any) -> dict[str, Any]:
            else "full-integer int8 needs calibration data (--precision int8 generates it)"
            if opts.calibration is None else "")
     if why:
-        raise ConversionError(f"route {ROUTE}: {why}", target="tflite", step="options")
+        raise ConversionError(why, target="tflite", step="options")  # the run names the route
     return {"int8_scheme": "full", "source_activations": activations}
 
 
