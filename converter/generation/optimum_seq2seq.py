@@ -215,8 +215,9 @@ def run(sk: Run, model: Any, names: list[str],
             ("--max-cache", opts.max_cache, "its graphs keep their own growing cache")):
         if value is not None:
             raise UsageError(f"{flag}: not available for an encoder-decoder Optimum set ({why})")
-    if opts.max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1")
+    if opts.max_new_tokens < 2:
+        raise UsageError("--max-new-tokens must be at least 2 for an encoder-decoder Optimum "
+                         "set (its decoder-with-past graph runs from the second token on)")
     feeds, shown, how = encdec.encoder_input(s.folder, opts)
     if not speech:
         feeds["attention_mask"] = np.ones_like(feeds["input_ids"])
