@@ -101,22 +101,28 @@ def open_set(path: Path, task: str | None) -> Seq2SeqSet:
                          f"decoders); missing {', '.join(missing)}")
     graphs = {role: path / f for role, f in roles.items()}
     present = [g for g in present if g in roles.values()]
-    layers, heads, head_dim, vocab = _check_io(graphs, int(config.get("vocab_size") or 0))
+    layers, heads, head_dim, vocab, enc_inputs = _check_io(graphs,
+                                                           int(config.get("vocab_size") or 0))
     task = task or folder_mod._task_of(config.get("architectures") or []) \
         or "text2text-generation"
     if task not in folder_mod.SEQ2SEQ_TASKS:
         raise UsageError(f"--task {task}: an encoder-decoder Optimum ONNX set is supported for "
                          f"{' and '.join(folder_mod.SEQ2SEQ_TASKS)} (T5, BART, Marian; "
                          "Whisper)")
+    want = "input_features" if task == "automatic-speech-recognition" else "input_ids"
+    if want not in enc_inputs:
+        raise UsageError(f"--task {task}: {graphs['encoder'].name} takes "
+                         f"{', '.join(sorted(enc_inputs))}, not {want}")
     files = tuple(path / g for g in present)
     folder = folder_mod.HFFolder(path, config, task, files,
                                  folder_mod._digest([path / "config.json", *files]))
     return Seq2SeqSet(folder, graphs, Geometry(layers, heads, head_dim, vocab, 0))
 
 
-def _check_io(graphs: dict[str, Path], vocab: int) -> tuple[int, int, int, int]:
-    """(decoder layers, heads, head dim, vocab) from the graphs' I/O; any name Optimum does
-    not write, a missing one, or unpaired pasts and presents refused."""
+def _check_io(graphs: dict[str, Path], vocab: int) -> tuple[int, int, int, int, set[str]]:
+    """(decoder layers, heads, head dim, vocab, the encoder's input names) from the graphs'
+    I/O; any name Optimum does not write, a missing one, or unpaired pasts and presents
+    refused."""
     import onnx
 
     io = {}
@@ -163,7 +169,7 @@ def _check_io(graphs: dict[str, Path], vocab: int) -> tuple[int, int, int, int]:
         raise UsageError(f"{graphs['with_past'].name}: past_key_values.0.decoder.key should be "
                          "[batch, heads, past, head_dim] with fixed heads and head size, and "
                          "the vocabulary fixed in logits' shape or config.json's vocab_size")
-    return layers, dims[1], dims[3], vocab
+    return layers, dims[1], dims[3], vocab, set(io["encoder"][0])
 
 
 # --- the reference ----------------------------------------------------------------------------

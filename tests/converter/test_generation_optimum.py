@@ -357,6 +357,8 @@ def _s2s_variants(tmp, src):
     ("t5", ["--max-cache", "16"], "--max-cache: not available for an encoder-decoder"),
     ("t5", ["--task", "text-generation"], "supported for text2text-generation"),
     ("t5", ["--max-new-tokens", "1"], "--max-new-tokens must be at least 2"),
+    ("t5", ["--task", "automatic-speech-recognition"], "takes attention_mask, input_ids, not "
+                                                       "input_features"),
 ])
 def test_seq2seq_bad_input_exits_2_with_one_line(case, args, needle, tmp_path, s2s):
     folder = s2s["t5"] if case == "t5" else _s2s_variants(tmp_path, s2s["t5"])[case]
