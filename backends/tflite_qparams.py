@@ -133,9 +133,11 @@ def convert(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _matched(calibrated: bytes, job: dict[str, Any], tc: Any) -> dict[str, Any]:
-    """{"tensors": {source tensor: [tflite tensors holding its values]}, "absent": [source
-    tensors not in the fixed-shape graph (folded by onnxsim)]} on the first calibration
-    sample."""
+    """What the quantizer is told, from the calibrated model and the first calibration sample:
+    {"tensors": {source tensor: [tflite tensors holding its values]}, "float": op outputs kept
+    float (the ops the source computes in float, the mask path), "int8": the weight layers'
+    outputs (int8 whatever), "ranges": the mask path's, "absent": source tensors not in the
+    fixed-shape graph (folded by onnxsim)}."""
     import numpy as np
     import onnx
 
@@ -161,9 +163,8 @@ def _matched(calibrated: bytes, job: dict[str, Any], tc: Any) -> dict[str, Any]:
     unquantized = [n for n, op, table in outputs if op not in WEIGHT_OPS and not table
                    and not (op in LAYOUT_OPS and n in held)]
     return {"tensors": matched, "float": sorted({*mask["float"], *unquantized}),
-            "int8": [n for n, op, _ in outputs if op in WEIGHT_OPS],
-            "ranges": mask["ranges"], "unquantized": len(unquantized), "absent": [t for t in job["source_activations"]
-                                           if t not in producer]}
+            "int8": [n for n, op, _ in outputs if op in WEIGHT_OPS], "ranges": mask["ranges"],
+            "absent": [t for t in job["source_activations"] if t not in producer]}
 
 
 HUGE = 1e30
@@ -187,7 +188,8 @@ def _op_outputs(blob: bytes) -> list[tuple[str, str, bool]]:
     for op in graph.operators:
         code = model.operatorCodes[op.opcodeIndex]
         kind = codes.get(max(code.builtinCode, code.deprecatedBuiltinCode), "")
-        data = model.buffers[graph.tensors[op.inputs[0]].buffer].data
+        first = op.inputs[0] if op.inputs is not None and len(op.inputs) else -1
+        data = model.buffers[graph.tensors[first].buffer].data if first >= 0 else None
         table = kind == "GATHER" and data is not None and len(data) > 0
         out += [(graph.tensors[o].name.decode(), kind, table) for o in op.outputs
                 if o >= 0 and graph.tensors[o].type == schema.TensorType.FLOAT32]
