@@ -157,8 +157,8 @@ def _matched(calibrated: bytes, job: dict[str, Any], tc: Any) -> dict[str, Any]:
         while (name := tc._match(value, tensors, taken)) is not None:
             taken.add(name)
             matched.setdefault(t, []).append(name)
-    mask = _mask_path(calibrated)
     held = {n for names in matched.values() for n in names}
+    mask = _mask_path(calibrated, held)
     outputs = _op_outputs(calibrated)
     unquantized = [n for n, op, table in outputs if op not in WEIGHT_OPS and not table
                    and not (op in LAYOUT_OPS and n in held)]
@@ -196,7 +196,7 @@ def _op_outputs(blob: bytes) -> list[tuple[str, str, bool]]:
     return out
 
 
-def _mask_path(blob: bytes) -> dict[str, Any]:
+def _mask_path(blob: bytes, held: set[str]) -> dict[str, Any]:
     """An additive attention mask (a float-max constant, |x| >= HUGE: -3.4e38) kept exact:
     {"float": op outputs kept in float, "ranges": {tensor: [lo, hi]}}. Every op that reads the
     constant or a tensor computed from it (or whose calibrated range holds such a value) stays
@@ -208,7 +208,10 @@ def _mask_path(blob: bytes) -> dict[str, Any]:
     range's step is ~1e36 and every score it meets becomes 0 (seen: the scores' Mul shared the
     mask Add's scale 1.3e36 and the Softmax came out uniform). The source computes its mask in
     float too. Found from the graph, not only the ranges, because calibration data without
-    padding never shows the mask."""
+    padding never shows the mask. A calibrated range of a tensor in ``held`` does not count:
+    it is replaced by the source's grid (LiteRT's calibrator logs an input after an in-place op
+    overwrote it, tensorflow#127842: the 6-layer BERT's attention scores, a source activation,
+    were logged with the mask Add's -3.4e38, which left their BATCH_MATMUL float)."""
     import numpy as np
     from ai_edge_litert import schema_py_generated as schema
 
@@ -222,8 +225,8 @@ def _mask_path(blob: bytes) -> dict[str, Any]:
             v = np.frombuffer(bytes(bytearray(data)), np.float32)
             if np.abs(v).max() >= HUGE:
                 extreme[i] = (float(v.min()), float(v.max()))
-        elif q is not None and q.min is not None and len(q.min) and \
-                max(abs(float(q.min[0])), abs(float(q.max[0]))) >= HUGE:
+        elif t.name.decode() not in held and q is not None and q.min is not None and \
+                len(q.min) and max(abs(float(q.min[0])), abs(float(q.max[0]))) >= HUGE:
             extreme[i] = (float(q.min[0]), float(q.max[0]))
     codes = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     kept, ranges = [], {}
