@@ -88,7 +88,14 @@ def _sidecars(registry: Registry) -> set[str]:
 
 
 def _unique(name: str, path: Path, done: list[TargetReport]) -> str:
-    return name if all(r.name != name for r in done) else f"{name}:{path.name}"
+    """The report's name for one artifact: the target's name, then with the file's name, then
+    with its path (artifacts of one name in different folders), so no report replaces another."""
+    taken = {r.name for r in done}
+    for candidate in (name, f"{name}:{path.name}", f"{name}:{path}"):
+        if candidate not in taken:
+            return candidate
+    return next(f"{name}:{path}#{k}" for k in range(2, len(taken) + 3)
+                if f"{name}:{path}#{k}" not in taken)
 
 
 def _one(skeleton: Run, src: Any, path: Path, name: str, report_name: str) -> tuple:

@@ -49,6 +49,19 @@ def test_same_target_twice_gets_distinct_names(built):
     assert list(report.targets) == ["onnx-mobile", "onnx-mobile:other.ort"]
 
 
+def test_artifacts_of_one_file_name_in_other_folders_each_get_a_report(built, tmp_path):
+    """Three files named alike (one build, two copies elsewhere): three reports, none lost."""
+    src, out, _ = built
+    copies = [tmp_path / d / "tiny.ort" for d in ("a", "b")]
+    for copy in copies:
+        copy.parent.mkdir()
+        copy.write_bytes((out / "tiny.ort").read_bytes())
+    report = mtconvert.validate(src, [out / "tiny.ort", *copies], iterations=1)
+    assert list(report.targets) == ["onnx-mobile", "onnx-mobile:tiny.ort",
+                                    f"onnx-mobile:{copies[1]}"]
+    assert all(t.status == "passed" for t in report.targets.values())
+
+
 def test_bad_requests(built, tmp_path):
     src, out, _ = built
     with pytest.raises(UsageError, match="fixed to"):
