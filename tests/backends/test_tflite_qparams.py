@@ -56,11 +56,15 @@ def test_the_sources_grid_gives_back_its_scale_and_zero_point() -> None:
     assert tflite_qparams.expected({"scale": 1.0, "zero_point": 200, "dtype": "uint8"})[1] == 72
 
 
+FULL = {"int8_scheme": "full"}
+
+
 @pytest.mark.parametrize("opts,why", [
-    (TargetOptions(precision="int8"), "calibration data"),
-    (TargetOptions(precision="fp16", calibration=Path("c.npz")), "int8 only"),
+    (TargetOptions(precision="int8", extra=FULL), "calibration data"),
+    (TargetOptions(precision="fp16", calibration=Path("c.npz"), extra=FULL), "int8 only"),
+    (TargetOptions(precision="int8", calibration=Path("c.npz")), "--int8-scheme full asks"),
     (TargetOptions(precision="int8", calibration=Path("c.npz"),
-                   extra={"int8_scheme": "dynamic"}), "--int8-scheme dynamic"),
+                   extra={"int8_scheme": "dynamic"}), "dynamic-range int8 is the default"),
 ])
 def test_the_route_is_rejected_with_its_reason(opts: TargetOptions, why: str) -> None:
     acts = quantized.activation_scales(onnx.load(str(QDQ)))
@@ -89,7 +93,8 @@ def converted(tmp_path_factory: pytest.TempPathFactory):
                          (TensorSpec("logits", (2, 3), "float32"),), SHAPES, tmp / "work",
                          path=QDQ, quantization=quantized.describe_path(QDQ))
     plan = quantized.plan_for(src, "tflite", ("fp32", "fp16", "int8"), "int8")
-    topts = TargetOptions(precision="int8", calibration=calib, route=tflite_qparams.ROUTE)
+    topts = TargetOptions(precision="int8", calibration=calib, route=tflite_qparams.ROUTE,
+                          extra=FULL)
     lowered, topts = quantized.lowered(src, "tflite", topts, plan)
     backend = TfliteBackend()
     artifact = backend.convert(lowered, tmp, topts)
