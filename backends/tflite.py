@@ -130,8 +130,9 @@ class TfliteBackend(Backend):
         """onnx2tf as it is; then, when axis sizes could mislead onnx2tf's layout guessing (an
         input axis equal to a weight dimension, or a constant with two equal axes), onnx2tf with
         its layout judgement pinned to differing shapes (tflite_routes). The pipeline converts
-        the second only when the first one's artifact fails. A static-QDQ source is first tried
-        full-integer with its own activation scales (tflite_qparams.ROUTE)."""
+        the second only when the first one's artifact fails. Under --int8-scheme full a
+        static-QDQ source is first tried full-integer with its own activation scales
+        (tflite_qparams.ROUTE)."""
         first = [tflite_qparams.ROUTE] if tflite_qparams.applies(source) else []
         if ambiguous_layout(source):
             return [*first, DEFAULT_ROUTE, LAYOUT_ROUTE]
