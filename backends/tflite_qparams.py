@@ -2,9 +2,9 @@
 
 A static-QDQ source is fully integer: every quantized activation has the scale and zero point
 its QuantizeLinear gives it. tflite converts the dequantized graph (``lowering.dequantize``);
-this route (``ROUTE``, tried before the dynamic-range one) makes that graph full-integer with
-TFLite's own quantizer, but with the source's ranges instead of calibrated ones wherever the
-source quantized a tensor:
+this route (``ROUTE``, tried first under ``--int8-scheme full``; dynamic-range is the default)
+makes that graph full-integer with TFLite's own quantizer, but with the source's ranges instead
+of calibrated ones wherever the source quantized a tensor:
 
 1. TFLiteConverter calibrates the float model on the run's calibration data (min/max per tensor);
 2. each source activation (the float input of a static QuantizeLinear, named the same in the
