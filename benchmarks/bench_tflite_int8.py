@@ -7,7 +7,7 @@ lowering checks' inputs). Each source goes through the tflite backend once per r
 directly (as the run does after the dequantize lowering), so both int8 artifacts exist even
 when the run would keep only the first that passes: the float model at fp32, each QDQ source
 dynamic-range (route onnx2tf) and full-integer with its scales (route
-onnx2tf-int8-source-scales, 8 generated calibration samples). Then, in one process: each
+onnx2tf-int8-source-scales, as --int8-scheme full asks, 8 generated calibration samples). Then, in one process: each
 artifact's error against its source (ONNX Runtime) on 4 inputs, and p50 of every artifact in
 LiteRT (XNNPACK, --threads) in interleaved rounds (the order rotates each round), --repeats
 times; ratios to tflite fp32 per repeat as median [min-max]. Asserts nothing.
@@ -71,8 +71,9 @@ def convert(src: Path, out: Path, seq: int, precision: str, route: str,
                               for n, s in shapes.items()),
                               (TensorSpec("hidden", (1, seq, 384), "float32"),), shapes,
                               out / "work", path=src, quantization=quantized.describe_path(src))
+    scheme = {"int8_scheme": "full"} if route == SOURCE_SCALES else {}  # the route's option
     topts = TargetOptions(precision=precision, calibration=calib, route=route, threads=2,
-                          timeout_s=3600)
+                          timeout_s=3600, extra=scheme)
     plan = quantized.plan_for(prepared, "tflite", ("fp32", "fp16", "int8"), precision)
     prepared, topts = quantized.lowered(prepared, "tflite", topts, plan)
     art = TfliteBackend().convert(prepared, out, topts)
