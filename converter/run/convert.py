@@ -33,7 +33,7 @@ def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
         src = skeleton.load(model, Path(tmp), example_inputs)
         skeleton.clock.lap("load_source_s")
         main, others = _points(skeleton)
-        if opts.precision == "int8":
+        if _needs_calibration(src, opts):
             calib, how = feeds_mod.calibration_set(skeleton.loaded, opts, main.feeds,
                                                    Path(tmp) / "calib.npz")
             skeleton.opts = replace(skeleton.opts, calibration=calib)
@@ -42,6 +42,13 @@ def run(model: Any, opts: ConvertOptions, *, example_inputs: Any = None,
         skeleton.clock.lap("reference_s")
         reports = run_targets(ctx, names)
     return skeleton.report(reports, main)
+
+
+def _needs_calibration(src: Any, opts: ConvertOptions) -> bool:
+    """int8 asked for, or full-integer int8 of a quantized source (planned at int8 whatever
+    --precision says): both need a representative dataset."""
+    return opts.precision == "int8" or (opts.extra.get("int8_scheme") == "full"
+                                        and bool(src.quantization))
 
 
 def _generative(model: Any, opts: ConvertOptions, registry: Registry | None,

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
+import mtconvert
 from mtconvert import quantized
 from mtconvert.backends import tflite_qparams
 from mtconvert.backends.base import PreparedSource, TargetOptions, TensorSpec
@@ -171,3 +172,16 @@ def json_of(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_int8_scheme_full_alone_takes_the_route_for_a_qdq_source(tmp_path: Path) -> None:
+    """A QDQ source is planned at int8 whatever --precision says, so --int8-scheme full alone
+    gets calibration data and the source-scales route (it was rejected for want of data)."""
+    report = mtconvert.convert(FIXTURES / "bert_int8_qdq.onnx", targets=["tflite"],
+                               out_dir=tmp_path, int8_scheme="full", iterations=1)
+    t = report.targets["tflite"]
+    assert t.status == "passed", t.reason
+    assert f"route {tflite_qparams.ROUTE}: chosen (passed)" in t.conversion.steps
+    assert report.settings["calibration"]
+    assert t.compressed["kept"]["activation_tensors_with_source_scale"] > 0
