@@ -184,7 +184,8 @@ def test_second_route_only_when_sizes_are_ambiguous(tmp_path):
     onnx.save(model, str(tmp_path / "m.onnx"))
 
     def source(shape):
-        return SimpleNamespace(onnx_path=tmp_path / "m.onnx", input_shapes={"x": shape})
+        return SimpleNamespace(onnx_path=tmp_path / "m.onnx", input_shapes={"x": shape},
+                               quantization={})  # a float source
 
     assert TfliteBackend().routes(source((1, 32, 32))) == ["onnx2tf", "onnx2tf-pinned-layout"]
     assert TfliteBackend().routes(source((1, 20, 32))) == ["onnx2tf", "onnx2tf-pinned-layout"]
