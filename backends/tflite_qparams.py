@@ -73,7 +73,8 @@ def job_settings(opts: Any) -> dict[str, Any]:
            else "dynamic-range int8 is the default (faster: benchmarks/bench_tflite_int8.py); "
            "--int8-scheme full asks for this route" if opts.extra.get("int8_scheme") != "full"
            else f"int8 only (precision {opts.precision})" if opts.precision != "int8"
-           else "full-integer int8 needs calibration data (--precision int8 generates it)"
+           else "full-integer int8 needs calibration data (--calibration FILE; convert mode "
+           "generates it under --precision int8 or --int8-scheme full)"
            if opts.calibration is None else "")
     if why:
         raise ConversionError(why, target="tflite", step="options")  # the run names the route
