@@ -274,3 +274,22 @@ def test_chained_pairs_and_shared_zero_points_are_rewritten() -> None:
     assert out.model.graph.node[0].input[0] == "x"
     (r,) = out.weights.values()
     assert r["zero_point"] == [0, 0, 0, 0] and r["axis"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [
+    "bert_int8_qdq", pytest.param("bert_int8_dynamic", marks=pytest.mark.sweep)])
+def test_executorch_takes_a_quantized_source_through_its_xnnpack_quantizer(
+        name: str, tmp_path: Path) -> None:
+    """executorch re-quantizes the dequantized graph with its own XNNPACK quantizer (PT2E):
+    int8, judged against the quantized source, within the size limit; its int8 tensors are
+    not read back (kept: None), so nothing claims they hold the source's ints."""
+    report = quick_convert("executorch", FIXTURES / f"{name}.onnx", tmp_path,
+                           input_shapes={"input_ids": "1x16"})
+    t = report.targets["executorch"]
+    assert t.status == "passed", t.reason
+    assert t.precision == "int8"
+    assert any(s.startswith(f"tolerance profile {quantized.PROFILE}") for s in t.conversion.steps)
+    c = t.compressed
+    assert c["source"]["scheme"] == QUANTIZED[name] and c["kept"] is None
+    assert c["fallback"] is None and c["size_ratio"] <= quantized.RATIO_LIMIT
