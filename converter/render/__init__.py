@@ -119,7 +119,15 @@ def generation_headline(g: dict[str, Any]) -> str:
     if "decode_ms_p50" in g:
         line += (f"; time to first token {g['time_to_first_token_ms']:.2f} ms, decode p50 "
                  f"{g['decode_ms_p50']:.2f} / p90 {g['decode_ms_p90']:.2f} ms/token")
-    return line + f"; KV cache {g['kv_cache_bytes']} bytes at {g['max_cache']} slots"
+    return line + f"; KV cache {g['kv_cache_bytes']} bytes at {g['max_cache']} slots" \
+        + kv_cache_place(g)
+
+
+def kv_cache_place(g: dict[str, Any]) -> str:
+    """Where the cache lives when the runtime holds it (Core ML state); "" for the host."""
+    kept = g.get("kv_cache") or {}
+    return (f", held in the runtime's state ({kept['states']} {kept['dtype']} states)"
+            if kept.get("kept_in") == "runtime state" else "")
 
 
 def generation_differences(g: dict[str, Any]) -> list[tuple[int, int, int | None]]:

@@ -93,6 +93,8 @@ def _generation(t: TargetReport, console: Console) -> None:
     the target's token ids side by side where they differ."""
     from rich.markup import escape
 
+    from mtconvert.render import kv_cache_place
+
     g = t.generation
     if not g:
         return
@@ -116,7 +118,7 @@ def _generation(t: TargetReport, console: Console) -> None:
     if "decode_ms_p50" in g:
         timing += f", decode p50 {g['decode_ms_p50']:.2f} / p90 {g['decode_ms_p90']:.2f} ms/token"
     console.print(f"  {timing + '; ' if timing else ''}KV cache {_fmt_bytes(g['kv_cache_bytes'])}"
-                  f" at {g['max_cache']} slots")
+                  f" at {g['max_cache']} slots{kv_cache_place(g)}")
     for graph, c in (g.get("graphs") or {}).items():  # an encoder-decoder's graphs
         if c:
             console.print(f"  graph {graph}: {c['status']}, max abs "

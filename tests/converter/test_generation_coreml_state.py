@@ -11,6 +11,7 @@ import pytest
 from mtconvert.backends.coreml import ops
 from mtconvert.generation.fixtures import tiny_folder
 from mtconvert.validators.tolerances import PROFILES
+from mtconvert.render import generation_headline
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,8 @@ def _check_generation(t, kind, folders):
     assert {v.dtype for v in program.states} == {"float16"}
     assert [v.name for v in program.inputs] == ["input_ids", "position_ids", "attention_mask"]
     assert gen["kv_cache_bytes"] == geo.cache_bytes(stateful.ITEMSIZE)
+    assert generation_headline(gen).endswith(
+        "slots, held in the runtime's state (4 float16 states)")
     counts = op_counts(package)[1]
     assert counts["read_state"] == counts["write_state"] == 4
     return package
@@ -186,3 +189,12 @@ def test_other_cases_at_ios18_generate_with_the_cache_in_core_ml_state(kind, pre
     t = _generate_at_ios18(kind, folders, tmp_path, precision=precision)
     _check_generation(t, kind, folders)
     assert any("canonicalize_inplace_pattern" in s for s in t.conversion.steps)
+
+
+def test_the_headline_says_where_the_cache_lives():
+    host = {"tokens_agree": 1.0, "steps": 2, "first_mismatch_step": None, "kv_cache_bytes": 64,
+            "max_cache": 4, "teacher_forced": {"max_abs": 0.0, "passed": True}}
+    assert generation_headline(host).endswith("KV cache 64 bytes at 4 slots")
+    state = host | {"kv_cache": {"kept_in": "runtime state", "states": 2, "dtype": "float16"}}
+    assert generation_headline(state).endswith(
+        "at 4 slots, held in the runtime's state (2 float16 states)")
