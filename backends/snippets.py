@@ -369,35 +369,52 @@ _SWIFT_TYPES = {"float32": ".float32", "float16": ".float16", "float64": ".doubl
                 "int32": ".int32"}
 
 
-def python_coreml(file_name: str, inputs: Sequence[Port], outputs: Sequence[Port]) -> str:
+def python_coreml(file_name: str, inputs: Sequence[Port], outputs: Sequence[Port],
+                  states: Sequence[str] = ()) -> str:
+    """``states``: the model's state names (a stateful model, iOS18+: one state object per
+    sequence, passed to every prediction of it)."""
     names = identifiers([p.source for p in outputs], camel=False)
     lines = ["import coremltools as ct  # predict() runs on macOS",
              "import numpy as np",
              "",
-             f"model = ct.models.MLModel({_qpy(file_name)})",
-             "out = model.predict({  # fill with your data",
-             *_python_inputs(inputs),
-             "})"]
+             f"model = ct.models.MLModel({_qpy(file_name)})"]
+    if states:
+        lines.append(f"state = model.make_state()  # holds {', '.join(states)}: one per "
+                     "sequence, kept across its predictions")
+    lines += ["out = model.predict({  # fill with your data",
+              *_python_inputs(inputs),
+              "}" + (", state=state)" if states else ")")]
     lines += [f"{v} = out[{_qpy(p.name)}]  # {p.describe()}"
               for p, v in zip(outputs, names, strict=True)]
     return "\n".join(lines) + "\n"
 
 
 def swift_coreml(file_name: str, inputs: Sequence[Port], outputs: Sequence[Port],
-                 minimum: str = "") -> str:
+                 minimum: str = "", states: Sequence[str] = ()) -> str:
+    """``states``: the model's state names (a stateful model, iOS18+): the function then takes
+    the loaded model and the sequence's MLState (``model.makeState()``, one per sequence, used
+    with that model for each of its predictions)."""
     resource = file_name.removesuffix(".mlpackage")
     ins = identifiers([p.source for p in inputs], camel=True)
     outs = identifiers([p.source for p in outputs], camel=True)
+    load = [f"let url = Bundle.main.url(forResource: {_q(resource)}, "
+            "withExtension: \"mlmodelc\")!",
+            "let config = MLModelConfiguration()",
+            "config.computeUnits = .all",
+            "let model = try MLModel(contentsOf: url, configuration: config)"]
     lines = [f"// add {file_name} to the Xcode target: Xcode compiles it to {resource}.mlmodelc"
              + (f" (minimum deployment target {minimum})" if minimum else ""),
              "import CoreML",
-             "",
-             f"func {_fun_name(file_name)}() throws -> [String: MLMultiArray] {{",
-             f"    let url = Bundle.main.url(forResource: {_q(resource)}, "
-             "withExtension: \"mlmodelc\")!",
-             "    let config = MLModelConfiguration()",
-             "    config.computeUnits = .all",
-             "    let model = try MLModel(contentsOf: url, configuration: config)"]
+             ""]
+    if states:
+        lines += ["// once:", *[f"//   {x}" for x in load],
+                  f"// per sequence (the cache {', '.join(states)} lives in it):",
+                  "//   let state = model.makeState()",
+                  f"func {_fun_name(file_name)}(model: MLModel, state: MLState) throws "
+                  "-> [String: MLMultiArray] {"]
+    else:
+        lines += [f"func {_fun_name(file_name)}() throws -> [String: MLMultiArray] {{",
+                  *[f"    {x}" for x in load]]
     for p, v in zip(inputs, ins, strict=True):
         lines.append(f"    // {p.describe()}")
         lines.append(f"    let {v} = try MLMultiArray(shape: [{_dims(p.shape)}], "
@@ -406,7 +423,8 @@ def swift_coreml(file_name: str, inputs: Sequence[Port], outputs: Sequence[Port]
     lines.append("    let features = try MLDictionaryFeatureProvider(dictionary: [")
     lines += [f"        {_q(p.name)}: MLFeatureValue(multiArray: {v}),"
               for p, v in zip(inputs, ins, strict=True)]
-    lines += ["    ])", "    let out = try model.prediction(from: features)"]
+    lines += ["    ])", "    let out = try model.prediction(from: features"
+              + (", using: state)" if states else ")")]
     for p, v in zip(outputs, outs, strict=True):
         lines.append(f"    let {v} = out.featureValue(for: {_q(p.name)})!.multiArrayValue!"
                      f"  // {p.describe()}")

@@ -186,8 +186,9 @@ class CoremlBackend(Backend):
 
         name, minimum = artifact.primary.name, artifact.meta.get("deployment_target", "")
         ins, outs = ports(description.input), ports(description.output)
-        return {"swift": sn.swift_coreml(name, ins, outs, minimum),
-                "python": sn.python_coreml(name, ins, outs)}
+        states = [f.name for f in description.state]
+        return {"swift": sn.swift_coreml(name, ins, outs, minimum, states),
+                "python": sn.python_coreml(name, ins, outs, states)}
 
 
 def _settings(opts: TargetOptions) -> dict[str, Any]:

@@ -198,3 +198,18 @@ def test_the_headline_says_where_the_cache_lives():
     state = host | {"kv_cache": {"kept_in": "runtime state", "states": 2, "dtype": "float16"}}
     assert generation_headline(state).endswith(
         "at 4 slots, held in the runtime's state (2 float16 states)")
+
+
+def test_the_snippets_of_a_stateful_model_pass_its_state():
+    from mtconvert.backends import snippets as sn
+
+    ids = sn.Port("input_ids", "input_ids", (1, 1), "int32", 0)
+    logits = sn.Port("logits", "logits", (1, 1, 300), "float32", 0)
+    swift = sn.swift_coreml("step.mlpackage", [ids], [logits], "iOS18", ["past_key_0"])
+    assert "func runStep(model: MLModel, state: MLState)" in swift
+    assert "//   let state = model.makeState()" in swift
+    assert "model.prediction(from: features, using: state)" in swift
+    python = sn.python_coreml("step.mlpackage", [ids], [logits], ["past_key_0"])
+    assert "state = model.make_state()" in python and "}, state=state)" in python
+    plain = sn.swift_coreml("step.mlpackage", [ids], [logits], "iOS16")
+    assert "MLState" not in plain and "model.prediction(from: features)" in plain
