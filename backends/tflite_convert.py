@@ -163,10 +163,9 @@ def _own_ranges(calibrated: bytes, job: dict[str, Any], dtypes: list[Any]
     return _packed(model, len(calibrated)), changed
 
 
-def _measured(blob: bytes, job: dict[str, Any], dtypes: list[Any]
-              ) -> dict[int, tuple[float, float]]:
-    """min/max of every float op output and input of ``blob`` over the calibration samples
-    (builtin kernels, no tensor memory shared)."""
+def _all_tensors_interpreter(blob: bytes) -> Any:
+    """LiteRT on ``blob`` with its builtin kernels only (no XNNPACK) and every tensor kept
+    after a run (no tensor memory shared), tensors allocated."""
     import warnings
 
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
@@ -177,6 +176,14 @@ def _measured(blob: bytes, job: dict[str, Any], dtypes: list[Any]
                              experimental_op_resolver_type=(
                                  OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
     interp.allocate_tensors()
+    return interp
+
+
+def _measured(blob: bytes, job: dict[str, Any], dtypes: list[Any]
+              ) -> dict[int, tuple[float, float]]:
+    """min/max of every float op output and input of ``blob`` over the calibration samples
+    (builtin kernels, no tensor memory shared)."""
+    interp = _all_tensors_interpreter(blob)
     ops = interp._get_ops_details()
     indices = sorted({i for op in ops for i in op["outputs"] if i >= 0}
                      | {d["index"] for d in interp.get_input_details()})
@@ -423,16 +430,7 @@ def _onnx_outputs(path: str, nodes: list[str], feeds: dict[str, Any]) -> dict[st
 
 def _tflite_tensors(blob: bytes, sample: list[Any]) -> list[tuple[str, Any]]:
     """(name, value) of every float op output of a float .tflite, in op order."""
-    import warnings
-
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        interp = Interpreter(model_content=blob, experimental_preserve_all_tensors=True,
-                             experimental_op_resolver_type=(
-                                 OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
-    interp.allocate_tensors()
+    interp = _all_tensors_interpreter(blob)
     for detail, value in zip(interp.get_input_details(), sample, strict=False):
         interp.set_tensor(detail["index"], value.astype(detail["dtype"]))
     interp.invoke()
